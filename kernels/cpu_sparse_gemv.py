@@ -1,0 +1,146 @@
+"""CPU activation-sparse decode path: y = S(x) @ Wᵀ + b reading only surviving rows.
+
+Torch reference: ``kernels/reference.py`` (``sparse_linear_reference``).
+
+Why embedding_bag: with Wᵀ ``[in, out]`` contiguous, every surviving input
+feature k contributes ``x[k] * Wᵀ[k, :]`` — a scaled contiguous row.  That is
+exactly ``F.embedding_bag(idx, Wᵀ, mode="sum", per_sample_weights=x[idx])``:
+a fused gather-scale-reduce that streams each surviving row from memory once
+and never materialises the gathered rows.  ``Wᵀ[idx] @ …`` would copy the rows
+first (read + write + read again) and loses to dense.  embedding_bag
+parallelises over *bags*, so the surviving rows are cut into several bags
+(both cores stream different rows) and the per-bag partial outputs — tiny,
+``[bags, out]`` — are summed in fp32.  fp32, fp16 and bf16 tables are all
+supported by the CPU kernel.
+
+Batch > 1 (decode with a few sequences): every batch row gets its own bags
+over its own surviving rows, all in one embedding_bag call.  This reads
+``sum_b nnz_b`` rows, which beats dense only while that stays below the
+weight matrix; past that the dense masked matmul (which reads Wᵀ once for the
+whole batch) is used instead — that is the batching rule on CPU.
+
+int8 weights: embedding_bag has no int8 table, so the int8 CPU path gathers
+only the surviving int8 rows (1 byte/weight) and multiplies after upcasting;
+it is a correctness path, not a tuned one.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+MAX_BATCH = 8
+# Rows per bag: enough that per-bag overhead is negligible, small enough that
+# there are many bags to balance across threads.  Tuned on a 2-core EPYC
+# (see kernels/README.md, `--bag-rows` in kernels/bench.py).
+ROWS_PER_BAG = 128
+MAX_BAGS = 64
+
+
+def _num_bags(nnz: int, rows_per_bag: int = ROWS_PER_BAG) -> int:
+    threads = torch.get_num_threads()
+    nb = min(MAX_BAGS, max(threads, nnz // rows_per_bag))
+    return max(1, min(nb, nnz))
+
+
+def _bag_offsets(counts: list[int], nb: int) -> Tensor:
+    """nb bags per batch row, splitting each row's surviving indices evenly."""
+    offs: list[int] = []
+    start = 0
+    for c in counts:
+        step = -(-c // nb) if c else 0
+        offs.extend(start + min(j * step, c) for j in range(nb))
+        start += c
+    return torch.tensor(offs, dtype=torch.long)
+
+
+def cpu_sparse_gemv(
+    x: Tensor,
+    weight_t: Tensor,
+    bias: Tensor | None,
+    threshold: float,
+    scales: Tensor | None = None,
+    rows_per_bag: int = ROWS_PER_BAG,
+) -> Tensor:
+    """x: [M, K] (M <= 8) on CPU, weight_t: [K, N] contiguous.  Returns [M, N] in x.dtype."""
+    assert x.dim() == 2 and x.shape[0] <= MAX_BATCH
+    M, K = x.shape
+    N = weight_t.shape[1]
+    keep = x.abs() > threshold
+    if scales is not None:
+        return _cpu_int8(x, keep, weight_t, scales, bias)
+    assert weight_t.is_contiguous(), "weight_t must be contiguous (use prepare_weight)"
+
+    if M == 1:
+        idx = keep[0].nonzero().squeeze(1)
+        counts = [idx.numel()]
+        vals = x[0].index_select(0, idx)
+    else:
+        counts = keep.sum(1).tolist()
+        if sum(counts) >= K:
+            # Per-row bags would read more than all of Wᵀ: dense is cheaper.
+            y = (x * keep) @ weight_t
+            return y if bias is None else y + bias
+        rows, idx = keep.nonzero(as_tuple=True)
+        vals = x[rows, idx]
+
+    nnz = sum(counts)
+    if nnz == 0:
+        y = x.new_zeros((M, N))
+        return y if bias is None else y + bias
+    nb = _num_bags(max(counts), rows_per_bag)
+    offsets = _bag_offsets(counts, nb)
+    part = F.embedding_bag(idx, weight_t, offsets, mode="sum", per_sample_weights=vals)
+    if nb == 1:
+        y = part.view(M, N)
+    else:
+        # Partials summed in fp32 so many bags do not add bf16 rounding steps.
+        y = part.view(M, nb, N).sum(1, dtype=torch.float32)
+    if bias is not None:
+        y = y + bias
+    return y.to(x.dtype)
+
+
+def _cpu_int8(x: Tensor, keep: Tensor, qweight_t: Tensor, scales: Tensor, bias: Tensor | None) -> Tensor:
+    idx = keep.any(0).nonzero().squeeze(1)
+    xs = (x * keep).index_select(1, idx).float()
+    y = (xs @ qweight_t.index_select(0, idx).float()) * scales.float()
+    if bias is not None:
+        y = y + bias.float()
+    return y.to(x.dtype)
+
+
+def cpu_sparse_gemv_fused(
+    x: Tensor,
+    weight_t: Tensor,
+    bias: Tensor | None,
+    thresholds: list[float],
+    seg_sizes: list[int],
+    scales: Tensor | None = None,
+) -> Tensor:
+    """Concatenated shared-input projections on CPU.
+
+    With one shared threshold the concatenated rows are one table and a single
+    embedding_bag reads each surviving row once for all projections.  With
+    different thresholds the segments are column slices of Wᵀ, which
+    embedding_bag would copy (non-contiguous table), so each segment then
+    uses the dense masked matmul on its slice — correct, but without the
+    sparse saving (keep per-projection Wᵀ and call sparse_linear per
+    projection on CPU if the thresholds differ).
+    """
+    if len(set(thresholds)) == 1:
+        return cpu_sparse_gemv(x, weight_t, bias, thresholds[0], scales)
+    outs = []
+    start = 0
+    for n, tau in zip(seg_sizes, thresholds):
+        sl = slice(start, start + n)
+        xs = x * (x.abs() > tau)
+        if scales is None:
+            y = xs @ weight_t[:, sl]
+        else:
+            y = (xs.float() @ weight_t[:, sl].float()) * scales[sl].float()
+        if bias is not None:
+            y = y + bias[sl]
+        outs.append(y.to(x.dtype))
+        start += n
+    return torch.cat(outs, dim=1)
