@@ -29,6 +29,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from .reference import keep_mask
+
 MAX_BATCH = 8
 # Rows per bag: enough that per-bag overhead is negligible, small enough that
 # there are many bags to balance across threads.  Tuned on a 2-core EPYC
@@ -66,7 +68,7 @@ def cpu_sparse_gemv(
     assert x.dim() == 2 and x.shape[0] <= MAX_BATCH
     M, K = x.shape
     N = weight_t.shape[1]
-    keep = x.abs() > threshold
+    keep = keep_mask(x, threshold)
     if scales is not None:
         return _cpu_int8(x, keep, weight_t, scales, bias)
     assert weight_t.is_contiguous(), "weight_t must be contiguous (use prepare_weight)"
@@ -134,7 +136,7 @@ def cpu_sparse_gemv_fused(
     start = 0
     for n, tau in zip(seg_sizes, thresholds):
         sl = slice(start, start + n)
-        xs = x * (x.abs() > tau)
+        xs = x * keep_mask(x, tau)
         if scales is None:
             y = xs @ weight_t[:, sl]
         else:

@@ -9,7 +9,8 @@ Conventions shared by all kernels:
 * ``weight_t`` is Wᵀ, shape ``[in_features, out_features]``, contiguous.  Row
   ``k`` of Wᵀ holds every weight that multiplies input feature ``k``, so a
   dropped activation means one contiguous row that is never read.
-* The sparsifier is ``S(x) = x * 1{|x| > tau}`` (strict ``>``), so ``tau = 0``
+* The sparsifier is ``S(x) = x * 1{|x| > tau}`` (strict ``>``, compared in
+  fp32), so ``tau = 0``
   only drops exact zeros and ``tau = inf`` drops everything.
 * int8 weights are symmetric per-output-channel: ``W ≈ q * scales[:, None]``.
 """
@@ -22,9 +23,20 @@ import torch.nn.functional as F
 from torch import Tensor
 
 
+def keep_mask(x: Tensor, threshold: float | Tensor) -> Tensor:
+    """1{|x| > tau}, compared in fp32 on every path.
+
+    ``bf16_tensor > python_float`` would round tau to bf16 first; the Triton
+    kernel compares in fp32, so all paths do, to agree on boundary elements.
+    """
+    if isinstance(threshold, Tensor):
+        threshold = threshold.float()
+    return x.abs().float() > threshold
+
+
 def sparsify(x: Tensor, threshold: float | Tensor) -> Tensor:
     """S(x) = x * 1{|x| > tau}, in x's dtype."""
-    return x * (x.abs() > threshold)
+    return x * keep_mask(x, threshold)
 
 
 def sparse_linear_reference(

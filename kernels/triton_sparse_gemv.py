@@ -124,12 +124,10 @@ if HAS_TRITON:
         for k0 in range(k_begin, k_end, BLOCK_K):
             offs_k = k0 + tl.arange(0, BLOCK_K)
             k_mask = offs_k < k_end
-            x = tl.load(
-                x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :],
-                mask=m_mask[:, None] & k_mask[None, :],
-                other=0.0,
-            )
-            keep = tl.abs(x.to(tl.float32)) > tau
+            x_mask = m_mask[:, None] & k_mask[None, :]
+            x = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :], mask=x_mask, other=0.0)
+            # `& x_mask`: padding must never keep a row (tau may be negative).
+            keep = (tl.abs(x.to(tl.float32)) > tau) & x_mask
             x = tl.where(keep, x, tl.zeros_like(x))
             # A row of Wᵀ is needed if any batch row keeps its feature.
             row_keep = tl.max(keep.to(tl.int32), axis=0) > 0
@@ -138,18 +136,19 @@ if HAS_TRITON:
                 mask=row_keep[:, None] & n_mask[None, :],
                 other=0.0,
             )
-            if IS_INT8:
-                w = w.to(x.dtype)  # |q| <= 127 is exact in fp16/bf16/fp32
             if M_PAD == 1:
+                # GEMV: fp32 multiply-add, int8 converts straight to fp32.
                 xv = tl.sum(x.to(tl.float32), axis=0)  # [BLOCK_K]; only one real row
                 acc += tl.sum(xv[:, None] * w.to(tl.float32), axis=0)[None, :]
+            elif UPCAST_DOT:
+                acc += tl.dot(x.to(tl.float32), w.to(tl.float32), input_precision="ieee")
             else:
-                if UPCAST_DOT:
-                    acc += tl.dot(x.to(tl.float32), w.to(tl.float32), input_precision="ieee")
-                elif x.dtype == tl.float32:
+                if IS_INT8:
+                    w = w.to(x.dtype)  # |q| <= 127 is exact in fp16/bf16/fp32
+                if x.dtype == tl.float32:
                     acc += tl.dot(x, w, input_precision="ieee")
                 else:
-                    acc += tl.dot(x, w)
+                    acc += tl.dot(x, w)  # fp16/bf16 tensor cores, fp32 accumulate
 
         if IS_INT8:
             s = tl.load(scale_ptr + cols, mask=n_mask, other=0.0)
