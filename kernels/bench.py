@@ -1,0 +1,466 @@
+"""Benchmarks: kernel-level sparse vs dense linear, and end-to-end decode.
+
+    python -m kernels.bench --device cpu --shapes 4096x14336,14336x4096 --dtypes fp32,bf16 --batches 1
+    python -m kernels.bench --device cuda            # full GPU suite (see bench_gpu.sh)
+
+Kernel level: y = sparse_linear(x, Wᵀ, tau) vs the dense baseline
+``F.linear(x, W)`` in the same dtype (W stored [out, in] as in the model),
+timed interleaved in one process.  For each point it records the median
+times, the ratio, the ideal ratio 1/(1-s_eff) where s_eff is the fraction of
+weight rows the batch can skip (every batch row must drop the feature), and
+achieved GB/s of weight traffic against the measured device copy bandwidth.
+
+End to end: a Llama-3.2-1B-shaped decoder (random weights, plain torch,
+built in memory) generating tokens with a KV cache; the dense model and the
+sparse model (same weights; q/k/v and gate/up fused; o and down single; LM
+head dense) are timed side by side.  Thresholds are calibrated per linear
+input so that the target fraction of activations is dropped.
+
+Writes ``<out>/bench_<device>.json`` and, if matplotlib is importable,
+``<out>/bench_<device>.png``.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+import kernels
+from kernels import cpu_sparse_gemv as _cpu
+
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+# Llama-3-8B projections, written in->out: q/o, k/v, gate/up, down.
+LLAMA3_8B_SHAPES = ["4096x4096", "4096x1024", "4096x14336", "14336x4096"]
+SPARSITIES = [0.0, 0.25, 0.4, 0.5, 0.6, 0.7]
+
+
+# ----------------------------------------------------------------------------- timing
+class Timer:
+    """Median wall time per call; CUDA via triton.testing.do_bench (flushes L2)."""
+
+    def __init__(self, device: torch.device, reps: int, min_time_s: float):
+        self.device = device
+        self.reps = reps
+        self.min_time_s = min_time_s
+
+    def pair(self, fa, fb) -> tuple[float, float]:
+        """Time two callables; returns median seconds for each."""
+        if self.device.type == "cuda":
+            return self._cuda(fa), self._cuda(fb)
+        # CPU: interleave a and b so drift (thermal, other load) hits both.
+        for _ in range(2):
+            fa(), fb()
+        ta, tb = [], []
+        t_end = time.perf_counter() + self.min_time_s
+        while len(ta) < self.reps or (time.perf_counter() < t_end and len(ta) < 20 * self.reps):
+            t0 = time.perf_counter()
+            fa()
+            t1 = time.perf_counter()
+            fb()
+            t2 = time.perf_counter()
+            ta.append(t1 - t0)
+            tb.append(t2 - t1)
+        return statistics.median(ta), statistics.median(tb)
+
+    def _cuda(self, f) -> float:
+        import triton.testing
+
+        return triton.testing.do_bench(f, warmup=25, rep=100, return_mode="median") * 1e-3
+
+    def one(self, f) -> float:
+        return self.pair(f, f)[0]
+
+
+def copy_bandwidth(device: torch.device, timer: Timer) -> float:
+    """Device copy bandwidth in GB/s (bytes read + bytes written)."""
+    nbytes = (1 << 30) if device.type == "cuda" else (256 << 20)
+    src = torch.empty(nbytes // 4, dtype=torch.float32, device=device).normal_()
+    dst = torch.empty_like(src)
+    t = timer.one(lambda: dst.copy_(src))
+    del src, dst
+    return 2 * nbytes / t / 1e9
+
+
+# ----------------------------------------------------------------------------- kernel level
+def _parse_shape(s: str) -> tuple[int, int]:
+    a, b = s.lower().split("x")
+    return int(a), int(b)
+
+
+def bench_kernels(args, device: torch.device, timer: Timer, copy_bw: float) -> list[dict]:
+    rows = []
+    gen = torch.Generator(device="cpu").manual_seed(0)
+    for dname in args.dtypes:
+        int8 = dname.startswith("int8")
+        dtype = DTYPES["bf16" if int8 else dname]
+        for shape in args.shapes:
+            K, N = _parse_shape(shape)
+            w = (torch.randn(N, K, generator=gen) / math.sqrt(K)).to(device=device, dtype=dtype)
+            if int8:
+                wt, scales = kernels.quantize_weight_int8(w)
+                wt, scales = wt.to(device), scales.to(device)
+                wbytes = 1
+            else:
+                wt, scales = kernels.prepare_weight(w), None
+                wbytes = w.element_size()
+            for M in args.batches:
+                x = torch.randn(M, K, generator=gen).to(device=device, dtype=dtype)
+                for s in args.sparsities:
+                    tau_f = -1.0 if s <= 0 else float(x.abs().float().flatten().quantile(s))
+                    tau = torch.tensor([tau_f], dtype=torch.float32, device=device)
+                    keep = x.abs().float() > tau_f
+                    s_row = 1.0 - keep.float().mean().item()
+                    s_eff = 1.0 - keep.any(0).float().mean().item()  # rows of Wᵀ the batch skips
+
+                    def dense():
+                        return F.linear(x, w)
+
+                    if int8:
+
+                        def sparse():
+                            return kernels.sparse_linear_int8(x, wt, scales, None, tau)
+                    else:
+
+                        def sparse():
+                            return kernels.sparse_linear(x, wt, None, tau)
+
+                    with torch.no_grad():
+                        err = (sparse().float() - kernels.sparse_linear_reference(x, w.t(), None, tau_f).float()).abs().max().item()
+                        t_dense, t_sparse = timer.pair(dense, sparse)
+                    dense_bytes = N * K * w.element_size()
+                    sparse_bytes = (1 - s_eff) * N * K * wbytes
+                    speedup = t_dense / t_sparse
+                    ideal = (w.element_size() / wbytes) / max(1 - s_eff, 1e-9)
+                    row = dict(
+                        dtype=dname,
+                        in_features=K,
+                        out_features=N,
+                        batch=M,
+                        sparsity=s,
+                        sparsity_measured=round(s_row, 4),
+                        sparsity_effective=round(s_eff, 4),
+                        dense_ms=t_dense * 1e3,
+                        sparse_ms=t_sparse * 1e3,
+                        speedup=speedup,
+                        ideal_speedup=ideal,
+                        frac_of_ideal=speedup / ideal if ideal < 1e8 else None,
+                        dense_GBps=dense_bytes / t_dense / 1e9,
+                        sparse_GBps=sparse_bytes / t_sparse / 1e9,
+                        dense_frac_copy_bw=dense_bytes / t_dense / 1e9 / copy_bw,
+                        sparse_frac_copy_bw=sparse_bytes / t_sparse / 1e9 / copy_bw,
+                        max_abs_err_vs_reference=err,
+                    )
+                    rows.append(row)
+                    print(
+                        f"{dname:9s} {K:>5d}->{N:<5d} b={M} s={s:.2f} (eff {s_eff:.2f})  "
+                        f"dense {t_dense*1e3:8.3f} ms  sparse {t_sparse*1e3:8.3f} ms  "
+                        f"x{speedup:5.2f} (ideal x{ideal:5.2f})  "
+                        f"{row['sparse_GBps']:7.1f} GB/s ({row['sparse_frac_copy_bw']:.0%} of copy)",
+                        flush=True,
+                    )
+            del w, wt
+    return rows
+
+
+# ----------------------------------------------------------------------------- end to end
+LLAMA32_1B = dict(hidden=2048, intermediate=8192, layers=16, heads=32, kv_heads=8, head_dim=64, vocab=128256)
+
+
+class _Decoder:
+    """Llama-style decoder stack (RMSNorm, GQA attention with RoPE + KV cache,
+    SwiGLU MLP), random weights, plain tensors.  ``sparse=True`` routes the
+    attention/MLP projections through kernels.sparse_linear*."""
+
+    def __init__(self, cfg, dtype, device, layers, max_len, seed=0):
+        self.cfg, self.dtype, self.device, self.max_len = cfg, dtype, device, max_len
+        g = torch.Generator().manual_seed(seed)
+        H, I = cfg["hidden"], cfg["intermediate"]
+        nq, nkv, hd = cfg["heads"], cfg["kv_heads"], cfg["head_dim"]
+
+        def lin(o, i):
+            return (torch.randn(o, i, generator=g) / math.sqrt(i)).to(device=device, dtype=dtype)
+
+        self.embed = (torch.randn(cfg["vocab"], H, generator=g) * 0.02).to(device=device, dtype=dtype)
+        self.qkv_sizes = [nq * hd, nkv * hd, nkv * hd]
+        self.layers = []
+        for _ in range(layers):
+            L = dict(
+                qkv=lin(sum(self.qkv_sizes), H),  # q/k/v concatenated [out, in]
+                o=lin(H, nq * hd),
+                gate_up=lin(2 * I, H),
+                down=lin(H, I),
+            )
+            for k in ("qkv", "o", "gate_up", "down"):
+                L[k + "_t"] = kernels.prepare_weight(L[k])
+            self.layers.append(L)
+        inv = 1.0 / (10000.0 ** (torch.arange(0, hd, 2, dtype=torch.float32) / hd))
+        ang = torch.outer(torch.arange(max_len, dtype=torch.float32), inv)
+        self.cos = ang.cos().to(device=device, dtype=dtype)
+        self.sin = ang.sin().to(device=device, dtype=dtype)
+        self.thresholds = None  # per layer: dict site -> tau
+
+    def reset(self, batch):
+        c = self.cfg
+        shape = (len(self.layers), batch, c["kv_heads"], self.max_len, c["head_dim"])
+        self.k_cache = torch.zeros(shape, device=self.device, dtype=self.dtype)
+        self.v_cache = torch.zeros(shape, device=self.device, dtype=self.dtype)
+
+    @staticmethod
+    def _rms(x):
+        xf = x.float()
+        return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + 1e-5)).to(x.dtype)
+
+    def _rope(self, x, pos):  # x [B, h, T, hd]
+        T = x.shape[2]
+        cos, sin = self.cos[pos : pos + T], self.sin[pos : pos + T]
+        x1, x2 = x[..., ::2], x[..., 1::2]
+        return torch.stack((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1).flatten(-2)
+
+    def _proj(self, L, name, x, sparse, record, sizes=None):
+        if record is not None:
+            record.setdefault(name, []).append(x.detach().abs().float().flatten())
+        if not sparse:
+            y = F.linear(x, L[name])
+            return torch.split(y, sizes, dim=-1) if sizes else y
+        tau = self.thresholds[id(L)][name]
+        if sizes:
+            return kernels.sparse_linear_fused(x, L[name + "_t"], sizes, None, tau)
+        return kernels.sparse_linear(x, L[name + "_t"], None, tau)
+
+    def forward(self, tokens, pos, sparse=False, record=None):
+        c = self.cfg
+        B, T = tokens.shape
+        nq, nkv, hd = c["heads"], c["kv_heads"], c["head_dim"]
+        h = self.embed[tokens]
+        for li, L in enumerate(self.layers):
+            rec = None if record is None else record.setdefault(li, {})
+            a = self._rms(h)
+            q, k, v = self._proj(L, "qkv", a, sparse, rec, self.qkv_sizes)
+            q = self._rope(q.view(B, T, nq, hd).transpose(1, 2), pos)
+            k = self._rope(k.view(B, T, nkv, hd).transpose(1, 2), pos)
+            v = v.view(B, T, nkv, hd).transpose(1, 2)
+            self.k_cache[li, :, :, pos : pos + T] = k
+            self.v_cache[li, :, :, pos : pos + T] = v
+            kk = self.k_cache[li, :, :, : pos + T].repeat_interleave(nq // nkv, dim=1)
+            vv = self.v_cache[li, :, :, : pos + T].repeat_interleave(nq // nkv, dim=1)
+            att = F.scaled_dot_product_attention(q, kk, vv, is_causal=T > 1)
+            h = h + self._proj(L, "o", att.transpose(1, 2).reshape(B, T, nq * hd), sparse, rec)
+            m = self._rms(h)
+            gate, up = self._proj(L, "gate_up", m, sparse, rec, [c["intermediate"]] * 2)
+            h = h + self._proj(L, "down", F.silu(gate) * up, sparse, rec)
+        return F.linear(self._rms(h[:, -1:]), self.embed)  # tied LM head, dense in both models
+
+    def calibrate(self, sparsity, tokens):
+        rec = {}
+        self.reset(tokens.shape[0])
+        self.forward(tokens, 0, sparse=False, record=rec)
+        self.thresholds = {}
+        for li, L in enumerate(self.layers):
+            self.thresholds[id(L)] = {
+                name: (-1.0 if sparsity <= 0 else float(torch.cat(v).quantile(sparsity)))
+                for name, v in rec[li].items()
+            }
+
+
+def _quantile_safe(t: torch.Tensor, q: float) -> float:
+    return float(t.quantile(q)) if t.numel() <= 16_000_000 else float(t[:: t.numel() // 8_000_000 + 1].quantile(q))
+
+
+def bench_e2e(args, device: torch.device) -> list[dict]:
+    rows = []
+    for dname in args.e2e_dtypes:
+        dtype = DTYPES[dname]
+        cfg = dict(LLAMA32_1B)
+        n_layers = args.e2e_layers or cfg["layers"]
+        prompt_len, new = args.e2e_prompt, args.e2e_tokens
+        model = _Decoder(cfg, dtype, device, n_layers, prompt_len + new + 1)
+        g = torch.Generator().manual_seed(1)
+        prompt = torch.randint(0, cfg["vocab"], (args.e2e_batch, prompt_len), generator=g).to(device)
+        with torch.no_grad():
+            model.calibrate(args.e2e_sparsity, prompt)
+
+            def decode(sparse):
+                model.reset(prompt.shape[0])
+                logits = model.forward(prompt, 0, sparse=False)  # prefill dense in both
+                tok = logits[:, -1].argmax(-1, keepdim=True)
+                _sync(device)
+                t0 = time.perf_counter()
+                for i in range(new):
+                    logits = model.forward(tok, prompt_len + i, sparse=sparse)
+                    tok = logits[:, -1].argmax(-1, keepdim=True)
+                _sync(device)
+                return time.perf_counter() - t0
+
+            decode(False), decode(True)  # warmup (and autotune on GPU)
+            td, ts = [], []
+            for _ in range(args.e2e_repeats):
+                td.append(decode(False))
+                ts.append(decode(True))
+        t_d, t_s = statistics.median(td), statistics.median(ts)
+        tok = new * args.e2e_batch
+        row = dict(
+            model="llama-3.2-1b-shape (random weights)",
+            dtype=dname,
+            layers=n_layers,
+            batch=args.e2e_batch,
+            new_tokens=new,
+            sparsity=args.e2e_sparsity,
+            dense_tok_s=tok / t_d,
+            sparse_tok_s=tok / t_s,
+            speedup=t_d / t_s,
+        )
+        rows.append(row)
+        print(
+            f"e2e {dname} layers={n_layers} batch={args.e2e_batch}: dense {row['dense_tok_s']:.2f} tok/s, "
+            f"sparse@{args.e2e_sparsity:.0%} {row['sparse_tok_s']:.2f} tok/s, x{row['speedup']:.2f}",
+            flush=True,
+        )
+        del model
+    return rows
+
+
+def _sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+# ----------------------------------------------------------------------------- plot
+def plot(result: dict, path: Path) -> bool:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib not available: skipping plot", file=sys.stderr)
+        return False
+    rows = result["kernel"]
+    groups = sorted({(r["dtype"], r["batch"]) for r in rows})
+    if not groups:
+        return False
+    fig, axes = plt.subplots(1, len(groups), figsize=(4.5 * len(groups), 4), squeeze=False)
+    for ax, (dt, b) in zip(axes[0], groups):
+        sub = [r for r in rows if r["dtype"] == dt and r["batch"] == b]
+        for shape in sorted({(r["in_features"], r["out_features"]) for r in sub}):
+            pts = sorted((r["sparsity"], r["speedup"]) for r in sub if (r["in_features"], r["out_features"]) == shape)
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=f"{shape[0]}→{shape[1]}")
+        ss = sorted({r["sparsity"] for r in sub})
+        ideal = sorted({(r["sparsity"], r["ideal_speedup"]) for r in sub if r["batch"] == 1})
+        if b == 1 and ideal:
+            ax.plot([p[0] for p in ideal], [p[1] for p in ideal], "k--", label="ideal 1/(1-s)")
+        elif ss:
+            ax.plot(ss, [1 / (1 - s) for s in ss], "k:", label="1/(1-s) per row")
+        ax.axhline(1.0, color="grey", lw=0.5)
+        ax.set_title(f"{result['meta']['device']} {dt} batch {b}")
+        ax.set_xlabel("activation sparsity")
+        ax.set_ylabel("speedup vs dense F.linear")
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    print(f"wrote {path}")
+    return True
+
+
+# ----------------------------------------------------------------------------- main
+def _csv(kind):
+    return lambda s: [kind(v) for v in s.split(",") if v]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="spon bench", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    p.add_argument("--shapes", type=_csv(str), default=LLAMA3_8B_SHAPES, help="in x out, comma separated")
+    p.add_argument("--dtypes", type=_csv(str), default=None, help="fp32,fp16,bf16,int8 (int8 = bf16 x, int8 Wᵀ); "
+                   "default fp16,bf16,int8 on cuda, fp32,bf16 on cpu")
+    p.add_argument("--batches", type=_csv(int), default=None, help="default 1,4,8 (cuda) / 1 (cpu)")
+    p.add_argument("--sparsities", type=_csv(float), default=SPARSITIES)
+    p.add_argument("--reps", type=int, default=15, help="CPU: minimum timed repetitions per point")
+    p.add_argument("--min-time", type=float, default=0.5, help="CPU: seconds per point (upper bound 20*reps)")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    p.add_argument("--bag-rows", type=int, default=None, help="CPU path: surviving rows per embedding bag")
+    p.add_argument("--no-kernel", action="store_true", help="skip kernel-level benchmark")
+    p.add_argument("--no-e2e", action="store_true", help="skip end-to-end decode benchmark")
+    p.add_argument("--e2e-dtypes", type=_csv(str), default=None, help="default bf16")
+    p.add_argument("--e2e-layers", type=int, default=None, help="decoder layers (default: all 16)")
+    p.add_argument("--e2e-tokens", type=int, default=None, help="decode steps (default 128 cuda / 16 cpu)")
+    p.add_argument("--e2e-prompt", type=int, default=8)
+    p.add_argument("--e2e-batch", type=int, default=1)
+    p.add_argument("--e2e-sparsity", type=float, default=0.5)
+    p.add_argument("--e2e-repeats", type=int, default=3)
+    p.add_argument("--out", default=None, help="output dir (default $OUT or runs/bench)")
+    p.add_argument("--no-plot", action="store_true")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.device == "auto":
+        args.device = "cuda" if torch.cuda.is_available() else "cpu"
+    device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        print("--device cuda but no CUDA device", file=sys.stderr)
+        return 2
+    gpu = device.type == "cuda"
+    args.dtypes = args.dtypes or (["fp16", "bf16", "int8"] if gpu else ["fp32", "bf16"])
+    args.batches = args.batches or ([1, 4, 8] if gpu else [1])
+    args.e2e_dtypes = args.e2e_dtypes or ["bf16"]
+    args.e2e_tokens = args.e2e_tokens or (128 if gpu else 16)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.bag_rows:
+        _cpu.ROWS_PER_BAG = args.bag_rows
+        _cpu.cpu_sparse_gemv.__defaults__ = (None, args.bag_rows)
+    out_dir = Path(args.out or os.environ.get("OUT") or "runs/bench")
+    out_dir.mkdir(parents=True, exist_ok=True)
+
+    timer = Timer(device, args.reps, args.min_time)
+    meta = dict(
+        device=torch.cuda.get_device_name(device) if gpu else (platform.processor() or platform.machine()),
+        device_type=device.type,
+        torch=torch.__version__,
+        triton=_triton_version(),
+        threads=torch.get_num_threads(),
+        argv=sys.argv if argv is None else ["kernels.bench", *argv],
+        time=time.strftime("%Y-%m-%dT%H:%M:%S"),
+    )
+    with torch.no_grad():
+        meta["copy_GBps"] = copy_bandwidth(device, timer)
+    print(f"device {meta['device']}  copy bandwidth {meta['copy_GBps']:.1f} GB/s  threads {meta['threads']}")
+    result = dict(meta=meta, kernel=[], e2e=[])
+    json_path = out_dir / f"bench_{device.type}.json"
+
+    def save():
+        json_path.write_text(json.dumps(result, indent=1))
+
+    if not args.no_kernel:
+        result["kernel"] = bench_kernels(args, device, timer, meta["copy_GBps"])
+        save()
+    if not args.no_e2e:
+        result["e2e"] = bench_e2e(args, device)
+    save()
+    print(f"wrote {json_path}")
+    if not args.no_plot and result["kernel"]:
+        plot(result, out_dir / f"bench_{device.type}.png")
+    return 0
+
+
+def _triton_version():
+    try:
+        import triton
+
+        return triton.__version__
+    except ImportError:
+        return None
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
