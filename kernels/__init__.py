@@ -68,21 +68,16 @@ def _needs_grad(*ts) -> bool:
     return torch.is_grad_enabled() and any(isinstance(t, Tensor) and t.requires_grad for t in ts)
 
 
-def _thresholds(threshold, n: int, device) -> Tensor:
-    if isinstance(threshold, Tensor):
-        t = threshold.detach().to(device=device, dtype=torch.float32).reshape(-1)
-        return t.expand(n).contiguous() if t.numel() == 1 and n > 1 else t
-    if isinstance(threshold, (list, tuple)):
-        return torch.tensor([float(v) for v in threshold], dtype=torch.float32, device=device)
-    return torch.full((n,), float(threshold), dtype=torch.float32, device=device)
-
-
 def _call(x, weight_t, bias, threshold, seg_sizes, scales):
     K, N = weight_t.shape
     lead = x.shape[:-1]
     x2 = x.reshape(-1, K)
-    taus = _thresholds(threshold, len(seg_sizes), x.device)
-    y = torch.ops.spon_kernels.sparse_gemv(x2, weight_t, bias, taus, list(seg_sizes), scales)
+    if torch.compiler.is_compiling():
+        # One opaque node in the graph (schema + fake impl registered in ops.py).
+        taus = _ops.thresholds_tensor(threshold, len(seg_sizes), x.device)
+        y = torch.ops.spon_kernels.sparse_gemv(x2, weight_t, bias, taus, list(seg_sizes), scales)
+    else:
+        y = _ops.dispatch(x2, weight_t, bias, threshold, list(seg_sizes), scales)
     return y.reshape(*lead, N)
 
 

@@ -91,7 +91,11 @@ def cpu_sparse_gemv(
         y = x.new_zeros((M, N))
         return y if bias is None else y + bias
     nb = _num_bags(max(counts), rows_per_bag)
-    offsets = _bag_offsets(counts, nb)
+    if M == 1:
+        offsets = torch.arange(0, nnz, -(-nnz // nb))
+        nb = offsets.numel()
+    else:
+        offsets = _bag_offsets(counts, nb)
     part = F.embedding_bag(idx, weight_t, offsets, mode="sum", per_sample_weights=vals)
     if nb == 1:
         y = part.view(M, N)
