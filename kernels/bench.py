@@ -265,10 +265,10 @@ class _Decoder:
         self.forward(tokens, 0, sparse=False, record=rec)
         self.thresholds = {}
         for li, L in enumerate(self.layers):
-            self.thresholds[id(L)] = {
-                name: (-1.0 if sparsity <= 0 else float(torch.cat(v).quantile(sparsity)))
-                for name, v in rec[li].items()
-            }
+            taus = {name: (-1.0 if sparsity <= 0 else _quantile_safe(torch.cat(v), sparsity)) for name, v in rec[li].items()}
+            if self.device.type == "cuda":  # device tensors: no per-call fill kernel
+                taus = {k: torch.tensor([v], dtype=torch.float32, device=self.device) for k, v in taus.items()}
+            self.thresholds[id(L)] = taus
 
 
 def _quantile_safe(t: torch.Tensor, q: float) -> float:
@@ -418,7 +418,6 @@ def main(argv: list[str] | None = None) -> int:
         torch.set_num_threads(args.threads)
     if args.bag_rows:
         _cpu.ROWS_PER_BAG = args.bag_rows
-        _cpu.cpu_sparse_gemv.__defaults__ = (None, args.bag_rows)
     out_dir = Path(args.out or os.environ.get("OUT") or "runs/bench")
     out_dir.mkdir(parents=True, exist_ok=True)
 

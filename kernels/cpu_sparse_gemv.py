@@ -39,7 +39,7 @@ ROWS_PER_BAG = 128
 MAX_BAGS = 64
 
 
-def _num_bags(nnz: int, rows_per_bag: int = ROWS_PER_BAG) -> int:
+def _num_bags(nnz: int, rows_per_bag: int) -> int:
     threads = torch.get_num_threads()
     nb = min(MAX_BAGS, max(threads, nnz // rows_per_bag))
     return max(1, min(nb, nnz))
@@ -62,7 +62,7 @@ def cpu_sparse_gemv(
     bias: Tensor | None,
     threshold: float,
     scales: Tensor | None = None,
-    rows_per_bag: int = ROWS_PER_BAG,
+    rows_per_bag: int | None = None,
 ) -> Tensor:
     """x: [M, K] (M <= 8) on CPU, weight_t: [K, N] contiguous.  Returns [M, N] in x.dtype."""
     assert x.dim() == 2 and x.shape[0] <= MAX_BATCH
@@ -90,7 +90,7 @@ def cpu_sparse_gemv(
     if nnz == 0:
         y = x.new_zeros((M, N))
         return y if bias is None else y + bias
-    nb = _num_bags(max(counts), rows_per_bag)
+    nb = _num_bags(max(counts), rows_per_bag or ROWS_PER_BAG)
     if M == 1:
         offsets = torch.arange(0, nnz, -(-nnz // nb))
         nb = offsets.numel()
