@@ -1,0 +1,23 @@
+"""spon: TEAL activation sparsity with spontaneous-neuron bias correction (arXiv 2512.12744).
+
+The package is the method in pure torch + transformers; orchestration lives in tasks/ and flows/.
+"""
+
+from spon.errors import SponError
+from spon.model import load_model, find_projections, PROJECTIONS
+from spon.sparse import SparseLinear, sparsify, set_mode, sparse_linears
+from spon.fuse import load_sparse_model, save_fused
+
+__all__ = [
+    "SponError",
+    "load_model",
+    "find_projections",
+    "PROJECTIONS",
+    "SparseLinear",
+    "sparsify",
+    "set_mode",
+    "sparse_linears",
+    "load_sparse_model",
+    "save_fused",
+]
+__version__ = "0.1.0"

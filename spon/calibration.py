@@ -1,0 +1,114 @@
+"""Calibration data: fixed-length token blocks from text files, a `datasets` dataset, or the
+model's own samples (data-free: the only in-domain source for a model whose data you lack)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from spon.errors import SponError
+
+DOC_SEPARATOR = "<|endoftext|>"
+
+
+def read_documents(path: str | Path) -> list[str]:
+    """A text file as documents: split on <|endoftext|> when present (TinyStories), else one."""
+    path = Path(path)
+    if not path.is_file():
+        raise SponError(f"text file does not exist: {path}")
+    text = path.read_text(encoding="utf-8")
+    docs = [d.strip() for d in text.split(DOC_SEPARATOR)]
+    return [d for d in docs if d]
+
+
+def token_stream(tokenizer, documents: list[str]) -> torch.Tensor:
+    """Documents tokenized and concatenated, each starting with BOS as the model was trained."""
+    ids: list[int] = []
+    for doc in documents:
+        toks = tokenizer(doc, add_special_tokens=False)["input_ids"]
+        if tokenizer.bos_token_id is not None:
+            ids.append(tokenizer.bos_token_id)
+        ids.extend(toks)
+    return torch.tensor(ids, dtype=torch.long)
+
+
+def blocks_from_stream(stream: torch.Tensor, block_len: int, num_blocks: int | None, what: str) -> torch.Tensor:
+    if block_len < 2:
+        raise SponError(f"block_len must be at least 2, got {block_len}")
+    n = stream.numel() // block_len
+    if n == 0:
+        raise SponError(
+            f"calibration data is empty or too short: {what} gave {stream.numel()} tokens, "
+            f"fewer than one block of {block_len}"
+        )
+    if num_blocks is not None:
+        n = min(n, num_blocks)
+    return stream[: n * block_len].view(n, block_len)
+
+
+def text_blocks(tokenizer, files: list[str], block_len: int, num_blocks: int | None = None) -> torch.Tensor:
+    if not files:
+        raise SponError("calibration source 'text' needs at least one file")
+    docs = [d for f in files for d in read_documents(f)]
+    return blocks_from_stream(token_stream(tokenizer, docs), block_len, num_blocks, ", ".join(map(str, files)))
+
+
+def dataset_blocks(
+    tokenizer,
+    name: str,
+    block_len: int,
+    num_blocks: int | None = None,
+    config: str | None = None,
+    split: str = "train",
+    text_field: str = "text",
+    data_files: list[str] | None = None,
+) -> torch.Tensor:
+    """Blocks from a `datasets` dataset: a hub name, or a builder ('json', 'text') with local files."""
+    import datasets
+
+    try:
+        ds = datasets.load_dataset(name, config, split=split, data_files=data_files)
+    except Exception as e:  # datasets raises many types; the user needs the one line
+        raise SponError(f"cannot load dataset {name!r} (split {split!r}): {str(e).splitlines()[0]}") from e
+    if text_field not in ds.column_names:
+        raise SponError(f"dataset {name!r} has no field {text_field!r}; fields: {ds.column_names}")
+    docs = [t for t in ds[text_field] if t and t.strip()]
+    return blocks_from_stream(token_stream(tokenizer, docs), block_len, num_blocks, f"dataset {name}")
+
+
+@torch.no_grad()
+def sample_blocks(
+    model,
+    tokenizer,
+    num_blocks: int,
+    block_len: int,
+    seed: int = 0,
+    temperature: float = 1.0,
+    batch_size: int = 64,
+) -> torch.Tensor:
+    """N sequences of L tokens sampled from the model itself, starting at BOS.
+
+    Sampling is plain ancestral sampling at `temperature` (no top-k/top-p) with a seeded
+    generator, so the same seed gives the same blocks on the same device. The model must be
+    dense here (calibration describes the dense model).
+    """
+    if num_blocks < 1:
+        raise SponError(f"calibration data is empty: num_blocks={num_blocks}")
+    if temperature <= 0:
+        raise SponError(f"temperature must be > 0, got {temperature}")
+    device = next(model.parameters()).device
+    gen = torch.Generator(device=device).manual_seed(seed)
+    bos = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else 0
+    out = []
+    for start in range(0, num_blocks, batch_size):
+        b = min(batch_size, num_blocks - start)
+        ids = torch.full((b, 1), bos, dtype=torch.long, device=device)
+        past = None
+        for _ in range(block_len - 1):
+            step = model(ids if past is None else ids[:, -1:], past_key_values=past, use_cache=True)
+            past = step.past_key_values
+            probs = torch.softmax(step.logits[:, -1].float() / temperature, dim=-1)
+            ids = torch.cat([ids, torch.multinomial(probs, 1, generator=gen)], dim=1)
+        out.append(ids.cpu())
+    return torch.cat(out)

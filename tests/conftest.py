@@ -1,0 +1,61 @@
+"""Shared fixtures: the real stories260K model and tiny random models of each architecture."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+for var in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE"):
+    os.environ.setdefault(var, "1")
+os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+os.environ.setdefault("DO_NOT_TRACK", "1")
+
+REPO = Path(__file__).resolve().parent.parent
+ASSETS = Path(os.environ.get("SPON_ASSETS", REPO.parent / "shared" / "assets"))
+STORIES = ASSETS / "models" / "stories260K"
+SAMPLE_TXT = ASSETS / "data" / "tinystories" / "sample.txt"
+WIKITEXT = ASSETS / "data" / "wikitext-2-raw" / "test.txt"
+
+
+@pytest.fixture(scope="session")
+def stories_path() -> Path:
+    assert STORIES.is_dir(), f"missing real model assets at {STORIES}"
+    return STORIES
+
+
+@pytest.fixture(scope="session")
+def sample_txt() -> Path:
+    return SAMPLE_TXT
+
+
+def make_tiny(arch: str, out: Path, seed: int = 0) -> Path:
+    """A tiny randomly initialised model of `arch` saved with the stories tokenizer (vocab 512)."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    torch.manual_seed(seed)
+    common = dict(
+        vocab_size=512, hidden_size=32, intermediate_size=44, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+        bos_token_id=1, eos_token_id=2, tie_word_embeddings=False,
+    )
+    extra = {"qwen3": {"head_dim": 8}}.get(arch, {})
+    cfg = AutoConfig.for_model(arch, **common, **extra)
+    model = AutoModelForCausalLM.from_config(cfg)
+    # Random init gives near-zero weights; scale up so sparsification visibly matters.
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() == 2:
+                p.normal_(0, 0.3)
+    model.save_pretrained(out)
+    AutoTokenizer.from_pretrained(STORIES).save_pretrained(out)
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_models(tmp_path_factory) -> dict[str, Path]:
+    base = tmp_path_factory.mktemp("tiny")
+    return {a: make_tiny(a, base / a) for a in ("llama", "mistral", "qwen2", "qwen3")}

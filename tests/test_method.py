@@ -1,0 +1,217 @@
+"""The method core on the real stories260K model: thresholds, fusion, distillation, resume, greedy."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from spon.calibration import read_documents, sample_blocks, text_blocks, token_stream
+from spon.distill import distill, heldout_kl
+from spon.fuse import fuse_alpha, load_sparse_model, save_fused
+from spon.model import PROJECTIONS, load_model
+from spon.perplexity import perplexity
+from spon.sparse import alphas, by_name, counting_zeros, load_alphas, mode, set_mode, set_thresholds, sparsify
+from spon.thresholds import collect_histograms, compute_thresholds, greedy_sparsities, threshold_from_histogram
+
+
+@pytest.fixture(scope="module")
+def calib(stories_path):
+    model, tok = load_model(str(stories_path))
+    return sample_blocks(model, tok, num_blocks=48, block_len=64, seed=0)
+
+
+def fresh(stories_path, kinds=PROJECTIONS):
+    model, tok = load_model(str(stories_path))
+    sparsify(model, kinds)
+    return model, tok
+
+
+def test_dense_perplexity_matches_the_assets_readme(stories_path, sample_txt):
+    model, tok = fresh(stories_path)
+    r = perplexity(model, tok, read_documents(sample_txt), window=512, stride=256)
+    assert r["tokens"] == 1804
+    assert r["perplexity"] == pytest.approx(3.55, abs=0.01)
+    assert r["realized_sparsity"] == 0.0
+
+
+def test_self_samples_are_seeded_and_in_domain(stories_path):
+    model, tok = load_model(str(stories_path))
+    a = sample_blocks(model, tok, num_blocks=4, block_len=32, seed=7)
+    b = sample_blocks(model, tok, num_blocks=4, block_len=32, seed=7)
+    c = sample_blocks(model, tok, num_blocks=4, block_len=32, seed=8)
+    assert a.shape == (4, 32) and torch.equal(a, b) and not torch.equal(a, c)
+    assert (a[:, 0] == tok.bos_token_id).all()
+
+
+@pytest.mark.parametrize("target", [0.25, 0.5, 0.6])
+def test_uniform_thresholds_hit_target_on_calibration_and_heldout_text(stories_path, calib, sample_txt, target):
+    model, tok = fresh(stories_path)
+    compute_thresholds(model, calib, target, "uniform")
+    # On the calibration data itself (dense inputs): every projection within 0.5 point.
+    hists = collect_histograms(model, calib)
+    for name, h in hists.items():
+        tau = by_name(model)[name].threshold.item()
+        cum = torch.cumsum(h, 0) / h.sum()
+        assert tau == pytest.approx(threshold_from_histogram(h, target))
+        assert cum[-1] == pytest.approx(1.0)
+    # On text never used for calibration, with every layer sparse: within +-2 points.
+    with mode(model, "teal"):
+        r = perplexity(model, tok, read_documents(sample_txt))
+    assert abs(r["realized_sparsity"] - target) <= 0.02, r
+
+
+def test_threshold_from_histogram_is_the_quantile():
+    x = torch.randn(200_000).abs()
+    from spon.thresholds import BINS, LOG_MAX, LOG_MIN
+
+    h = torch.histc(torch.log10(x), bins=BINS, min=LOG_MIN, max=LOG_MAX).double()
+    for s in (0.1, 0.5, 0.9):
+        tau = threshold_from_histogram(h, s)
+        assert (x <= tau).float().mean().item() == pytest.approx(s, abs=1e-3)
+    assert threshold_from_histogram(h, 0.0) == 0.0
+
+
+def close(a, b):
+    """fp32 equality up to rounding: |a - b| <= 1e-5 + 1.3e-6 |b| (torch's fp32 tolerance).
+    W (S(x) + alpha) and W S(x) + W alpha round differently, by a few ulp of outputs up to ~50."""
+    torch.testing.assert_close(a, b, atol=1e-5, rtol=1.3e-6)
+
+
+def random_alphas(model, scale=0.1, seed=0):
+    # 0.1 is above the trained alphas' typical magnitude on this model (see test below).
+    g = torch.Generator().manual_seed(seed)
+    load_alphas(model, {m.name: torch.randn(m.linear.in_features, generator=g) * scale for m in by_name(model).values()})
+
+
+@torch.no_grad()
+def test_fusion_is_exact_for_every_projection_type(stories_path, calib):
+    """W S(x) + b' == W (S(x) + alpha) + b within 1e-5 (fp32), for each of the 35 linears on the
+    real inputs it sees, and end to end on the logits."""
+    model, tok = fresh(stories_path)
+    compute_thresholds(model, calib, 0.5)
+    random_alphas(model)
+    ids = calib[:1, :32]
+    mods = list(by_name(model).values())
+    seen = {}
+    handles = [m.register_forward_pre_hook(lambda m, a: seen.setdefault(m.name, a[0].clone())) for m in mods]
+    set_mode(model, "spon")
+    unfused_logits = model(ids).logits
+    for h in handles:
+        h.remove()
+    unfused = {m.name: m(seen[m.name]) for m in mods}  # literally W (S(x) + alpha) + b
+    set_mode(model, "teal")
+    teal = {m.name: m(seen[m.name]) for m in mods}
+    teal_logits, dense_logits = model(ids).logits, None
+    set_mode(model, "dense")
+    dense = {m.name: m(seen[m.name]) for m in mods}
+    dense_logits = model(ids).logits
+
+    fuse_alpha(model)
+    assert all(m.fused for m in mods)
+    kinds = set()
+    for m in mods:
+        x = seen[m.name]
+        m.mode = "spon"
+        close(m(x), unfused[m.name])
+        assert (m(x) - teal[m.name]).abs().max().item() > 1e-3, m.name  # alpha does something
+        m.mode = "teal"  # a fused module still gives exactly TEAL and dense
+        close(m(x), teal[m.name])
+        m.mode = "dense"
+        close(m(x), dense[m.name])
+        kinds.add(m.kind)
+    assert kinds == set(PROJECTIONS)
+    set_mode(model, "spon")
+    close(model(ids).logits, unfused_logits)
+    set_mode(model, "teal")
+    close(model(ids).logits, teal_logits)
+    set_mode(model, "dense")
+    close(model(ids).logits, dense_logits)
+
+
+@torch.no_grad()
+def test_vanilla_transformers_loads_the_fused_checkpoint(stories_path, calib, tmp_path):
+    model, tok = fresh(stories_path)
+    compute_thresholds(model, calib, 0.5)
+    random_alphas(model)
+    set_mode(model, "spon")
+    ids = calib[:2]
+    out = save_fused(model, tok, tmp_path / "fused", {"sparsity": 0.5, "protocol": "all"})
+    expected = model(ids).logits  # the fused model in memory
+    vanilla = AutoModelForCausalLM.from_pretrained(out)  # no custom code
+    assert vanilla.config.attention_bias and vanilla.config.mlp_bias
+    sd = vanilla.state_dict()
+    for m in by_name(model).values():
+        layer, kind = m.name.split(".")
+        grp = "self_attn" if kind in ("q", "k", "v", "o") else "mlp"
+        b = sd[f"model.layers.{layer}.{grp}.{kind}_proj.bias"]
+        torch.testing.assert_close(b, m.linear.weight @ m.alpha, atol=1e-6, rtol=0)
+    # The vanilla model is W x + b'; ours with tau = 0 is W (x + alpha) + b: the same function.
+    set_thresholds(model, {n: 0.0 for n in by_name(model)})
+    close(vanilla(ids).logits, model(ids).logits)
+    # The spon loader restores thresholds and gives the sparse model's logits.
+    loaded, _, meta = load_sparse_model(out)
+    assert meta["sparsity"] == 0.5
+    assert torch.equal(loaded(ids).logits, expected)
+
+
+def test_distillation_lowers_kl_and_resume_continues_the_same_trajectory(stories_path, calib, tmp_path):
+    train, held = calib[:40], calib[40:]
+    kw = dict(steps=12, lr=1e-2, batch_size=8, init="zeros", seed=3, checkpoint_every=6, progress=False)
+
+    model, _ = fresh(stories_path)
+    compute_thresholds(model, train, 0.5)
+    full = distill(model, train, held, checkpoint_dir=tmp_path / "a", **kw)
+    assert full.heldout_kl_after < full.heldout_kl_before
+    assert len(full.kl_history) == 12
+
+    # Interrupted run: stop after 6 steps, then resume from its checkpoint to step 12.
+    model2, _ = fresh(stories_path)
+    compute_thresholds(model2, train, 0.5)
+    distill(model2, train, held, checkpoint_dir=tmp_path / "b", **{**kw, "steps": 6})
+    model3, _ = fresh(stories_path)
+    compute_thresholds(model3, train, 0.5)
+    resumed = distill(model3, train, held, checkpoint_dir=tmp_path / "b", **kw)
+    assert resumed.resumed_from == 6
+    for name, a in full.alphas.items():
+        torch.testing.assert_close(resumed.alphas[name], a, atol=1e-6, rtol=0)
+    assert resumed.kl_history == pytest.approx(full.kl_history, abs=1e-6)
+
+
+@torch.no_grad()
+def test_greedy_block_error_not_above_uniform_at_same_weighted_sparsity(stories_path, calib):
+    from spon.model import decoder_layers
+    from spon.thresholds import _block_out, _capture_layer_inputs, weighted_sparsity
+
+    model, _ = fresh(stories_path)
+    hists = collect_histograms(model, calib)
+    sp = greedy_sparsities(model, hists, calib[:8], 0.5, step=0.05)
+    mods = by_name(model)
+    layers = decoder_layers(model)
+    inputs = _capture_layer_inputs(model, layers, calib[:8])
+    for li, layer in enumerate(layers):
+        names = [n for n in mods if n.startswith(f"{li}.")]
+        sizes = {n: mods[n].linear.weight.numel() for n in names}
+        ws = weighted_sparsity({n: sp[n] for n in names}, sizes)
+        assert 0.5 <= ws <= 0.5 + 0.05
+        args, kwargs = inputs[li]
+        with mode(model, "dense"):
+            ref = _block_out(layer, args, kwargs)
+
+        def err(assign):
+            set_thresholds(model, {n: threshold_from_histogram(hists[n], assign[n]) for n in names})
+            with mode(model, "teal"):
+                return ((_block_out(layer, args, kwargs) - ref).pow(2).sum() / ref.pow(2).sum()).item()
+
+        assert err({n: sp[n] for n in names}) <= err({n: ws for n in names}) + 1e-9, li
+
+
+def test_text_calibration_blocks(stories_path, sample_txt):
+    _, tok = load_model(str(stories_path))
+    b = text_blocks(tok, [str(sample_txt)], block_len=64)
+    # 5 documents, 1,804 predicted tokens + 5 BOS = 1,809 tokens -> 28 full blocks of 64.
+    assert len(token_stream(tok, read_documents(sample_txt))) == 1809
+    assert b.shape == (28, 64)
+    assert (b[0, 0] == tok.bos_token_id).item()
