@@ -172,12 +172,23 @@ def cmd_generate(args) -> int:
     return 0
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="spon", description="TEAL activation sparsity + spontaneous neurons")
-    p.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
-    sub = p.add_subparsers(dest="command", required=True)
+def _add_model_dir_command(sub, name, func, helptext):
+    q = sub.add_parser(name, help=helptext)
+    q.add_argument("model_dir")
+    q.add_argument("--device", default="cpu")
+    q.add_argument("--dtype", default="fp32")
+    if name == "ppl":
+        q.add_argument("--eval-text", action="append", default=None)
+        q.add_argument("--window", type=int, default=512)
+        q.add_argument("--stride", type=int, default=256)
+    else:
+        q.add_argument("--prompt", required=True)
+        q.add_argument("--max-new-tokens", type=int, default=64)
+    q.set_defaults(func=func)
 
-    r = sub.add_parser("run", help="calibrate -> thresholds -> distill -> fuse -> perplexity")
+
+def register_method_commands(sub) -> None:
+    r = sub.add_parser("run", help="calibrate -> thresholds -> distill -> fuse -> perplexity (in this process)")
     add_config_args(r)
     r.add_argument("--out", default=None, help="output directory (default out/run)")
     r.set_defaults(func=cmd_run)
@@ -200,20 +211,42 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--out", required=True)
     f.set_defaults(func=cmd_fuse)
 
-    for name, func, helptext in (("ppl", cmd_ppl, "perplexity of a (fused) model directory"),
-                                 ("generate", cmd_generate, "greedy generation from a fused model directory")):
-        q = sub.add_parser(name, help=helptext)
-        q.add_argument("model_dir")
-        q.add_argument("--device", default="cpu")
-        q.add_argument("--dtype", default="fp32")
-        if name == "ppl":
-            q.add_argument("--eval-text", action="append", default=None)
-            q.add_argument("--window", type=int, default=512)
-            q.add_argument("--stride", type=int, default=256)
-        else:
-            q.add_argument("--prompt", required=True)
-            q.add_argument("--max-new-tokens", type=int, default=64)
-        q.set_defaults(func=func)
+    _add_model_dir_command(sub, "ppl", cmd_ppl, "perplexity of a (fused) model directory")
+    _add_model_dir_command(sub, "generate", cmd_generate, "greedy generation from a fused model directory")
+
+
+class _Subparsers:
+    """argparse's subparsers, but a later registration of a name replaces the earlier one, so a
+    plugin (e.g. the Prefect pipeline's `run`) can take over a method-level command."""
+
+    def __init__(self, action):
+        self._action = action
+
+    def add_parser(self, name, **kw):
+        self._action._name_parser_map.pop(name, None)
+        self._action._choices_actions[:] = [a for a in self._action._choices_actions if a.dest != name]
+        return self._action.add_parser(name, **kw)
+
+
+def plugin_registrars():
+    """Subcommands contributed by the other packages through the `spon.commands` entry point group
+    (evaluation, pipeline, kernels); the method itself depends on none of them."""
+    from importlib.metadata import entry_points
+
+    for ep in sorted(entry_points(group="spon.commands"), key=lambda e: e.name):
+        try:
+            yield ep.load()
+        except ImportError as e:  # an optional extra is not installed: its commands are absent
+            logging.getLogger(__name__).debug("spon plugin %s unavailable: %s", ep.name, e)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="spon", description="TEAL activation sparsity + spontaneous neurons")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
+    sub = _Subparsers(p.add_subparsers(dest="command", required=True))
+    register_method_commands(sub)
+    for register in plugin_registrars():
+        register(sub)
     return p
 
 
@@ -222,7 +255,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:
         return args.func(args)
-    except SponError as e:
+    except SponError as e:  # plugins raise SponError (or a subclass) for every user-caused failure
         print(f"spon: error: {e}", file=sys.stderr)
         return 2
 
