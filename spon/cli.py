@@ -215,6 +215,19 @@ def register_method_commands(sub) -> None:
     _add_model_dir_command(sub, "generate", cmd_generate, "greedy generation from a fused model directory")
 
 
+def register_bench(sub) -> None:
+    """`spon bench ...` forwards its arguments to kernels.bench (torch + triton only)."""
+    b = sub.add_parser("bench", help="kernel and decode benchmarks (kernels/bench.py; --help there)", add_help=False)
+    b.add_argument("bench_args", nargs=argparse.REMAINDER)
+
+    def run_bench(args) -> int:
+        from kernels.bench import main as bench_main
+
+        return bench_main(args.bench_args)
+
+    b.set_defaults(func=run_bench)
+
+
 class _Subparsers:
     """argparse's subparsers, but a later registration of a name replaces the earlier one, so a
     plugin (e.g. the Prefect pipeline's `run`) can take over a method-level command."""
@@ -236,7 +249,7 @@ def plugin_registrars():
     for ep in sorted(entry_points(group="spon.commands"), key=lambda e: e.name):
         try:
             yield ep.load()
-        except ImportError as e:  # an optional extra is not installed: its commands are absent
+        except (ImportError, AttributeError) as e:  # an optional part is not installed: its commands are absent
             logging.getLogger(__name__).debug("spon plugin %s unavailable: %s", ep.name, e)
 
 
