@@ -218,12 +218,11 @@ def register_method_commands(sub) -> None:
 def register_bench(sub) -> None:
     """`spon bench ...` forwards its arguments to kernels.bench (torch + triton only)."""
     b = sub.add_parser("bench", help="kernel and decode benchmarks (kernels/bench.py; --help there)", add_help=False)
-    b.add_argument("bench_args", nargs=argparse.REMAINDER)
 
     def run_bench(args) -> int:
         from kernels.bench import main as bench_main
 
-        return bench_main(args.bench_args)
+        return bench_main(args.passthrough)
 
     b.set_defaults(func=run_bench)
 
@@ -264,7 +263,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    if args.command == "bench":  # everything after `bench` belongs to kernels.bench
+        args.passthrough = extra
+    elif extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
     logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:
         return args.func(args)
