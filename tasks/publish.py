@@ -1,0 +1,32 @@
+"""publish: store the fused model (manifest last), register it as a model version pointing to
+the run's logged safetensors directory, alias it `candidate`, and move `champion` only when the
+quality gate says it is better. Every step is idempotent, so a retry after a failure is safe."""
+
+from __future__ import annotations
+
+from prefect import task
+
+from tasks import store, tracking
+from tasks.policies import IO_RETRIES, UNCACHED
+from tasks.settings import PipelineSettings, registered_name
+from tasks.track import summary_metrics
+
+
+@task(name="publish", **UNCACHED, **IO_RETRIES)
+def publish(fused_dir: str, run_id: str, summary: dict, settings: PipelineSettings) -> dict:
+    name = registered_name(settings, summary["model"], summary["sparsity"], summary["protocol"])
+    store_uri = store.push(fused_dir, settings.resolved_store(), name, run_id)
+    gate_value = summary_metrics(summary).get(settings.gate_metric)
+    tags = {"source_model": summary["model"], "sparsity": summary["sparsity"], "protocol": summary["protocol"],
+            "store_uri": store_uri, "format": "safetensors+spon.json"}
+    if gate_value is not None:
+        tags[settings.gate_metric] = gate_value
+    source = tracking.artifact_uri(settings, run_id, tracking.FUSED_ARTIFACT)
+    version = tracking.register(settings, name, run_id, source, tags)
+    promoted, previous = tracking.promote_if_better(settings, name, version, gate_value)
+    with tracking._LOCK:
+        c = tracking.client(settings)
+        c.set_tag(run_id, "store_uri", store_uri)
+        c.set_tag(run_id, "registered_model", f"models:/{name}/{version}")
+    return {"registered_model": name, "version": version, "store_uri": store_uri, "candidate_uri": f"models:/{name}@candidate",
+            "champion": promoted, "gate": {"metric": settings.gate_metric, "value": gate_value, "previous_champion": previous}}

@@ -1,0 +1,37 @@
+"""track_run: one MLflow run per pipeline — flattened config as params, perplexities, realized
+sparsity, held-out KL, stage wall times and the KL curve as metrics, files as artifacts.
+
+It runs after the method has written everything locally, so a tracking outage loses nothing
+that cannot be logged again later (`spon publish OUT_DIR`).
+"""
+
+from __future__ import annotations
+
+from prefect import task
+
+from tasks import tracking
+from tasks.policies import IO_RETRIES, UNCACHED
+from tasks.settings import PipelineSettings
+
+
+def summary_metrics(summary: dict) -> dict[str, float]:
+    m = {f"perplexity_{k}": v for k, v in summary.get("perplexity", {}).items()}
+    m.update({f"heldout_kl_{k}": v for k, v in summary.get("heldout_kl", {}).items() if v == v})  # drop NaN
+    m.update({f"wall_s_{k}": v for k, v in summary.get("wall_time_s", {}).items()})
+    for k in ("realized_sparsity", "realized_sparsity_heldout_calibration", "gap_closed"):
+        if summary.get(k) is not None:
+            m[k] = summary[k]
+    return m
+
+
+@task(name="track_run", **UNCACHED, **IO_RETRIES)
+def track_run(summary: dict, files: dict[str, str], settings: PipelineSettings, run_name: str,
+              parent_run_id: str | None = None) -> str:
+    """files: {artifact subdir ('' for the root): local file or directory}. Returns the run id."""
+    tags = {"source_model": str(summary.get("model")), "sparsity": str(summary.get("sparsity")),
+            "protocol": str(summary.get("protocol"))}
+    run_id = tracking.start_run(settings, summary["config"], run_name, parent_run_id, tags)
+    tracking.log_metrics(settings, run_id, summary_metrics(summary), {"kl": summary.get("kl_history", [])})
+    tracking.log_artifacts(settings, run_id, files)
+    tracking.end_run(settings, run_id)
+    return run_id
