@@ -1,0 +1,174 @@
+"""`spon run | sweep | pull | publish | deploy`: the pipeline's commands, plugged into the `spon`
+CLI through the spon.commands entry point. `run` replaces the method-level in-process run.
+
+Nothing here imports prefect or mlflow at module level: the environment for the embedded
+defaults (temporary Prefect server, result storage beside the work dir) must be in place first.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from spon.cli import add_config_args, config_from_args
+from spon.errors import SponError
+
+REPO = Path(__file__).resolve().parent.parent
+SHOWN = ("model", "sparsity", "protocol", "realized_sparsity", "perplexity", "gap_closed", "fused_model_dir",
+         "mlflow_run_id", "registered_model", "version", "champion", "store_uri", "candidate_uri")
+
+
+def add_pipeline_args(p) -> None:
+    g = p.add_argument_group("pipeline (defaults: embedded, see deployments/README.md)")
+    g.add_argument("--work-dir", help="stage outputs and cache (default <out>/work)")
+    g.add_argument("--tracking-uri", help="MLflow tracking URI (default $MLFLOW_TRACKING_URI or sqlite:///out/mlflow.db)")
+    g.add_argument("--store", help="model store: s3://BUCKET/PREFIX or a directory (default $SPON_STORE or out/store)")
+    g.add_argument("--experiment", default=None, help="MLflow experiment (default spon)")
+    g.add_argument("--registered-model", default=None, help="registry name (default spon-<model>-s<NN>-<protocol>)")
+    g.add_argument("--bench", action="store_true", help="also run the kernel benchmark stage")
+    g.add_argument("--refresh", action="store_true", help="recompute every stage, ignoring cached results")
+
+
+def settings_from_args(args):
+    from tasks.settings import PipelineSettings
+
+    fields = {"work_dir": args.work_dir, "tracking_uri": args.tracking_uri, "store": args.store,
+              "experiment": getattr(args, "experiment", None), "registered_model": getattr(args, "registered_model", None),
+              "bench": getattr(args, "bench", False) or None, "progress": not args.quiet}
+    return PipelineSettings(**{k: v for k, v in fields.items() if v is not None})
+
+
+def embedded_env(work_dir: Path, refresh: bool = False) -> None:
+    """Defaults for running without any service; explicit environment always wins."""
+    defaults = {
+        "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "DO_NOT_TRACK": "1", "MLFLOW_DISABLE_TELEMETRY": "true",
+        # A cold temporary server on a busy 2-core box needs more than the 20 s default.
+        "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "180",
+        # Cache records live beside the stage outputs they point to: delete the work dir, lose both.
+        "PREFECT_LOCAL_STORAGE_PATH": str(work_dir / "prefect-results"),
+        "PREFECT_LOGGING_LEVEL": "INFO",
+    }
+    for k, v in defaults.items():
+        os.environ.setdefault(k, v)
+    if refresh:
+        os.environ["PREFECT_TASKS_REFRESH_CACHE"] = "true"
+
+
+def where_to_look(settings) -> str:
+    uri = settings.resolved_tracking_uri()
+    lines = [f"MLflow UI:    mlflow ui --backend-store-uri {uri}" if uri.startswith("sqlite") else f"MLflow:       {uri}",
+             f"model store:  {settings.resolved_store()}"]
+    return "\n".join(lines)
+
+
+def _prepare(args):
+    cfg = config_from_args(args)
+    settings = settings_from_args(args)
+    embedded_env(settings.resolved_work_dir(cfg.out), args.refresh)
+    return cfg, settings
+
+
+def cmd_run(args) -> int:
+    cfg, settings = _prepare(args)
+    from flows.pipeline import spon_pipeline
+
+    summary = spon_pipeline(cfg, settings)
+    print(json.dumps({k: summary[k] for k in SHOWN if k in summary}, indent=2))
+    print(f"summary:      {Path(cfg.out) / 'summary.json'}\n{where_to_look(settings)}")
+    return 0
+
+
+def cmd_sweep(args) -> int:
+    if args.out is None:
+        args.out = "out/sweep"
+    cfg, settings = _prepare(args)
+    from flows.sweep import sparsity_sweep
+
+    summaries = sparsity_sweep([float(s) for s in args.sparsities.split(",")], cfg, settings)
+    for s in summaries:
+        print(json.dumps({k: s[k] for k in ("sparsity", "perplexity", "version", "store_uri") if k in s}))
+    print(f"plot:         {Path(cfg.out) / 'perplexity_vs_sparsity.png'}\n{where_to_look(settings)}")
+    return 0
+
+
+def cmd_pull(args) -> int:
+    from tasks import store
+    from tasks.fetch import resolve_store_uri
+    from tasks.settings import PipelineSettings
+
+    uri = args.uri
+    if uri.startswith("models:/"):
+        uri = resolve_store_uri(uri, PipelineSettings(tracking_uri=args.tracking_uri))
+    out = store.pull(uri, args.out)
+    print(f"{uri} -> {out} (all checksums verified)")
+    return 0
+
+
+def cmd_publish(args) -> int:
+    """Finish what a run left undone (tracking or store down): log the run if it has no MLflow
+    run id yet, then store + register. Every step is idempotent."""
+    settings = settings_from_args(args)
+    result = Path(args.result_dir)
+    path = result / "summary.json"
+    if not path.is_file():
+        raise SponError(f"{result} has no summary.json: not a finished `spon run` output")
+    summary = json.loads(path.read_text())
+    fused = Path(summary["fused_model_dir"])
+    if not (fused / "spon.json").is_file():
+        raise SponError(f"fused model missing at {fused}")
+    embedded_env(settings.resolved_work_dir(str(result)))
+    from tasks.publish import publish
+    from tasks.track import track_run
+
+    run_id = summary.get("mlflow_run_id")
+    if not run_id:
+        files = {"": str(path), "thresholds": str(result / "thresholds.json"), "fused_model": str(fused)}
+        run_id = track_run.fn(summary, files, settings, f"publish-{result.name}")
+    published = publish.fn(str(fused), run_id, summary, settings)
+    summary.update({"mlflow_run_id": run_id, **published})
+    path.write_text(json.dumps(summary, indent=2))
+    print(json.dumps({k: summary[k] for k in SHOWN if k in summary}, indent=2))
+    return 0
+
+
+def cmd_deploy(args) -> int:
+    """`prefect deploy` of deployments/prefect.yaml from the repo root (entrypoints are relative)."""
+    cmd = [sys.executable, "-m", "prefect", "--no-prompt", "deploy", "--prefect-file", str(REPO / "deployments" / "prefect.yaml")]
+    cmd += [x for n in args.name for x in ("--name", n)] if args.name else ["--all"]
+    env = {**os.environ, "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "DO_NOT_TRACK": "1"}
+    if "PREFECT_API_URL" not in env:
+        raise SponError("spon deploy needs a running Prefect server: set PREFECT_API_URL (see deployments/README.md)")
+    return subprocess.call(cmd, cwd=REPO, env=env)
+
+
+def register(sub) -> None:
+    r = sub.add_parser("run", help="the spon_pipeline Prefect flow: method + MLflow + model store (embedded defaults)")
+    add_config_args(r)
+    r.add_argument("--out", default=None, help="output directory (default out/run)")
+    add_pipeline_args(r)
+    r.set_defaults(func=cmd_run)
+
+    s = sub.add_parser("sweep", help="the pipeline over several sparsity levels, with a perplexity plot")
+    add_config_args(s)
+    s.add_argument("--out", default=None, help="output directory (default out/sweep)")
+    s.add_argument("--sparsities", default="0.3,0.5,0.7", help="comma list")
+    add_pipeline_args(s)
+    s.set_defaults(func=cmd_sweep)
+
+    p = sub.add_parser("pull", help="download a stored model (URI or models:/NAME@ALIAS), verifying checksums")
+    p.add_argument("uri", help="s3://BUCKET/PREFIX/<model>/<run_id>, a store directory, or models:/NAME@ALIAS")
+    p.add_argument("--out", required=True, help="destination directory (must not exist or be empty)")
+    p.add_argument("--tracking-uri", default=None, help="registry for models:/ URIs")
+    p.set_defaults(func=cmd_pull)
+
+    u = sub.add_parser("publish", help="store + register a finished local result (e.g. after the store was down)")
+    u.add_argument("result_dir", help="a `spon run --out` directory")
+    add_pipeline_args(u)
+    u.set_defaults(func=cmd_publish)
+
+    d = sub.add_parser("deploy", help="register the Prefect deployments in deployments/prefect.yaml")
+    d.add_argument("--name", action="append", default=None, help="deployment name (repeatable; default all)")
+    d.set_defaults(func=cmd_deploy)

@@ -1,0 +1,60 @@
+"""sparsity_sweep: the pipeline over several sparsity levels, fanned out, one nested MLflow run
+per level under a parent run that gets the perplexity-vs-sparsity plot."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from prefect import flow, task, unmapped
+from prefect.artifacts import create_markdown_artifact
+
+from spon.config import RunConfig
+
+from flows import results
+from flows.pipeline import spon_pipeline
+from tasks import build_calibration, fetch_model
+from tasks import tracking
+from tasks.policies import IO_RETRIES, UNCACHED
+from tasks.settings import PipelineSettings
+from tasks.workdir import text_files
+
+
+@task(name="run_level", **UNCACHED)
+def run_level(sparsity: float, cfg: RunConfig, settings: PipelineSettings, parent_run_id: str) -> dict:
+    level = cfg.model_copy(update={"out": str(Path(cfg.out) / f"s{sparsity:.2f}"),
+                                   "sparsity": cfg.sparsity.model_copy(update={"sparsity": sparsity})})
+    return spon_pipeline(level, settings, parent_run_id)
+
+
+@task(name="start_sweep_run", **UNCACHED, **IO_RETRIES)
+def start_sweep_run(cfg: RunConfig, sparsities: list[float], settings: PipelineSettings) -> str:
+    return tracking.start_run(settings, {**cfg.model_dump(), "sweep": {"sparsities": sparsities}},
+                              f"sweep-{Path(str(cfg.model or 'stories260K')).name}", None, {"kind": "sweep"})
+
+
+@task(name="finish_sweep_run", **UNCACHED, **IO_RETRIES)
+def finish_sweep_run(run_id: str, plot: str, table: str, settings: PipelineSettings) -> None:
+    tracking.log_artifacts(settings, run_id, {"": plot, "tables": table})
+    tracking.end_run(settings, run_id)
+
+
+@flow(name="sparsity_sweep")
+def sparsity_sweep(sparsities: list[float] = [0.3, 0.5, 0.7], config: RunConfig | None = None,
+                   settings: PipelineSettings | None = None) -> list[dict]:
+    cfg, settings = config or RunConfig(out="out/sweep"), settings or PipelineSettings()
+    work = settings.resolved_work_dir(cfg.out)
+    settings = settings.model_copy(update={"work_dir": str(work)})  # every level shares one work dir
+    parent = start_sweep_run(cfg, sparsities, settings)
+
+    # Calibration does not depend on sparsity: build it once so the levels all hit its cache.
+    model = fetch_model(cfg.model, str(work), settings)
+    build_calibration(model, cfg.calibration, text_files(cfg.calibration.files), cfg.sparsity.targets,
+                      cfg.device, cfg.dtype, str(work))
+    summaries = run_level.map(sparsities, unmapped(cfg), unmapped(settings), unmapped(parent)).result()
+
+    plot = results.sweep_plot(summaries, Path(cfg.out) / "perplexity_vs_sparsity.png")
+    table = Path(cfg.out) / "results.md"
+    table.write_text(results.results_table(summaries))
+    finish_sweep_run(parent, str(plot), str(table), settings)
+    create_markdown_artifact(markdown=table.read_text(), key="spon-sweep-results", description="sparsity sweep")
+    return summaries

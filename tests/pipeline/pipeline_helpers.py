@@ -1,0 +1,56 @@
+"""Helpers shared by the pipeline tests (services on 127.0.0.1, a tiny run configuration)."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[2]
+BIN = Path(sys.executable).parent
+BUCKET = "spon-test"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_http(url: str, timeout: float = 120, proc: subprocess.Popen | None = None) -> None:
+    end = time.time() + timeout
+    while time.time() < end:
+        if proc is not None and proc.poll() is not None:
+            raise RuntimeError(f"{url}: process exited with {proc.returncode}")
+        try:
+            with urllib.request.urlopen(url, timeout=2):
+                return
+        except Exception:
+            time.sleep(0.5)
+    raise TimeoutError(url)
+
+
+def stop(proc: subprocess.Popen) -> None:
+    """Stop a process group we started (servers spawn workers)."""
+    if proc.poll() is None:
+        os.killpg(proc.pid, 15)
+        try:
+            proc.wait(20)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, 9)
+
+
+def tiny_config(out: Path, sample_txt: Path, sparsity: float = 0.5):
+    """Few distillation steps, small calibration: the pipeline's plumbing, not the method's quality."""
+    from spon.config import RunConfig
+
+    return RunConfig.model_validate({
+        "out": str(out), "sparsity": {"sparsity": sparsity},
+        "calibration": {"num_blocks": 8, "block_len": 32, "heldout_blocks": 2},
+        "distill": {"steps": 2, "batch_size": 4, "checkpoint_every": 1},
+        "eval": {"files": [str(sample_txt)], "window": 128, "stride": 128},
+    })
