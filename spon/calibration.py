@@ -104,10 +104,10 @@ def sample_blocks(
     for start in range(0, num_blocks, batch_size):
         b = min(batch_size, num_blocks - start)
         ids = torch.full((b, 1), bos, dtype=torch.long, device=device)
-        past = None
+        cache = None
         for _ in range(block_len - 1):
-            step = model(ids if past is None else ids[:, -1:], past_key_values=past, use_cache=True)
-            past = step.past_key_values
+            step = model(ids if cache is None else ids[:, -1:], cache=cache, use_cache=True)
+            cache = step.cache
             probs = torch.softmax(step.logits[:, -1].float() / temperature, dim=-1)
             ids = torch.cat([ids, torch.multinomial(probs, 1, generator=gen)], dim=1)
         out.append(ids.cpu())

@@ -37,8 +37,12 @@ def make_tiny(arch: str, out: Path, seed: int = 0) -> Path:
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     torch.manual_seed(seed)
+    AutoTokenizer.from_pretrained(STORIES).save_pretrained(out)
+    # Reload through the architecture's own tokenizer mapping (Qwen's may add special tokens).
+    (out / "config.json").write_text('{"model_type": "%s"}' % arch)
+    vocab = max(512, len(AutoTokenizer.from_pretrained(out)))
     common = dict(
-        vocab_size=512, hidden_size=32, intermediate_size=44, num_hidden_layers=2,
+        vocab_size=vocab, hidden_size=32, intermediate_size=44, num_hidden_layers=2,
         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
         bos_token_id=1, eos_token_id=2, tie_word_embeddings=False,
     )
@@ -49,9 +53,8 @@ def make_tiny(arch: str, out: Path, seed: int = 0) -> Path:
     with torch.no_grad():
         for p in model.parameters():
             if p.dim() == 2:
-                p.normal_(0, 0.3)
+                p.normal_(0, 0.15)
     model.save_pretrained(out)
-    AutoTokenizer.from_pretrained(STORIES).save_pretrained(out)
     return out
 
 

@@ -1,0 +1,75 @@
+"""Tiny random Llama, Mistral, Qwen2 and Qwen3 through the whole chain, plus the adapter's errors."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from spon.calibration import sample_blocks
+from spon.distill import distill
+from spon.errors import SponError
+from spon.fuse import ALPHA_FILE, SIDECAR, load_sparse_model, save_fused
+from spon.model import find_projections, load_model
+from spon.sparse import by_name, set_mode, sparsify
+from spon.thresholds import compute_thresholds
+
+# Which projections each architecture can carry a bias for in a vanilla checkpoint.
+FUSED_IN_CHECKPOINT = {
+    "llama": {"q", "k", "v", "o", "gate", "up", "down"},
+    "mistral": set(),
+    "qwen2": {"q", "k", "v"},
+    "qwen3": {"q", "k", "v", "o"},
+}
+
+
+@pytest.mark.parametrize("arch", ["llama", "mistral", "qwen2", "qwen3"])
+def test_whole_chain(arch, tiny_models, tmp_path):
+    model, tok = load_model(str(tiny_models[arch]))
+    assert model.config.model_type == arch
+    mods = sparsify(model)
+    assert len(mods) == 2 * 7
+    blocks = sample_blocks(model, tok, num_blocks=24, block_len=32, seed=0)
+    compute_thresholds(model, blocks[:16], 0.5)
+    r = distill(model, blocks[:16], blocks[16:], steps=16, lr=5e-3, warmup=2, batch_size=8, init="zeros", progress=False)
+    assert r.heldout_kl_after < r.heldout_kl_before
+
+    set_mode(model, "spon")
+    out = save_fused(model, tok, tmp_path / arch, {"sparsity": 0.5, "protocol": "all"})
+    ids = blocks[:2]
+    with torch.no_grad():
+        expected = model(ids).logits
+    meta = json.loads((out / SIDECAR).read_text())
+    fused_kinds = {n.split(".")[1] for n, f in meta["fused_in_checkpoint"].items() if f}
+    assert fused_kinds == FUSED_IN_CHECKPOINT[arch]
+    assert set(meta["unfusable_projections"]) == set("q k v o gate up down".split()) - FUSED_IN_CHECKPOINT[arch]
+    assert (out / ALPHA_FILE).is_file()
+
+    vanilla = AutoModelForCausalLM.from_pretrained(out)  # loads with no custom code
+    sd = vanilla.state_dict()
+    for m in by_name(model).values():
+        layer, kind = m.name.split(".")
+        grp = "self_attn" if kind in ("q", "k", "v", "o") else "mlp"
+        key = f"model.layers.{layer}.{grp}.{kind}_proj.bias"
+        if kind in FUSED_IN_CHECKPOINT[arch]:
+            torch.testing.assert_close(sd[key], m.linear.bias.detach(), atol=0, rtol=0)
+
+    loaded, _, _ = load_sparse_model(out)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(ids).logits, expected, atol=1e-5, rtol=1.3e-6)
+
+
+def test_unsupported_architecture_lists_the_modules_found(tmp_path):
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    model = GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=16, n_head=2, vocab_size=64, n_positions=32))
+    with pytest.raises(SponError, match=r"unsupported architecture .*'gpt2'.*supported: llama, mistral, qwen2, qwen3.*lm_head"):
+        find_projections(model)
+
+
+def test_a_subset_of_projections(tiny_models):
+    model, _ = load_model(str(tiny_models["llama"]))
+    mods = sparsify(model, ["down"])
+    assert [m.name for m in mods] == ["0.down", "1.down"]

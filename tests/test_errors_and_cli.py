@@ -1,0 +1,98 @@
+"""Bad input fails with one clear line and exit 2; `spon run` end to end on the real model."""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from spon.calibration import blocks_from_stream, sample_blocks, text_blocks
+from spon.config import load_config
+from spon.distill import distill
+from spon.errors import SponError
+from spon.model import load_model
+from spon.sparse import by_name, sparsify
+from spon.thresholds import check_sparsity, compute_thresholds
+
+
+def spon_cli(*args, cwd=None):
+    return subprocess.run([sys.executable, "-m", "spon.cli", *args], capture_output=True, text=True, cwd=cwd, timeout=600)
+
+
+@pytest.mark.parametrize("s", [-0.1, 1.0, 1.5, float("nan"), float("inf")])
+def test_sparsity_outside_unit_interval(s):
+    with pytest.raises(SponError, match=r"sparsity must be in \[0, 1\)"):
+        check_sparsity(s)
+    with pytest.raises(SponError, match="sparsity.sparsity"):
+        load_config(overrides={"sparsity.sparsity": s})
+
+
+def test_config_is_strict(tmp_path):
+    p = tmp_path / "c.json"
+    p.write_text(json.dumps({"sparsity": {"sparsity": 0.5, "sparsty_typo": 1}}))
+    with pytest.raises(SponError, match="sparsity.sparsty_typo: Extra inputs are not permitted"):
+        load_config(p)
+    with pytest.raises(SponError, match="distill.steps"):
+        load_config(overrides={"distill.steps": "many"})
+
+
+def test_empty_calibration_data(stories_path, tmp_path):
+    _, tok = load_model(str(stories_path))
+    empty = tmp_path / "empty.txt"
+    empty.write_text("   ")
+    with pytest.raises(SponError, match="calibration data is empty or too short"):
+        text_blocks(tok, [str(empty)], block_len=64)
+    with pytest.raises(SponError, match="calibration data is empty"):
+        blocks_from_stream(torch.tensor([1, 2, 3]), 64, None, "x")
+
+
+def test_nan_loss_stops_distillation(stories_path):
+    model, tok = load_model(str(stories_path))
+    sparsify(model)
+    blocks = sample_blocks(model, tok, num_blocks=8, block_len=32, seed=0)
+    compute_thresholds(model, blocks, 0.5)
+    with torch.no_grad():
+        next(iter(by_name(model).values())).linear.weight[0, 0] = float("nan")
+    with pytest.raises(SponError, match="distillation diverged: KL is nan at step 0"):
+        distill(model, blocks[:6], blocks[6:], steps=3, init="zeros", progress=False)
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["run", "--sparsity", "1.2"], "sparsity.sparsity"),
+        (["run", "--model", "./no/such/model"], "model path does not exist"),
+        (["run", "--eval-text", "no_such.txt"], "text file does not exist: no_such.txt"),
+        (["run", "--allocation", "random"], "sparsity.allocation"),
+        (["run", "--targets", "q,nope"], "sparsity.targets"),
+    ],
+)
+def test_cli_bad_input_one_line_exit_2(args, message, tmp_path):
+    r = spon_cli("-q", *args, "--out", str(tmp_path / "o"))
+    assert r.returncode == 2, r.stderr
+    last = r.stderr.strip().splitlines()[-1]
+    assert last.startswith("spon: error:") and message in last
+    assert not (tmp_path / "o" / "summary.json").exists()
+
+
+def test_spon_run_end_to_end(stories_path, sample_txt, tmp_path):
+    out = tmp_path / "run"
+    r = spon_cli(
+        "-q", "run", "--model", str(stories_path), "--sparsity", "0.5", "--out", str(out),
+        "--eval-text", str(sample_txt), "--steps", "20", "--calib-blocks", "48", "--calib-len", "64",
+    )
+    assert r.returncode == 0, r.stderr[-2000:]
+    s = json.loads((out / "summary.json").read_text())
+    for key in ("model", "sparsity", "protocol", "realized_sparsity", "perplexity", "fused_model_dir"):
+        assert key in s
+    assert s["protocol"] == "all"
+    assert abs(s["realized_sparsity"] - 0.5) <= 0.02
+    ppl = s["perplexity"]
+    assert ppl["dense"] == pytest.approx(3.548, abs=0.005)
+    assert ppl["dense"] < ppl["spon"] < ppl["teal"]
+    assert s["heldout_kl"]["spon"] < s["heldout_kl"]["teal"]
+    assert (out / "fused" / "model.safetensors").is_file()
