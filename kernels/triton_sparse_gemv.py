@@ -101,6 +101,7 @@ if HAS_TRITON:
         HAS_BIAS: tl.constexpr,
         DIRECT: tl.constexpr,  # SPLIT_K == 1: write final output
         UPCAST_DOT: tl.constexpr,  # interpreter only: its tl.dot mishandles bf16
+        IS_FP32: tl.constexpr,  # fp32 activations: exact (ieee) dot, no tf32
         BLOCK_N: tl.constexpr,
         BLOCK_K: tl.constexpr,
     ):
@@ -146,7 +147,7 @@ if HAS_TRITON:
             else:
                 if IS_INT8:
                     w = w.to(x.dtype)  # |q| <= 127 is exact in fp16/bf16/fp32
-                if x.dtype == tl.float32:
+                if IS_FP32:
                     acc += tl.dot(x, w, input_precision="ieee")
                 else:
                     acc += tl.dot(x, w)  # fp16/bf16 tensor cores, fp32 accumulate
@@ -297,6 +298,7 @@ def triton_sparse_gemv(
         HAS_BIAS=bias is not None,
         DIRECT=direct,
         UPCAST_DOT=_interpreting() and x.dtype == torch.bfloat16,
+        IS_FP32=x.dtype == torch.float32,
     )
     if not direct:
         MN = M * N
