@@ -111,3 +111,18 @@ def test_bench_help_imports():
 def test_bench_gpu_script_syntax():
     r = subprocess.run(["bash", "-n", str(ROOT / "kernels" / "bench_gpu.sh")], capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
+
+
+def test_imports_and_cpu_path_without_triton():
+    # A bare machine may lack triton: kernels must import and the CPU path work.
+    code = (
+        "import sys; sys.modules['triton'] = None\n"
+        "import torch, kernels\n"
+        "assert not kernels.HAS_TRITON\n"
+        "x = torch.randn(1, 64); w = torch.randn(32, 64)\n"
+        "y = kernels.sparse_linear(x, kernels.prepare_weight(w), None, 0.5)\n"
+        "torch.testing.assert_close(y, torch.nn.functional.linear(x * (x.abs() > 0.5), w))\n"
+    )
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
