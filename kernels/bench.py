@@ -101,8 +101,9 @@ def _parse_shape(s: str) -> tuple[int, int]:
     return int(a), int(b)
 
 
-def bench_kernels(args, device: torch.device, timer: Timer, copy_bw: float) -> list[dict]:
-    rows = []
+def bench_kernels(args, device: torch.device, timer: Timer, copy_bw: float, rows: list, save=lambda: None) -> list[dict]:
+    """Appends one row per point to ``rows`` and calls ``save`` after each (partial
+    results survive a timeout)."""
     gen = torch.Generator(device="cpu").manual_seed(0)
     for dname in args.dtypes:
         int8 = dname.startswith("int8")
@@ -169,6 +170,7 @@ def bench_kernels(args, device: torch.device, timer: Timer, copy_bw: float) -> l
                         max_abs_err_vs_reference=err,
                     )
                     rows.append(row)
+                    save()
                     print(
                         f"{dname:9s} {K:>5d}->{N:<5d} b={M} s={s:.2f} (eff {s_eff:.2f})  "
                         f"dense {t_dense*1e3:8.3f} ms  sparse {t_sparse*1e3:8.3f} ms  "
@@ -453,8 +455,7 @@ def main(argv: list[str] | None = None) -> int:
         json_path.write_text(json.dumps(result, indent=1))
 
     if not args.no_kernel:
-        result["kernel"] = bench_kernels(args, device, timer, meta["copy_GBps"])
-        save()
+        bench_kernels(args, device, timer, meta["copy_GBps"], result["kernel"], save)
     if not args.no_e2e:
         result["e2e"] = bench_e2e(args, device)
     meta["loadavg_end"] = _loadavg()
