@@ -1,0 +1,64 @@
+"""Score an in-memory sparse model with lm-eval: one HFLM over the model object itself.
+
+The model is switched to each variant's mode before scoring and every SparseLinear counts the
+activations it zeroes, so the results carry the sparsity realized on the task's own text.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+
+from lm_eval.models.huggingface import HFLM
+
+from spon.sparse import counting_zeros, mode
+
+log = logging.getLogger(__name__)
+
+
+class SponLM(HFLM):
+    """HFLM that memoises tokenization: every variant scores the same strings, and the slow
+    sentencepiece tokenizer would otherwise dominate a tiny model's evaluation time."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._tok_cache: dict = {}
+
+    def tok_encode(self, string, add_special_tokens=None, left_truncate_len=None, **kwargs):
+        key = (string, add_special_tokens, left_truncate_len, tuple(sorted(kwargs.items())))
+        hit = self._tok_cache.get(key)
+        if hit is None:
+            hit = self._tok_cache[key] = super().tok_encode(string, add_special_tokens, left_truncate_len, **kwargs)
+        return list(hit)  # callers may mutate
+
+
+def make_lm(model, tokenizer, batch_size: int = 64, max_length: int | None = None) -> SponLM:
+    return SponLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, max_length=max_length)
+
+
+def evaluate_tasks(lm: SponLM, model, run_mode: str, tasks: dict, limit=None, bootstrap_iters: int = 1000,
+                   task_manager=None) -> dict[str, dict]:
+    """{task: {"results": metrics, "n": samples, "realized_sparsity", "wall_s"}} for one mode."""
+    from lm_eval import simple_evaluate
+
+    out = {}
+    for name, task in tasks.items():
+        t0 = time.perf_counter()
+        with mode(model, run_mode), counting_zeros(model) as zeros:
+            res = simple_evaluate(
+                model=lm, tasks=[task], limit=limit, bootstrap_iters=bootstrap_iters, log_samples=False,
+                task_manager=task_manager, verbosity="WARNING",
+            )
+        wall = time.perf_counter() - t0
+        task_results = {k: v for k, v in res["results"].items()}
+        n = {k: v.get("effective", v.get("original")) for k, v in res.get("n-samples", {}).items()}
+        for tname, metrics in task_results.items():
+            out[tname] = {
+                "metrics": {k: v for k, v in metrics.items() if k != "alias" and isinstance(v, (int, float))},
+                "n": n.get(tname),
+                "realized_sparsity": zeros["weighted"] if run_mode != "dense" else 0.0,
+                "wall_s": round(wall, 2),
+            }
+        log.info("%-8s %-16s sparsity %.3f  %.1fs  %s", run_mode, name, out[name]["realized_sparsity"] if name in out else -1,
+                 wall, {k: round(v, 4) for k, v in out.get(name, {}).get("metrics", {}).items() if "stderr" not in k})
+    return out

@@ -1,0 +1,195 @@
+"""Weight-only quantization of a (fused) sparse model: int8, int4, nf4.
+
+Only the weights of the sparsified projections are quantized: the inner `nn.Linear` that each
+SparseLinear wraps. Everything the method adds stays in floating point: the thresholds, alpha,
+the fused bias b' = b + W alpha and fused_delta (so dense/teal modes of the same quantized
+weights remain available). Embeddings, norms and the (tied) lm_head are left untouched.
+
+Backends, imported lazily so the method itself never needs them:
+  int8  torchao Int8WeightOnlyConfig (CPU and CUDA)
+  int4  CPU: torchao IntxWeightOnlyConfig(int4, PerGroup(g)); CUDA: Int4WeightOnlyConfig(group_size=g)
+  nf4   bitsandbytes Linear4bit (the paper's setting; CUDA only)
+
+Saving: torchao's tensor subclasses are flattened to plain tensors + JSON metadata with
+torchao.prototype.safetensors and written with safetensors -- no pickle anywhere.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from spon.errors import SponError
+from spon.sparse import SparseLinear, sparse_linears
+
+log = logging.getLogger(__name__)
+SCHEMES = ("int8", "int4", "nf4")
+QUANT_FILE = "quantized.safetensors"
+QUANT_META = "quantization.json"
+# What a quantized directory keeps from its fused source (no fp weights).
+_COPY = ("config.json", "generation_config.json", "spon.json", "spon_alpha.safetensors")
+
+
+def _torchao():
+    try:
+        import torchao  # noqa: F401
+        from torchao.quantization import quantize_
+    except ImportError as e:
+        raise SponError("int8/int4 quantization needs torchao: pip install 'spon[eval]'") from e
+    return quantize_
+
+
+def _inner_linear_filter(wanted: set[int] | None = None):
+    """quantize_ filter: exactly the nn.Linear inside a SparseLinear (its fqn ends in '.linear')."""
+
+    def keep(module: nn.Module, fqn: str) -> bool:
+        return isinstance(module, nn.Linear) and fqn.endswith(".linear") and (wanted is None or id(module) in wanted)
+
+    return keep
+
+
+def _int4_config(device: torch.device, group_size: int, in_features: int):
+    import torchao.quantization as q
+    from torchao.quantization.granularity import PerAxis, PerGroup
+
+    if device.type == "cuda":  # tinygemm / preshuffled int4 kernels, GPU only
+        return q.Int4WeightOnlyConfig(group_size=group_size)
+    # Groups must tile the input dimension (stories260K's down_proj has 172 inputs): fall back to
+    # one scale per output row there rather than padding the weight.
+    gran = PerGroup(group_size) if in_features % group_size == 0 else PerAxis(0)
+    return q.IntxWeightOnlyConfig(weight_dtype=torch.int4, granularity=gran)
+
+
+@torch.no_grad()
+def quantize_model(model, scheme: str, group_size: int = 32) -> dict:
+    """Quantize the inner linear weights of every SparseLinear in place. Returns a description."""
+    if scheme not in SCHEMES:
+        raise SponError(f"unknown quantization {scheme!r}; choose one of {SCHEMES}")
+    mods = sparse_linears(model)
+    if not mods:
+        raise SponError("quantize_model expects a sparsified model (spon.sparse.sparsify / load_sparse_model)")
+    for m in mods:
+        if m.linear.bias is not None and m.linear.bias.dtype not in (torch.float32, torch.bfloat16, torch.float16):
+            raise SponError(f"{m.name}: bias must stay floating point")
+    if scheme == "nf4":
+        _quantize_nf4(mods)
+        return {"scheme": scheme, "backend": "bitsandbytes", "group_size": 64}
+    quantize_ = _torchao()
+    device = mods[0].linear.weight.device
+    if scheme == "int8":
+        from torchao.quantization import Int8WeightOnlyConfig
+
+        quantize_(model, Int8WeightOnlyConfig(), filter_fn=_inner_linear_filter())
+        return {"scheme": scheme, "backend": "torchao", "config": "Int8WeightOnlyConfig"}
+    # int4: the config depends on each layer's input width, so group layers by it.
+    per_row = []
+    for width in sorted({m.linear.in_features for m in mods}):
+        group = {id(m.linear) for m in mods if m.linear.in_features == width}
+        quantize_(model, _int4_config(device, group_size, width), filter_fn=_inner_linear_filter(group))
+        if device.type != "cuda" and width % group_size:
+            per_row.append(width)
+    if per_row:
+        log.info("int4: in_features %s not divisible by group %d: per-row scales there", per_row, group_size)
+    return {
+        "scheme": scheme, "backend": "torchao",
+        "config": "Int4WeightOnlyConfig" if device.type == "cuda" else "IntxWeightOnlyConfig(int4)",
+        "group_size": group_size, "per_row_in_features": per_row,
+    }
+
+
+def _quantize_nf4(mods: list[SparseLinear]) -> None:
+    """Replace each inner linear by bitsandbytes' NF4 Linear4bit (CUDA only)."""
+    if not torch.cuda.is_available() or mods[0].linear.weight.device.type != "cuda":
+        raise SponError("nf4 (bitsandbytes) needs a CUDA GPU and a model on it; on CPU use int8 or int4")
+    try:
+        import bitsandbytes as bnb
+    except ImportError as e:
+        raise SponError("nf4 needs bitsandbytes: pip install bitsandbytes") from e
+    for m in mods:
+        lin = m.linear
+        q = bnb.nn.Linear4bit(lin.in_features, lin.out_features, bias=lin.bias is not None,
+                              compute_dtype=lin.weight.dtype, quant_type="nf4", device="cpu")
+        q.weight = bnb.nn.Params4bit(lin.weight.data.cpu(), requires_grad=False, quant_type="nf4")
+        if lin.bias is not None:
+            q.bias = nn.Parameter(lin.bias.data.float().cpu(), requires_grad=False)
+        m.linear = q.to(lin.weight.device)  # moving to CUDA is what quantizes Params4bit
+
+
+def quantized_weight_bytes(model) -> int:
+    """Storage of the sparse projections' weights (what decode streams), after quantization."""
+    total = 0
+    for m in sparse_linears(model):
+        w = m.linear.weight
+        parts = [getattr(w, n) for n in getattr(w, "tensor_data_names", [])] or [w]
+        total += sum(p.numel() * p.element_size() for p in parts if isinstance(p, torch.Tensor))
+    return total
+
+
+def save_quantized(model, tokenizer, out_dir: str | Path, source_dir: str | Path, info: dict) -> Path:
+    """Write a self-contained quantized directory: safetensors (flattened torchao tensors) + sidecars."""
+    from safetensors.torch import save_file
+    from torchao.prototype.safetensors.safetensors_support import flatten_tensor_state_dict
+
+    if info.get("scheme") == "nf4":
+        raise SponError("saving nf4 models is not supported; save the fused fp checkpoint and quantize on load")
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    state, seen = {}, set()
+    for k, v in model.state_dict().items():
+        key = (v.data_ptr(), tuple(v.shape)) if not hasattr(v, "tensor_data_names") else id(v)
+        if key in seen:  # tied lm_head: written once, re-tied on load
+            continue
+        seen.add(key)
+        state[k] = v.detach().contiguous() if type(v) is torch.Tensor else v
+    tensors, meta = flatten_tensor_state_dict(state)
+    save_file(tensors, str(out / QUANT_FILE), metadata=meta)
+    for name in _COPY:
+        if (Path(source_dir) / name).is_file():
+            shutil.copy(Path(source_dir) / name, out / name)
+    tokenizer.save_pretrained(out)
+    (out / QUANT_META).write_text(json.dumps({**info, "source": str(source_dir)}, indent=2))
+    return out
+
+
+def load_quantized(model_dir: str | Path, device: str = "cpu"):
+    """Load a directory written by save_quantized. Returns (model, tokenizer, sidecar) in spon mode."""
+    from safetensors import safe_open
+    from torchao.prototype.safetensors.safetensors_support import unflatten_tensor_state_dict
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    from spon.fuse import read_sidecar
+    from spon.sparse import set_mode, set_protocol, sparsify
+
+    d = Path(model_dir)
+    if not (d / QUANT_META).is_file():
+        raise SponError(f"{d} is not a quantized spon model: no {QUANT_META}")
+    _torchao()
+    meta = read_sidecar(d)
+    config = AutoConfig.from_pretrained(d)
+    model = AutoModelForCausalLM.from_config(config)  # skeleton; every persistent tensor is replaced below
+    sparsify(model, meta["targets"])
+    for m in sparse_linears(model):  # declare the buffer so the state dict key is accepted
+        m.fused_delta = torch.empty(m.linear.out_features)
+        if m.linear.bias is None:
+            m.linear.bias = nn.Parameter(torch.empty(m.linear.out_features), requires_grad=False)
+    with safe_open(str(d / QUANT_FILE), "pt") as f:
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+        metadata = f.metadata()
+    state, leftover = unflatten_tensor_state_dict(tensors, metadata)
+    if leftover:
+        raise SponError(f"{d / QUANT_FILE}: unrecognised tensors {sorted(leftover)[:5]}")
+    missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
+    tied = {"lm_head.weight"} if getattr(config, "tie_word_embeddings", False) else set()
+    if set(missing) - tied or unexpected:
+        raise SponError(f"{d}: state mismatch, missing {sorted(set(missing) - tied)[:5]}, unexpected {unexpected[:5]}")
+    if tied:
+        model.tie_weights()
+    model.to(device).eval().requires_grad_(False)
+    set_mode(model, "spon")
+    set_protocol(model, meta.get("protocol", "all"))
+    return model, AutoTokenizer.from_pretrained(d), meta
