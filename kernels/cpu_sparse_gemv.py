@@ -39,7 +39,12 @@ ROWS_PER_BAG = 128
 MAX_BAGS = 64
 
 
-def _num_bags(nnz: int, rows_per_bag: int) -> int:
+SERIAL_BYTES = 1 << 20  # below ~1 MiB of rows to read, threading costs more than it saves
+
+
+def _num_bags(nnz: int, rows_per_bag: int, row_bytes: int = 0) -> int:
+    if nnz * row_bytes < SERIAL_BYTES:
+        return 1
     threads = torch.get_num_threads()
     nb = min(MAX_BAGS, max(threads, nnz // rows_per_bag))
     return max(1, min(nb, nnz))
@@ -90,7 +95,7 @@ def cpu_sparse_gemv(
     if nnz == 0:
         y = x.new_zeros((M, N))
         return y if bias is None else y + bias
-    nb = _num_bags(max(counts), rows_per_bag or ROWS_PER_BAG)
+    nb = _num_bags(max(counts), rows_per_bag or ROWS_PER_BAG, N * weight_t.element_size())
     if M == 1:
         offsets = torch.arange(0, nnz, -(-nnz // nb))
         nb = offsets.numel()

@@ -18,12 +18,19 @@ def _ref(x, wt, b, tau):
     return sparse_linear_reference(x.float(), wt.float(), None if b is None else b.float(), tau)
 
 
+@pytest.fixture(params=["serial", "bags"])
+def bag_mode(request, monkeypatch):
+    if request.param == "bags":
+        monkeypatch.setattr(cpu, "SERIAL_BYTES", 0)
+    return request.param
+
+
 @pytest.mark.parametrize("dtype", CPU_DTYPES, ids=str)
 @pytest.mark.parametrize("M", [1, 2, 5, 8])
 @pytest.mark.parametrize("K,N", [(172, 64), (64, 172), (1000, 300)])
 @pytest.mark.parametrize("sparsity", [0.0, 0.5, 0.9, 1.0])
 @pytest.mark.parametrize("bias", [True, False])
-def test_cpu_sparse_gemv(dtype, M, K, N, sparsity, bias):
+def test_cpu_sparse_gemv(dtype, M, K, N, sparsity, bias, bag_mode):
     x, w, b = make_case(M, K, N, dtype, "cpu", bias=bias)
     wt = w.t().contiguous()
     tau = threshold_for(x, sparsity)
@@ -33,8 +40,9 @@ def test_cpu_sparse_gemv(dtype, M, K, N, sparsity, bias):
 
 
 @pytest.mark.parametrize("rows_per_bag", [1, 7, 10_000])
-def test_cpu_bag_splits(rows_per_bag):
+def test_cpu_bag_splits(rows_per_bag, monkeypatch):
     # One bag, many tiny bags, and empty bags (a batch row with no survivors).
+    monkeypatch.setattr(cpu, "SERIAL_BYTES", 0)  # small sizes would otherwise use one bag
     x, w, b = make_case(3, 500, 70, torch.float32, "cpu")
     x[1] = 0.0
     wt = w.t().contiguous()
