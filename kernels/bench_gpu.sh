@@ -35,13 +35,13 @@ echo "tests exit code: $rc" | tee -a "$OUT_DIR/tests.txt"
 
 echo "== kernel benchmark"
 unset SPON_KERNELS_AUTOTUNE
-timeout 240 "$PY" -m kernels.bench --device cuda --no-e2e --no-plot --out "$OUT_DIR" 2>&1 | tee "$OUT_DIR/bench_kernel.txt"
+timeout 200 "$PY" -m kernels.bench --device cuda --no-e2e --no-plot --out "$OUT_DIR" 2>&1 | tee "$OUT_DIR/bench_kernel.txt"
 [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
 # keep the kernel JSON; the e2e run below rewrites bench_cuda.json
 [ -f "$OUT_DIR/bench_cuda.json" ] && mv "$OUT_DIR/bench_cuda.json" "$OUT_DIR/bench_cuda_kernel.json"
 
 echo "== end-to-end decode"
-timeout 90 "$PY" -m kernels.bench --device cuda --no-kernel --no-plot --e2e-dtypes bf16 --e2e-tokens 64 \
+timeout 80 "$PY" -m kernels.bench --device cuda --no-kernel --no-plot --e2e-dtypes bf16 --e2e-tokens 64 \
   --out "$OUT_DIR" 2>&1 | tee "$OUT_DIR/bench_e2e.txt"
 [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
 [ -f "$OUT_DIR/bench_cuda.json" ] && mv "$OUT_DIR/bench_cuda.json" "$OUT_DIR/bench_cuda_e2e.json"
