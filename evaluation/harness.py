@@ -40,7 +40,9 @@ def evaluate_tasks(lm: SponLM, model, run_mode: str, tasks: dict, limit=None, bo
                    task_manager=None) -> dict[str, dict]:
     """{task: {"results": metrics, "n": samples, "realized_sparsity", "wall_s"}} for one mode."""
     from lm_eval import simple_evaluate
+    from lm_eval.tasks import TaskManager
 
+    task_manager = task_manager or TaskManager(include_defaults=False)  # see suite.run_suite
     out = {}
     for name, task in tasks.items():
         t0 = time.perf_counter()

@@ -44,11 +44,13 @@ def run_suite(
     if not (Path(model_dir) / "spon.json").is_file():
         raise SponError(f"{model_dir} is not a fused spon model directory (no spon.json); make one with `spon run`")
     tasks = build_tasks(list(task_names), task_dirs)
-    task_manager = None
-    if any(isinstance(t, str) for t in tasks.values()):  # only built-in names need lm-eval's index
-        from lm_eval.tasks import TaskManager
+    from lm_eval.tasks import TaskManager
 
-        task_manager = TaskManager()
+    # simple_evaluate builds a TaskManager per call when given none, indexing ~14k built-in YAMLs
+    # (~30 s each time here). Build one: empty when every task is a registry Task object.
+    builtin = any(isinstance(t, str) for t in tasks.values())
+    task_manager = TaskManager(include_defaults=builtin)
+    if builtin:
         unknown = [t for t in tasks.values() if isinstance(t, str) and t not in task_manager.all_tasks]
         if unknown:
             raise SponError(f"unknown task(s) {unknown}: not in the registry ({', '.join(DEFAULT_TASKS)}, ...) nor lm-eval")
