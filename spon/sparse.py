@@ -40,6 +40,9 @@ class SparseLinear(nn.Module):
         self.count_zeros = False
         self.zeros = 0
         self.seen = 0
+        # Inference backend: Wt = W^T in the kernels' layout (Triton on CUDA, the fused
+        # gather-reduce on CPU for decode). Costs a second copy of this weight; None = torch.
+        self.register_buffer("weight_t", None, persistent=False)
 
     @property
     def fused(self) -> bool:
@@ -67,16 +70,22 @@ class SparseLinear(nn.Module):
         return F.linear(x, self.linear.weight, self._original_bias())
 
     def _sparse(self, x):
-        keep = x.abs() > self.threshold
         if self.count_zeros:
-            self.zeros += int((~keep).sum())
-            self.seen += keep.numel()
-        xs = x * keep  # S(x)
-        if self.mode == "spon":
-            if self.fused:  # b' = b + W alpha already in the bias: exactly TEAL's cost
-                return F.linear(xs, self.linear.weight, self.linear.bias)
-            return F.linear(xs + self.alpha.to(x.dtype), self.linear.weight, self.linear.bias)
-        return F.linear(xs, self.linear.weight, self._original_bias())
+            self.zeros += int((x.abs() <= self.threshold).sum())
+            self.seen += x.numel()
+        if self.mode == "spon" and not self.fused:
+            return F.linear(self.S(x) + self.alpha.to(x.dtype), self.linear.weight, self.linear.bias)
+        # teal, or spon after fusion (b' = b + W alpha already in the bias: exactly TEAL's cost)
+        bias = self.linear.bias if self.mode == "spon" else self._original_bias()
+        if self.weight_t is not None and not torch.is_grad_enabled():
+            from kernels import sparse_linear  # reads only the rows of W^T whose input survives
+
+            return sparse_linear(x, self.weight_t, bias, self.threshold)
+        return F.linear(self.S(x), self.linear.weight, bias)
+
+    def S(self, x: torch.Tensor) -> torch.Tensor:
+        """TEAL's sparsifier: x * 1{|x| > tau}."""
+        return x * (x.abs() > self.threshold)
 
 
 def sparsify(model, kinds=PROJECTIONS) -> list[SparseLinear]:
@@ -91,6 +100,19 @@ def sparsify(model, kinds=PROJECTIONS) -> list[SparseLinear]:
             setattr(p.parent, p.attr, mod)
         wrapped.append(mod)
     return wrapped
+
+
+def use_kernels(model, enabled: bool = True) -> None:
+    """Route sparse (teal / fused spon) inference through kernels/: the Triton sparse GEMV on
+    CUDA, the gather-reduce decode path on CPU (<= 8 rows), the torch reference otherwise.
+    Same numbers within dtype tolerance; training and calibration always use torch."""
+    for m in sparse_linears(model):
+        if enabled:
+            from kernels import prepare_weight
+
+            m.weight_t = prepare_weight(m.linear.weight)
+        else:
+            m.weight_t = None
 
 
 def sparse_linears(model) -> list[SparseLinear]:

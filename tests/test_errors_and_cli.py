@@ -83,7 +83,7 @@ def test_spon_run_end_to_end(stories_path, sample_txt, tmp_path):
     out = tmp_path / "run"
     r = spon_cli(
         "-q", "run", "--model", str(stories_path), "--sparsity", "0.5", "--out", str(out),
-        "--eval-text", str(sample_txt), "--steps", "20", "--calib-blocks", "48", "--calib-len", "64",
+        "--eval-text", str(sample_txt), "--steps", "40", "--calib-blocks", "64", "--calib-len", "64", "--batch-size", "8",
     )
     assert r.returncode == 0, r.stderr[-2000:]
     s = json.loads((out / "summary.json").read_text())
