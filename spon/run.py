@@ -20,7 +20,7 @@ from spon.errors import SponError
 from spon.fuse import save_fused
 from spon.model import default_model_path, load_model
 from spon.perplexity import perplexities
-from spon.sparse import counting_zeros, mode, set_protocol, set_thresholds, sparse_linears, sparsify
+from spon.sparse import counting_zeros, mode, set_protocol, sparsify
 from spon.thresholds import compute_thresholds
 
 log = logging.getLogger(__name__)

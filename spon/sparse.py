@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from spon.errors import SponError
-from spon.model import PROJECTIONS, Projection, find_projections
+from spon.model import PROJECTIONS, find_projections
 
 MODES = ("dense", "teal", "spon")
 PROTOCOLS = ("all", "last_half")

@@ -2,18 +2,17 @@
 
 from __future__ import annotations
 
-import math
 
 import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
 from spon.calibration import read_documents, sample_blocks, text_blocks, token_stream
-from spon.distill import distill, heldout_kl
+from spon.distill import distill
 from spon.fuse import fuse_alpha, load_sparse_model, save_fused
 from spon.model import PROJECTIONS, load_model
 from spon.perplexity import perplexity
-from spon.sparse import alphas, by_name, counting_zeros, load_alphas, mode, set_mode, set_thresholds, sparsify
+from spon.sparse import by_name, load_alphas, mode, set_mode, set_thresholds, sparsify
 from spon.thresholds import collect_histograms, compute_thresholds, greedy_sparsities, threshold_from_histogram
 
 
