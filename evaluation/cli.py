@@ -21,6 +21,7 @@ def register(sub) -> None:
     p.add_argument("--device", default="cpu")
     p.add_argument("--threads", type=int, default=1,
                    help="torch CPU threads; 1 is fastest for tiny models (and far faster on a loaded machine)")
+    p.add_argument("--jobs", type=int, default=1, help="variants evaluated in parallel worker processes")
     p.add_argument("--group-size", type=int, default=32, help="int4 quantization group size")
     p.add_argument("--bootstrap-iters", type=int, default=1000, help="lm-eval bootstrap for perplexity stderr")
     p.set_defaults(func=cmd_eval)
@@ -35,8 +36,8 @@ def cmd_eval(args) -> int:
 
     for name in ("lm_eval", "httpx", "datasets", "urllib3", "filelock"):
         logging.getLogger(name).setLevel(logging.WARNING)
-    if args.threads < 1:
-        raise SponError("--threads must be >= 1")
+    if args.threads < 1 or args.jobs < 1:
+        raise SponError("--threads and --jobs must be >= 1")
     torch.set_num_threads(args.threads)
     limit = args.limit
     if limit is not None:
@@ -48,7 +49,7 @@ def cmd_eval(args) -> int:
     if not tasks:
         raise SponError("no tasks given")
     doc = run_suite(args.model_dir, variants, tasks, args.out, limit, args.task_dir, args.batch_size, args.device,
-                    args.bootstrap_iters, args.group_size)
+                    args.bootstrap_iters, args.group_size, jobs=args.jobs)
     print(f"evaluated {len(doc['variants'])} variant(s) x {len(doc['tasks'])} task(s) in {doc['wall_s']:.0f}s")
     for k, path in doc["outputs"].items():
         print(f"{k}: {path}")

@@ -27,6 +27,45 @@ def _clean(metrics: dict) -> dict:
     return {k: (float(v) if math.isfinite(float(v)) else None) for k, v in metrics.items()}
 
 
+def evaluate_variant(model_dir: str, variant: Variant, task_names: list[str], task_dirs: list[str], limit,
+                     batch_size: int, device: str, bootstrap_iters: int, group_size: int, fid_path: Path,
+                     threads: int | None = None) -> dict:
+    """Everything for one variant, self-contained so it can run in a worker process."""
+    from lm_eval.tasks import TaskManager
+
+    if threads:
+        torch.set_num_threads(threads)
+    tv = time.perf_counter()
+    tasks = build_tasks(list(task_names), task_dirs)
+    # simple_evaluate builds a TaskManager per call when given none, indexing ~14k built-in YAMLs
+    # (~30 s each time here). Build one: empty when every task is a registry Task object.
+    task_manager = TaskManager(include_defaults=any(isinstance(t, str) for t in tasks.values()))
+    pool = ModelPool(model_dir, device, group_size)
+    model, tok, _ = pool.get(variant.quant)
+    lm = make_lm(model, tok, batch_size=batch_size)
+    results = evaluate_tasks(lm, model, variant.mode, tasks, limit, bootstrap_iters, task_manager)
+    entry = {
+        "mode": variant.mode,
+        "quant": variant.quant,
+        "quantization": pool.quant_info.get(variant.quant) if variant.quant else None,
+        "tasks": {t: {**r, "metrics": _clean(r["metrics"])} for t, r in results.items()},
+    }
+    if fid_path.is_file():
+        # The reference is always the fp32 dense model, also for quantized variants.
+        ref = model if not variant.quant else pool.get(None)[0]
+        entry["fidelity"] = {**Fidelity(ref, tok, fid_path).measure(model, variant.mode), "text": fid_path.name}
+    entry["wall_s"] = round(time.perf_counter() - tv, 1)
+    sparsities = {t: round(r["realized_sparsity"], 4) for t, r in results.items()}
+    log.info("variant %s done in %.0fs; realized sparsity per task %s", variant.name, entry["wall_s"], sparsities)
+    return entry
+
+
+def _init_worker():
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s[%(process)d]: %(message)s")
+    for name in ("lm_eval", "httpx", "datasets", "urllib3", "filelock"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+
+
 def run_suite(
     model_dir: str,
     variants: list[Variant],
@@ -39,55 +78,49 @@ def run_suite(
     bootstrap_iters: int = 1000,
     group_size: int = 32,
     fidelity_text: str | Path | None = None,
+    jobs: int = 1,
 ) -> dict:
+    """Evaluate every variant (in `jobs` worker processes when > 1: variants are independent, and
+    one single-threaded process per core beats intra-op threads for a model this small)."""
     t0 = time.perf_counter()
+    load_start = os.getloadavg()
     if not (Path(model_dir) / "spon.json").is_file():
         raise SponError(f"{model_dir} is not a fused spon model directory (no spon.json); make one with `spon run`")
-    tasks = build_tasks(list(task_names), task_dirs)
-    from lm_eval.tasks import TaskManager
-
-    # simple_evaluate builds a TaskManager per call when given none, indexing ~14k built-in YAMLs
-    # (~30 s each time here). Build one: empty when every task is a registry Task object.
-    builtin = any(isinstance(t, str) for t in tasks.values())
-    task_manager = TaskManager(include_defaults=builtin)
+    tasks = build_tasks(list(task_names), task_dirs)  # validate names and data up front, in this process
+    builtin = [t for t in tasks.values() if isinstance(t, str)]
     if builtin:
-        unknown = [t for t in tasks.values() if isinstance(t, str) and t not in task_manager.all_tasks]
+        from lm_eval.tasks import TaskManager
+
+        unknown = [t for t in builtin if t not in TaskManager().all_tasks]
         if unknown:
             raise SponError(f"unknown task(s) {unknown}: not in the registry ({', '.join(DEFAULT_TASKS)}, ...) nor lm-eval")
-    pool = ModelPool(model_dir, device, group_size)
-    base, tok, meta = pool.get(None)
+    from spon.fuse import read_sidecar
+
+    meta = read_sidecar(model_dir)
     fid_path = Path(fidelity_text or FIDELITY_TEXT)
-    fidelity = Fidelity(base, tok, fid_path) if fid_path.is_file() else None
+    args = [(str(model_dir), v, list(task_names), list(task_dirs), limit, batch_size, device, bootstrap_iters,
+             group_size, fid_path) for v in variants]
+    if jobs > 1 and len(variants) > 1:
+        import multiprocessing as mp
+        from concurrent.futures import ProcessPoolExecutor
+
+        with ProcessPoolExecutor(min(jobs, len(variants)), mp_context=mp.get_context("spawn"), initializer=_init_worker) as ex:
+            futures = [ex.submit(evaluate_variant, *a, threads=torch.get_num_threads()) for a in args]
+            entries = [f.result() for f in futures]
+    else:
+        entries = [evaluate_variant(*a) for a in args]
 
     doc: dict = {
         "model_dir": str(model_dir),
         "meta": {"sparsity": meta.get("sparsity"), "protocol": meta.get("protocol"), "targets": meta.get("targets")},
         "tasks": list(tasks),
         "limit": limit,
-        "host": f"{platform.node()}, {os.cpu_count()} cpus, torch threads {torch.get_num_threads()}, "
-        f"load avg {', '.join(f'{x:.1f}' for x in os.getloadavg())} at start",
-        "variants": {},
+        "variants": {v.name: e for v, e in zip(variants, entries)},
+        "wall_s": round(time.perf_counter() - t0, 1),
+        "host": f"{platform.node()}, {os.cpu_count()} cpus, {jobs} job(s) x {torch.get_num_threads()} torch thread(s), "
+        f"load avg (1/5/15 min) {', '.join(f'{x:.1f}' for x in load_start)} at start, "
+        f"{', '.join(f'{x:.1f}' for x in os.getloadavg())} at end",
     }
-    for v in variants:
-        tv = time.perf_counter()
-        model, tok, _ = pool.get(v.quant)
-        lm = make_lm(model, tok, batch_size=batch_size)
-        results = evaluate_tasks(lm, model, v.mode, tasks, limit, bootstrap_iters, task_manager)
-        entry = {
-            "mode": v.mode,
-            "quant": v.quant,
-            "quantization": pool.quant_info.get(v.quant) if v.quant else None,
-            "tasks": {t: {**r, "metrics": _clean(r["metrics"])} for t, r in results.items()},
-        }
-        if fidelity is not None:
-            entry["fidelity"] = fidelity.measure(model, v.mode)
-            entry["fidelity"]["text"] = fid_path.name
-        entry["wall_s"] = round(time.perf_counter() - tv, 1)
-        sparsities = {t: round(r["realized_sparsity"], 4) for t, r in results.items()}
-        log.info("variant %s done in %.0fs; realized sparsity per task %s", v.name, entry["wall_s"], sparsities)
-        doc["variants"][v.name] = entry
-    doc["wall_s"] = round(time.perf_counter() - t0, 1)
-    doc["host"] += f", load avg {', '.join(f'{x:.1f}' for x in os.getloadavg())} at end"
     doc["outputs"] = {k: str(p) for k, p in report.write(doc, out_dir).items()}
     report.write(doc, out_dir)  # again, so results.json lists its own outputs
     return doc

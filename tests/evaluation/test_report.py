@@ -1,0 +1,87 @@
+"""The report: markdown numbers equal results.json; charts written; variant parsing; data prep."""
+
+from __future__ import annotations
+
+import bz2
+import json
+import re
+
+import pytest
+
+from evaluation import report
+from evaluation.prepare import prepare
+from evaluation.suite import run_suite
+from evaluation.variants import parse_variants
+from spon.errors import SponError
+
+
+def _table(md: str, title: str) -> list[list[str]]:
+    section = md.split(title, 1)[1].split("\n## ", 1)[0]
+    return [[c.strip() for c in line.strip("|").split("|")] for line in section.splitlines() if line.startswith("|")][2:]
+
+
+def test_report_numbers_equal_the_json(fused_dir, tiny_task_dir, tmp_path, sample_txt):
+    # tinystories_ppl reads ${SPON_EVAL_DATA}/../tinystories/sample.txt: mirror that layout here.
+    (tmp_path / "tinystories").mkdir()
+    (tmp_path / "tinystories" / "sample.txt").write_bytes(sample_txt.read_bytes())
+    doc = run_suite(str(fused_dir), parse_variants("dense,spon-int8"), ["tiny_mc", "tinystories_ppl"],
+                    tmp_path / "out", task_dirs=[tiny_task_dir], batch_size=8)
+    on_disk = json.loads((tmp_path / "out" / "results.json").read_text())
+    md = (tmp_path / "out" / "report.md").read_text()
+    assert "near chance" in md
+    assert (tmp_path / "out" / "accuracy.png").stat().st_size > 1000
+    assert (tmp_path / "out" / "perplexity.png").stat().st_size > 1000
+    names = list(on_disk["variants"])
+    assert names == ["dense", "spon-int8"]
+
+    checked = 0
+    for task, metric, *cells in _table(md, "## lm-eval tasks"):
+        m = re.match(r"(\w+)", metric).group(1)
+        for name, text in zip(names, cells):
+            metrics = on_disk["variants"][name]["tasks"][task]["metrics"]
+            val, _, err = text.partition(" ± ")
+            assert float(val) == pytest.approx(metrics[f"{m},none"], rel=1e-4, abs=1e-4)
+            if err:
+                assert float(err) == pytest.approx(metrics[f"{m}_stderr,none"], rel=1e-4, abs=1e-4)
+            checked += 1
+    assert checked >= 8  # tiny_mc acc + 3 perplexity metrics, two variants
+
+    for key, *cells in _table(md, "## In-domain fidelity"):
+        key = key.split(" ")[0]
+        for name, text in zip(names, cells):
+            assert float(text) == pytest.approx(on_disk["variants"][name]["fidelity"][key], rel=1e-4, abs=1e-4)
+    fid = on_disk["variants"]
+    assert fid["dense"]["fidelity"]["kl_to_dense"] == pytest.approx(0.0, abs=1e-6)
+    assert fid["spon-int8"]["fidelity"]["kl_to_dense"] > 0.05
+    assert fid["spon-int8"]["tasks"]["tiny_mc"]["realized_sparsity"] == pytest.approx(0.5, abs=0.15)
+    assert fid["spon-int8"]["quantization"]["scheme"] == "int8"
+    assert doc["variants"]["dense"]["tasks"]["tinystories_ppl"]["n"] == 5
+
+
+def test_variant_names():
+    vs = parse_variants("dense, teal,spon-int4")
+    assert [(v.mode, v.quant, v.sparse) for v in vs] == [("dense", None, False), ("teal", None, True), ("spon", "int4", True)]
+    for bad in ("sparse", "spon-int2", "dense,dense", ""):
+        with pytest.raises(SponError):
+            parse_variants(bad)
+
+
+def test_hellaswag_conversion_is_deterministic(tmp_path):
+    src = tmp_path / "hs.txt.bz2"
+    src.write_bytes(bz2.compress(b"Ctx one: a man\n2\nends a.\nends b.\nends c.\nends d.\nCtx two\n0\nw\nx\ny\nz\n"))
+    spec = {"converter": "hellaswag_lines", "source": str(src), "output": str(tmp_path / "c" / "hs.jsonl")}
+    out = prepare(spec)
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert rows[0] == {"query": "Ctx one: a man", "choices": ["ends a.", "ends b.", "ends c.", "ends d."], "gold": 2}
+    assert rows[1]["gold"] == 0 and len(rows) == 2
+    first = out.read_bytes()
+    out.unlink()
+    assert prepare(spec).read_bytes() == first
+
+
+def test_cli_rejects_bad_input_with_exit_2(tmp_path, capsys):
+    from spon.cli import main
+
+    assert main(["eval", str(tmp_path), "--variants", "dense"]) == 2
+    assert "not a fused spon model" in capsys.readouterr().err
+    assert main(["eval", str(tmp_path), "--variants", "spon-fp3"]) == 2
