@@ -139,7 +139,9 @@ def cmd_deploy(args) -> int:
     cmd = [sys.executable, "-m", "prefect", "--no-prompt", "deploy", "--prefect-file", str(REPO / "deployments" / "prefect.yaml")]
     cmd += [x for n in args.name for x in ("--name", n)] if args.name else ["--all"]
     env = {**os.environ, "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "DO_NOT_TRACK": "1"}
-    if "PREFECT_API_URL" not in env:
+    from prefect.settings import PREFECT_API_URL
+
+    if not PREFECT_API_URL.value():  # env or the active Prefect profile
         raise SponError("spon deploy needs a running Prefect server: set PREFECT_API_URL (see deployments/README.md)")
     return subprocess.call(cmd, cwd=REPO, env=env)
 

@@ -113,6 +113,26 @@ def test_rerun_same_inputs_is_cached(first, cfg, settings):
     assert second["champion"] is False
 
 
+def test_evaluate_registered_finds_no_drift(first, cfg, settings, tmp_path):
+    from flows.regression import evaluate_registered
+
+    r = evaluate_registered(f"models:/{first['registered_model']}@candidate", cfg.eval, 0.01, str(tmp_path / "reg"), settings)
+    assert r["recorded"] == first["perplexity"]["spon"]
+    assert abs(r["relative_change"]) < 1e-6  # the pulled copy scores what the flow's model scored
+
+
+def test_publish_finishes_an_upload_from_local_result(first, cfg, settings, tmp_path, capsys):
+    from spon.cli import main
+
+    store_dir = tmp_path / "other-store"
+    rc = main(["-q", "publish", cfg.out, "--store", str(store_dir), "--tracking-uri", settings.tracking_uri])
+    assert rc == 0, capsys.readouterr().err
+    import json
+
+    summary = json.loads((Path(cfg.out) / "summary.json").read_text())
+    assert summary["store_uri"].startswith(str(store_dir)) and (Path(summary["store_uri"]) / "manifest.json").is_file()
+
+
 def test_tampered_store_fails_pull_and_leaves_nothing(first, settings, tmp_path, monkeypatch, capsys):
     import boto3
 
