@@ -33,7 +33,7 @@ def spon_pipeline(config: RunConfig | None = None, settings: PipelineSettings | 
     # Quantization and lm-eval tasks land with evaluation/: each takes `fused_model(fused)` and
     # returns a StageRef that goes into results.collect beside `ppl`.
 
-    summary, files = results.collect(cfg, model, thresholds, alpha, fused, ppl, bench)
+    summary, files = results.collect(cfg, model, calib, thresholds, alpha, fused, ppl, bench)
     run_id = track_run(summary, files, settings, run_name(cfg, model.source), parent_run_id)
     published = publish(files["fused_model"], run_id, summary, settings)
     return results.finish(cfg, summary, run_id, published)

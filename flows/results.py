@@ -26,7 +26,7 @@ def method_config(cfg: RunConfig) -> RunConfig:
     return cfg.model_copy(update={"eval": type(cfg.eval)(), "out": ""})
 
 
-def collect(cfg: RunConfig, model: ModelRef, thresholds: StageRef, alpha: StageRef, fused: StageRef,
+def collect(cfg: RunConfig, model: ModelRef, calib: StageRef, thresholds: StageRef, alpha: StageRef, fused: StageRef,
             ppl: StageRef, bench: StageRef | None) -> tuple[dict, dict[str, str]]:
     """summary.json content (spon.run.summarize) and the files to log as artifacts."""
     out = Path(cfg.out).resolve()
@@ -34,12 +34,12 @@ def collect(cfg: RunConfig, model: ModelRef, thresholds: StageRef, alpha: StageR
     fused_dir = link_tree(Path(fused.dir) / FUSED_SUBDIR, out / "fused")
     shutil.copyfile(Path(thresholds.dir) / THRESHOLDS_FILE, out / THRESHOLDS_FILE)
     fuse_info = read_json(Path(fused.dir) / FUSE_FILE)
-    walls = {r.stage: r.wall_s for r in (thresholds, alpha, fused, ppl, bench) if r is not None}
+    walls = {r.stage: r.wall_s for r in (calib, thresholds, alpha, fused, ppl, bench) if r is not None}
     summary = summarize(cfg.model_copy(update={"model": model.source}), read_json(Path(ppl.dir) / "eval.json"),
                         distill_result(alpha), fuse_info["realized_sparsity_heldout"], fused_dir, walls)
     summary["model_digest"] = model.digest
     summary["smoke_generation"] = {"prompt": fuse_info["smoke_prompt"], "text": fuse_info["smoke_generation"]}
-    summary["stage_dirs"] = {r.stage: r.dir for r in (thresholds, alpha, fused, ppl, bench) if r is not None}
+    summary["stage_dirs"] = {r.stage: r.dir for r in (calib, thresholds, alpha, fused, ppl, bench) if r is not None}
     if bench is not None:
         summary["bench_dir"] = bench.dir
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
