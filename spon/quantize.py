@@ -8,7 +8,7 @@ weights remain available). Embeddings, norms and the (tied) lm_head are left unt
 Backends, imported lazily so the method itself never needs them:
   int8  torchao Int8WeightOnlyConfig (CPU and CUDA)
   int4  CPU: torchao IntxWeightOnlyConfig(int4, PerGroup(g)); CUDA: Int4WeightOnlyConfig(group_size=g)
-  nf4   bitsandbytes Linear4bit (the paper's setting; CUDA only)
+  nf4   bitsandbytes NF4 (the paper's setting; CUDA, and CPU with bitsandbytes >= 0.46)
 
 Saving: torchao's tensor subclasses are flattened to plain tensors + JSON metadata with
 torchao.prototype.safetensors and written with safetensors -- no pickle anywhere.
@@ -78,7 +78,7 @@ def quantize_model(model, scheme: str, group_size: int = 32) -> dict:
             raise SponError(f"{m.name}: bias must stay floating point")
     if scheme == "nf4":
         _quantize_nf4(mods)
-        return {"scheme": scheme, "backend": "bitsandbytes", "group_size": 64}
+        return {"scheme": scheme, "backend": "bitsandbytes", "config": "Params4bit(nf4, blocksize 64)"}
     quantize_ = _torchao()
     device = mods[0].linear.weight.device
     if scheme == "int8":
@@ -103,21 +103,73 @@ def quantize_model(model, scheme: str, group_size: int = 32) -> dict:
 
 
 def _quantize_nf4(mods: list[SparseLinear]) -> None:
-    """Replace each inner linear by bitsandbytes' NF4 Linear4bit (CUDA only)."""
-    if not torch.cuda.is_available() or mods[0].linear.weight.device.type != "cuda":
-        raise SponError("nf4 (bitsandbytes) needs a CUDA GPU and a model on it; on CPU use int8 or int4")
+    """NF4 (bitsandbytes) weights behind the plain F.linear call SparseLinear makes.
+
+    SparseLinear calls F.linear(x, linear.weight, bias) itself (it needs to pick the bias per
+    mode), so swapping in bnb's Linear4bit module would not be enough: its packed Params4bit is
+    not an F.linear operand. NF4Weight wraps it and routes F.linear to bnb.matmul_4bit.
+    """
     try:
         import bitsandbytes as bnb
     except ImportError as e:
-        raise SponError("nf4 needs bitsandbytes: pip install bitsandbytes") from e
+        where = "" if torch.cuda.is_available() else " (bitsandbytes >= 0.46 also runs NF4 on CPU)"
+        raise SponError(f"nf4 needs bitsandbytes: pip install bitsandbytes{where}; or use int8/int4") from e
     for m in mods:
-        lin = m.linear
-        q = bnb.nn.Linear4bit(lin.in_features, lin.out_features, bias=lin.bias is not None,
-                              compute_dtype=lin.weight.dtype, quant_type="nf4", device="cpu")
-        q.weight = bnb.nn.Params4bit(lin.weight.data.cpu(), requires_grad=False, quant_type="nf4")
-        if lin.bias is not None:
-            q.bias = nn.Parameter(lin.bias.data.float().cpu(), requires_grad=False)
-        m.linear = q.to(lin.weight.device)  # moving to CUDA is what quantizes Params4bit
+        w = m.linear.weight
+        packed = bnb.nn.Params4bit(w.data.cpu(), requires_grad=False, quant_type="nf4")
+        packed = packed.to(w.device)  # the move is what quantizes a Params4bit
+        m.linear = NF4Linear(NF4Weight(packed, tuple(w.shape), w.dtype), m.linear.bias)
+
+
+class NF4Linear(nn.Module):
+    """Holds an NF4Weight (not an nn.Parameter: it is frozen and packed) and the fp bias."""
+
+    def __init__(self, weight: "NF4Weight", bias: nn.Parameter | None):
+        super().__init__()
+        self.weight = weight
+        self.bias = bias
+        self.out_features, self.in_features = weight.shape
+
+    def forward(self, x):
+        return torch.nn.functional.linear(x, self.weight, self.bias)
+
+
+class NF4Weight(torch.Tensor):
+    """A [out, in] weight whose storage is a bitsandbytes NF4 Params4bit; supports F.linear."""
+
+    @staticmethod
+    def __new__(cls, packed, shape, dtype):
+        t = torch.Tensor._make_wrapper_subclass(cls, shape, dtype=dtype, device=packed.device, requires_grad=False)
+        t.packed = packed
+        return t
+
+    def __init__(self, packed, shape, dtype):
+        self.packed = packed
+
+    @property
+    def tensor_data_names(self):  # storage accounting, as torchao's subclasses report it
+        return ["packed"]
+
+    @classmethod
+    def __torch_function__(cls, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is torch.nn.functional.linear:
+            import bitsandbytes as bnb
+
+            x, w = args[0], args[1]
+            bias = args[2] if len(args) > 2 else kwargs.get("bias")
+            out = bnb.matmul_4bit(x, w.packed.t(), bias=None, quant_state=w.packed.quant_state)
+            return out if bias is None else out + bias.to(out.dtype)
+        if func in (torch.Tensor.numel, torch.Tensor.dim, torch.Tensor.size) or getattr(func, "__name__", "") in (
+            "__get__", "shape", "dtype", "device", "requires_grad", "is_leaf", "grad_fn",
+        ):
+            with torch._C.DisableTorchFunctionSubclass():
+                return func(*args, **kwargs)
+        raise SponError(f"NF4 weights support F.linear only (got {getattr(func, '__name__', func)})")
+
+    @classmethod
+    def __torch_dispatch__(cls, func, types, args=(), kwargs=None):
+        raise SponError(f"NF4 weights support F.linear only (aten {func})")
 
 
 def quantized_weight_bytes(model) -> int:
