@@ -22,6 +22,7 @@ def register(sub) -> None:
     p.add_argument("--threads", type=int, default=1,
                    help="torch CPU threads; 1 is fastest for tiny models (and far faster on a loaded machine)")
     p.add_argument("--jobs", type=int, default=1, help="variants evaluated in parallel worker processes")
+    p.add_argument("--resume", action="store_true", help="reuse OUT/variants/NAME.json of finished variants")
     p.add_argument("--group-size", type=int, default=32, help="int4 quantization group size")
     p.add_argument("--bootstrap-iters", type=int, default=1000, help="lm-eval bootstrap for perplexity stderr")
     p.set_defaults(func=cmd_eval)
@@ -49,7 +50,7 @@ def cmd_eval(args) -> int:
     if not tasks:
         raise SponError("no tasks given")
     doc = run_suite(args.model_dir, variants, tasks, args.out, limit, args.task_dir, args.batch_size, args.device,
-                    args.bootstrap_iters, args.group_size, jobs=args.jobs)
+                    args.bootstrap_iters, args.group_size, jobs=args.jobs, resume=args.resume)
     print(f"evaluated {len(doc['variants'])} variant(s) x {len(doc['tasks'])} task(s) in {doc['wall_s']:.0f}s")
     for k, path in doc["outputs"].items():
         print(f"{k}: {path}")

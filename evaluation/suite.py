@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import os
@@ -27,10 +28,16 @@ def _clean(metrics: dict) -> dict:
     return {k: (float(v) if math.isfinite(float(v)) else None) for k, v in metrics.items()}
 
 
+def _checkpoint(out_dir, variant: Variant) -> Path:
+    return Path(out_dir) / "variants" / f"{variant.name}.json"
+
+
 def evaluate_variant(model_dir: str, variant: Variant, task_names: list[str], task_dirs: list[str], limit,
                      batch_size: int, device: str, bootstrap_iters: int, group_size: int, fid_path: Path,
-                     threads: int | None = None) -> dict:
-    """Everything for one variant, self-contained so it can run in a worker process."""
+                     out_dir: str | Path, threads: int | None = None) -> dict:
+    """Everything for one variant, self-contained so it can run in a worker process. The entry is
+    also written to OUT/variants/NAME.json as soon as it is done, so a long suite that is stopped
+    keeps its finished variants (`--resume` reuses them)."""
     from lm_eval.tasks import TaskManager
 
     if threads:
@@ -57,7 +64,23 @@ def evaluate_variant(model_dir: str, variant: Variant, task_names: list[str], ta
     entry["wall_s"] = round(time.perf_counter() - tv, 1)
     sparsities = {t: round(r["realized_sparsity"], 4) for t, r in results.items()}
     log.info("variant %s done in %.0fs; realized sparsity per task %s", variant.name, entry["wall_s"], sparsities)
+    path = _checkpoint(out_dir, variant)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    key = {"model_dir": str(model_dir), "tasks": list(task_names), "limit": limit}
+    path.write_text(json.dumps({"key": key, "entry": entry}, indent=2, default=float))
     return entry
+
+
+def _resumed(out_dir, variant: Variant, key: dict) -> dict | None:
+    path = _checkpoint(out_dir, variant)
+    if not path.is_file():
+        return None
+    saved = json.loads(path.read_text())
+    if saved.get("key") != key:
+        log.info("not resuming %s: %s was made with %s", variant.name, path, saved.get("key"))
+        return None
+    log.info("resuming %s from %s", variant.name, path)
+    return saved["entry"]
 
 
 def _init_worker():
@@ -79,6 +102,7 @@ def run_suite(
     group_size: int = 32,
     fidelity_text: str | Path | None = None,
     jobs: int = 1,
+    resume: bool = False,
 ) -> dict:
     """Evaluate every variant (in `jobs` worker processes when > 1: variants are independent, and
     one single-threaded process per core beats intra-op threads for a model this small)."""
@@ -98,24 +122,28 @@ def run_suite(
 
     meta = read_sidecar(model_dir)
     fid_path = Path(fidelity_text or FIDELITY_TEXT)
+    key = {"model_dir": str(model_dir), "tasks": list(task_names), "limit": limit}
+    done = {v.name: e for v in variants if resume and (e := _resumed(out_dir, v, key)) is not None}
+    todo = [v for v in variants if v.name not in done]
     args = [(str(model_dir), v, list(task_names), list(task_dirs), limit, batch_size, device, bootstrap_iters,
-             group_size, fid_path) for v in variants]
-    if jobs > 1 and len(variants) > 1:
+             group_size, fid_path, out_dir) for v in todo]
+    if jobs > 1 and len(todo) > 1:
         import multiprocessing as mp
         from concurrent.futures import ProcessPoolExecutor
 
-        with ProcessPoolExecutor(min(jobs, len(variants)), mp_context=mp.get_context("spawn"), initializer=_init_worker) as ex:
+        with ProcessPoolExecutor(min(jobs, len(todo)), mp_context=mp.get_context("spawn"), initializer=_init_worker) as ex:
             futures = [ex.submit(evaluate_variant, *a, threads=torch.get_num_threads()) for a in args]
-            entries = [f.result() for f in futures]
+            done.update({v.name: f.result() for v, f in zip(todo, futures)})
     else:
-        entries = [evaluate_variant(*a) for a in args]
+        done.update({v.name: evaluate_variant(*a) for v, a in zip(todo, args)})
 
     doc: dict = {
         "model_dir": str(model_dir),
         "meta": {"sparsity": meta.get("sparsity"), "protocol": meta.get("protocol"), "targets": meta.get("targets")},
         "tasks": list(tasks),
         "limit": limit,
-        "variants": {v.name: e for v, e in zip(variants, entries)},
+        "variants": {v.name: done[v.name] for v in variants},
+        "resumed": [v.name for v in variants if v not in todo],
         "wall_s": round(time.perf_counter() - t0, 1),
         "host": f"{platform.node()}, {os.cpu_count()} cpus, {jobs} job(s) x {torch.get_num_threads()} torch thread(s), "
         f"load avg (1/5/15 min) {', '.join(f'{x:.1f}' for x in load_start)} at start, "
