@@ -24,9 +24,6 @@ def publish(fused_dir: str, run_id: str, summary: dict, settings: PipelineSettin
     source = tracking.artifact_uri(settings, run_id, tracking.FUSED_ARTIFACT)
     version = tracking.register(settings, name, run_id, source, tags)
     promoted, previous = tracking.promote_if_better(settings, name, version, gate_value)
-    with tracking._LOCK:
-        c = tracking.client(settings)
-        c.set_tag(run_id, "store_uri", store_uri)
-        c.set_tag(run_id, "registered_model", f"models:/{name}/{version}")
+    tracking.set_tags(settings, run_id, {"store_uri": store_uri, "registered_model": f"models:/{name}/{version}"})
     return {"registered_model": name, "version": version, "store_uri": store_uri, "candidate_uri": f"models:/{name}@candidate",
             "champion": promoted, "gate": {"metric": settings.gate_metric, "value": gate_value, "previous_champion": previous}}

@@ -81,6 +81,13 @@ def log_artifacts(settings: PipelineSettings, run_id: str, files: dict[str, str 
                 c.log_artifact(run_id, str(p), sub or None)
 
 
+def set_tags(settings: PipelineSettings, run_id: str, tags: dict[str, str]) -> None:
+    with _LOCK:
+        c = client(settings)
+        for k, v in tags.items():
+            c.set_tag(run_id, k, v)
+
+
 def end_run(settings: PipelineSettings, run_id: str, status: str = "FINISHED") -> None:
     with _LOCK:
         client(settings).set_terminated(run_id, status)
