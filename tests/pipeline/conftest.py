@@ -77,3 +77,9 @@ def prefect_harness():
 def work_dir() -> Path:
     """One work dir for the whole session: later tests re-use stages earlier ones computed."""
     return SESSION_TMP / "work"
+
+
+def pytest_sessionfinish(session, exitstatus):
+    import shutil
+
+    shutil.rmtree(SESSION_TMP, ignore_errors=True)  # servers are stopped by their fixtures by now
