@@ -13,6 +13,12 @@ os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 os.environ.setdefault("DO_NOT_TRACK", "1")
 
+import torch  # noqa: E402
+
+# Triton reads TRITON_INTERPRET when it is first imported, wherever that happens in the session.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
 REPO = Path(__file__).resolve().parent.parent
 ASSETS = Path(os.environ.get("SPON_ASSETS", REPO.parent / "shared" / "assets"))
 STORIES = ASSETS / "models" / "stories260K"
