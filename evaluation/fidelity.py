@@ -8,8 +8,6 @@ small, so they are measured here on the same documents with spon.perplexity's co
 
 from __future__ import annotations
 
-import math
-
 import torch
 import torch.nn.functional as F
 
@@ -53,7 +51,3 @@ class Fidelity:
             "kl_to_dense": kl_sum / n,
             "realized_sparsity": z["weighted"] if run_mode != "dense" else 0.0,
         }
-
-
-def finite(x: float) -> bool:
-    return isinstance(x, (int, float)) and math.isfinite(x)

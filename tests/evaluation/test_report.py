@@ -8,7 +8,6 @@ import re
 
 import pytest
 
-from evaluation import report
 from evaluation.prepare import prepare
 from evaluation.suite import run_suite
 from evaluation.variants import parse_variants
