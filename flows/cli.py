@@ -29,16 +29,31 @@ def add_pipeline_args(p) -> None:
     g.add_argument("--experiment", default=None, help="MLflow experiment (default spon)")
     g.add_argument("--registered-model", default=None, help="registry name (default spon-<model>-s<NN>-<protocol>)")
     g.add_argument("--bench", action="store_true", help="also run the kernel benchmark stage")
+    g.add_argument("--quantize", default=None, help="quantization stage: comma list of int8,int4,nf4 (default off)")
+    g.add_argument("--lm-eval-tasks", default=None, help="lm-eval stage: comma list of evaluation/tasks names (default off)")
+    g.add_argument("--lm-eval-limit", type=float, default=None, help="items per lm-eval task (int) or fraction (< 1)")
     g.add_argument("--refresh", action="store_true", help="recompute every stage, ignoring cached results")
 
 
 def settings_from_args(args):
+    from pydantic import ValidationError
+
     from tasks.settings import PipelineSettings
 
     fields = {"work_dir": args.work_dir, "tracking_uri": args.tracking_uri, "store": args.store,
               "experiment": getattr(args, "experiment", None), "registered_model": getattr(args, "registered_model", None),
-              "bench": getattr(args, "bench", False) or None, "progress": not args.quiet}
-    return PipelineSettings(**{k: v for k, v in fields.items() if v is not None})
+              "bench": getattr(args, "bench", False) or None, "progress": not args.quiet,
+              "quantize": _comma(getattr(args, "quantize", None)), "lm_eval_tasks": _comma(getattr(args, "lm_eval_tasks", None)),
+              "lm_eval_limit": getattr(args, "lm_eval_limit", None)}
+    try:
+        return PipelineSettings(**{k: v for k, v in fields.items() if v is not None})
+    except ValidationError as e:
+        err = e.errors()[0]
+        raise SponError(f"invalid pipeline setting: {'.'.join(map(str, err['loc']))}: {err['msg']}") from e
+
+
+def _comma(text: str | None) -> list[str] | None:
+    return None if text is None else [x.strip() for x in text.split(",") if x.strip()]
 
 
 def embedded_env(work_dir: Path, refresh: bool = False) -> None:
@@ -64,9 +79,22 @@ def where_to_look(settings) -> str:
     return "\n".join(lines)
 
 
+def check_inputs(cfg) -> None:
+    """What the flow would only find out after starting Prefect and loading the model."""
+    c = cfg.calibration
+    if c.source == "text" and not c.files:
+        raise SponError("calibration source 'text' needs at least one file (--calib-files)")
+    if c.source == "dataset" and not c.dataset:
+        raise SponError("calibration source 'dataset' needs calibration.dataset (--calib-dataset)")
+    for f in [*(c.files if c.source == "text" else []), *cfg.eval.files]:
+        if not Path(f).is_file():
+            raise SponError(f"text file does not exist: {f}")
+
+
 def _prepare(args):
     cfg = config_from_args(args)
     settings = settings_from_args(args)
+    check_inputs(cfg)
     embedded_env(settings.resolved_work_dir(cfg.out), args.refresh)
     return cfg, settings
 

@@ -104,6 +104,8 @@ def load_config(path: str | Path | None = None, overrides: dict | None = None) -
         *parents, leaf = key.split(".")
         for part in parents:
             node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise SponError(f"invalid config: {key}: {part} is not a section")
         node[leaf] = value
     return validate(data)
 

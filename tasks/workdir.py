@@ -39,6 +39,11 @@ def digest_dir(path: str | Path) -> str:
 
 
 def text_files(paths: list[str]) -> list[TextFile]:
+    from spon.errors import SponError
+
+    for p in paths:
+        if not Path(p).is_file():
+            raise SponError(f"text file does not exist: {p}")
     return [TextFile(path=str(Path(p).resolve()), sha256=sha256_file(p)) for p in paths]
 
 
