@@ -11,6 +11,8 @@ from spon.config import RunConfig
 from flows import results
 from tasks import (benchmark_kernels, build_calibration, compute_thresholds, distill_spon, evaluate, fetch_model,
                    fuse, fused_model, publish, track_run)
+from tasks import evalsuite
+from tasks.evalsuite import lm_eval_suite, quantize_fused
 from tasks.settings import PipelineSettings
 from tasks.workdir import text_files
 
@@ -30,13 +32,17 @@ def spon_pipeline(config: RunConfig | None = None, settings: PipelineSettings | 
     fused = fuse(model, calib, thresholds, alpha, results.method_config(cfg), work)
     ppl = evaluate(fused_model(fused), cfg.eval, text_files(cfg.eval.files), **rt)
     bench = benchmark_kernels(cfg.sparsity.sparsity, work) if settings.bench else None
-    # Quantization and lm-eval tasks land with evaluation/: each takes `fused_model(fused)` and
-    # returns a StageRef that goes into results.collect beside `ppl`.
+    # Optional stages over evaluation/ and spon/quantize.py (off by default).
+    eval_files = text_files(cfg.eval.files)
+    quant = (quantize_fused(fused_model(fused), settings.quantize, eval_files, cfg.eval.window, cfg.eval.stride,
+                            cfg.device, work) if settings.quantize else None)
+    lm_eval = (lm_eval_suite(fused_model(fused), settings.lm_eval_tasks, settings.lm_eval_limit, settings.quantize,
+                             eval_files[0] if eval_files else None, cfg.device, work) if settings.lm_eval_tasks else None)
 
-    summary, files = results.collect(cfg, model, calib, thresholds, alpha, fused, ppl, bench)
+    summary, files = results.collect(cfg, model, calib, thresholds, alpha, fused, ppl, bench, quant, lm_eval)
     run_id = track_run(summary, files, settings, run_name(cfg, model.source), parent_run_id)
     published = publish(files["fused_model"], run_id, summary, settings)
-    return results.finish(cfg, summary, run_id, published)
+    return results.finish(cfg, summary, run_id, published, evalsuite.markdown(quant, lm_eval))
 
 
 def run_name(cfg: RunConfig, source: str) -> str:

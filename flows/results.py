@@ -12,6 +12,7 @@ from prefect.artifacts import create_markdown_artifact
 from spon.config import RunConfig
 from spon.run import summarize
 
+from tasks import evalsuite
 from tasks.distill import distill_result
 from tasks.fuse import FUSE_FILE, FUSED_SUBDIR
 from tasks.loading import ALPHA_FILE, DISTILL_FILE, THRESHOLDS_FILE
@@ -27,19 +28,23 @@ def method_config(cfg: RunConfig) -> RunConfig:
 
 
 def collect(cfg: RunConfig, model: ModelRef, calib: StageRef, thresholds: StageRef, alpha: StageRef, fused: StageRef,
-            ppl: StageRef, bench: StageRef | None) -> tuple[dict, dict[str, str]]:
+            ppl: StageRef, bench: StageRef | None, quant: StageRef | None = None,
+            lm_eval: StageRef | None = None) -> tuple[dict, dict[str, str]]:
     """summary.json content (spon.run.summarize) and the files to log as artifacts."""
     out = Path(cfg.out).resolve()
     out.mkdir(parents=True, exist_ok=True)
     fused_dir = link_tree(Path(fused.dir) / FUSED_SUBDIR, out / "fused")
     shutil.copyfile(Path(thresholds.dir) / THRESHOLDS_FILE, out / THRESHOLDS_FILE)
     fuse_info = read_json(Path(fused.dir) / FUSE_FILE)
-    walls = {r.stage: r.wall_s for r in (calib, thresholds, alpha, fused, ppl, bench) if r is not None}
+    stages = (calib, thresholds, alpha, fused, ppl, bench, quant, lm_eval)
+    walls = {r.stage: r.wall_s for r in stages if r is not None}
     summary = summarize(cfg.model_copy(update={"model": model.source}), read_json(Path(ppl.dir) / "eval.json"),
                         distill_result(alpha), fuse_info["realized_sparsity_heldout"], fused_dir, walls)
     summary["model_digest"] = model.digest
     summary["smoke_generation"] = {"prompt": fuse_info["smoke_prompt"], "text": fuse_info["smoke_generation"]}
-    summary["stage_dirs"] = {r.stage: r.dir for r in (calib, thresholds, alpha, fused, ppl, bench) if r is not None}
+    summary["stage_dirs"] = {r.stage: r.dir for r in stages if r is not None}
+    if quant is not None or lm_eval is not None:
+        summary["eval_metrics"] = evalsuite.extra_metrics(quant, lm_eval)
     if bench is not None:
         summary["bench_dir"] = bench.dir
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
@@ -48,13 +53,14 @@ def collect(cfg: RunConfig, model: ModelRef, calib: StageRef, thresholds: StageR
              "fused_model": str(fused_dir)}
     if bench is not None:
         files["bench"] = bench.dir
+    files.update(evalsuite.extra_files(quant, lm_eval))
     return summary, files
 
 
-def finish(cfg: RunConfig, summary: dict, run_id: str, published: dict) -> dict:
+def finish(cfg: RunConfig, summary: dict, run_id: str, published: dict, extra_markdown: str = "") -> dict:
     summary = {**summary, "mlflow_run_id": run_id, **published}
     (Path(cfg.out) / "summary.json").write_text(json.dumps(summary, indent=2))
-    create_markdown_artifact(markdown=results_table([summary]), key="spon-results", description="spon pipeline results")
+    create_markdown_artifact(markdown=results_table([summary]) + extra_markdown, key="spon-results", description="spon pipeline results")
     return summary
 
 

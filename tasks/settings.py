@@ -30,6 +30,9 @@ class PipelineSettings(BaseModel):
     gate_mode: Literal["min", "max"] = "min"
     bench: bool = Field(False, description="run the kernel benchmark stage")
     progress: bool = False
+    quantize: list[Literal["int8", "int4", "nf4"]] = Field(default_factory=list, description="quantization stage schemes (off when empty)")
+    lm_eval_tasks: list[str] = Field(default_factory=list, description="lm-eval stage tasks (evaluation/tasks; off when empty)")
+    lm_eval_limit: float | None = Field(None, gt=0, description="items per lm-eval task (int) or fraction (< 1)")
 
     def resolved_tracking_uri(self) -> str:
         uri = self.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")

@@ -21,6 +21,7 @@ def summary_metrics(summary: dict) -> dict[str, float]:
     for k in ("realized_sparsity", "realized_sparsity_heldout_calibration", "gap_closed"):
         if summary.get(k) is not None:
             m[k] = summary[k]
+    m.update(summary.get("eval_metrics", {}))  # optional quantize / lm-eval stages
     return m
 
 
