@@ -84,13 +84,15 @@ class S3Store:
         raise SponError(f"store: {op} {self.uri(key)} at {self.endpoint} failed: {str(e).splitlines()[0]}") from e
 
     def stat(self, key: str) -> dict | None:
-        from botocore.exceptions import ClientError
+        from botocore.exceptions import BotoCoreError, ClientError
 
         try:
             head = self.client.head_object(Bucket=self.bucket, Key=self._key(key))
         except ClientError as e:
             if e.response.get("Error", {}).get("Code") in ("404", "NoSuchKey", "NotFound"):
                 return None
+            self._fail("head", key, e)
+        except BotoCoreError as e:  # endpoint unreachable, timeouts: one line naming endpoint and key
             self._fail("head", key, e)
         return {"size": head["ContentLength"], "sha256": head.get("Metadata", {}).get("sha256")}
 
@@ -117,13 +119,15 @@ class S3Store:
             self._fail("download", key, e)
 
     def get_bytes(self, key: str) -> bytes | None:
-        from botocore.exceptions import ClientError
+        from botocore.exceptions import BotoCoreError, ClientError
 
         try:
             return self.client.get_object(Bucket=self.bucket, Key=self._key(key))["Body"].read()
         except ClientError as e:
             if e.response.get("Error", {}).get("Code") in ("404", "NoSuchKey", "NotFound"):
                 return None
+            self._fail("get", key, e)
+        except BotoCoreError as e:  # endpoint unreachable, timeouts: one line naming endpoint and key
             self._fail("get", key, e)
 
 

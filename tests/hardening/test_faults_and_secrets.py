@@ -1,0 +1,81 @@
+"""One real `spon run` subprocess with the S3 store unreachable (a closed port) and fake secrets in
+its environment: bounded retries, then one clear line naming the endpoint and the key, nonzero
+exit, the local result intact; `spon publish OUT` once S3 is back finishes the job with a manifest.
+None of the secret values may appear in MLflow params/tags, summary.json or the captured logs."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from pipeline_helpers import BUCKET, REPO, free_port
+
+SECRETS = {"AWS_ACCESS_KEY_ID": "AKIAFAKEHARDENING1234", "AWS_SECRET_ACCESS_KEY": "fakeSecretHardening/0123456789abcdefXYZ",
+           "HF_TOKEN": "hf_fakeHardeningToken0123456789"}
+TINY = {"calibration": {"num_blocks": 8, "block_len": 32, "heldout_blocks": 2},
+        "distill": {"steps": 2, "batch_size": 4, "checkpoint_every": 1}, "eval": {"window": 128, "stride": 128}}
+
+
+def spon(args, env, timeout=600):
+    return subprocess.run([sys.executable, "-m", "spon.cli", *args], capture_output=True, text=True, env=env,
+                          timeout=timeout, cwd=REPO)
+
+
+def test_store_down_then_publish_and_no_secret_leaks(tmp_path, sample_txt):
+    from mlflow import MlflowClient
+    from moto.server import ThreadedMotoServer
+
+    dead = f"http://127.0.0.1:{free_port()}"  # nothing listens here
+    out, db = tmp_path / "out", tmp_path / "mlflow.db"
+    (tmp_path / "tiny.json").write_text(json.dumps(TINY))
+    env = {**os.environ, **SECRETS, "AWS_ENDPOINT_URL": dead, "AWS_DEFAULT_REGION": "us-east-1", "PYTHONPATH": str(REPO),
+           "PREFECT_LOGGING_LEVEL": "DEBUG"}
+    for k in ("MLFLOW_TRACKING_URI", "PREFECT_API_URL", "PREFECT_LOCAL_STORAGE_PATH", "SPON_STORE"):
+        env.pop(k, None)
+    common = ["--tracking-uri", f"sqlite:///{db}", "--store", f"s3://{BUCKET}/models", "--work-dir", str(tmp_path / "work")]
+    t0 = time.time()
+    r = spon(["-q", "run", "--config", str(tmp_path / "tiny.json"), "--eval-text", str(sample_txt), "--out", str(out), *common], env)
+    logs = r.stdout + r.stderr
+    assert r.returncode != 0, logs[-3000:]
+    errors = [ln for ln in r.stderr.splitlines() if ln.startswith("spon: error:")]
+    assert len(errors) == 1, logs[-3000:]
+    assert dead in errors[0] and f"s3://{BUCKET}/models/" in errors[0], errors[0]
+    assert time.time() - t0 < 600  # bounded: boto3 standard retries x Prefect IO_RETRIES, then give up
+    summary = json.loads((out / "summary.json").read_text())
+    assert (out / "fused" / "spon.json").is_file() and (out / "fused" / "model.safetensors").is_file()
+
+    port = free_port()
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    try:
+        live = f"http://127.0.0.1:{port}"
+        env["AWS_ENDPOINT_URL"] = live
+        import boto3
+
+        s3 = boto3.client("s3", endpoint_url=live, region_name="us-east-1", aws_access_key_id="x", aws_secret_access_key="x")
+        s3.create_bucket(Bucket=BUCKET)
+        p = spon(["-q", "publish", str(out), *common], env)
+        logs += p.stdout + p.stderr
+        assert p.returncode == 0, (p.stdout + p.stderr)[-3000:]
+        published = json.loads((out / "summary.json").read_text())
+        keys = [o["Key"] for o in s3.list_objects_v2(Bucket=BUCKET, Prefix="models/")["Contents"]]
+        assert any(k.endswith("/manifest.json") for k in keys) and published["store_uri"].startswith(f"s3://{BUCKET}/models/")
+        assert published["version"] == "1"
+    finally:
+        server.stop()
+
+    c = MlflowClient(f"sqlite:///{db}", f"sqlite:///{db}")
+    texts = [logs, (out / "summary.json").read_text(), json.dumps(summary)]
+    for exp in c.search_experiments():
+        for run in c.search_runs([exp.experiment_id]):
+            texts += [json.dumps(run.data.params), json.dumps(run.data.tags)]
+    for mv in c.search_model_versions():
+        texts.append(json.dumps(mv.tags))
+    blob = "\n".join(texts)
+    assert len(blob) > 1000
+    for name, value in SECRETS.items():
+        assert value not in blob, f"{name} leaked"
