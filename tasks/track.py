@@ -7,7 +7,11 @@ that cannot be logged again later (`spon publish OUT_DIR`).
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from prefect import task
+
+from spon.errors import SponError
 
 from tasks import tracking
 from tasks.policies import IO_RETRIES, UNCACHED
@@ -31,8 +35,16 @@ def track_run(summary: dict, files: dict[str, str], settings: PipelineSettings, 
     """files: {artifact subdir ('' for the root): local file or directory}. Returns the run id."""
     tags = {"source_model": str(summary.get("model")), "sparsity": str(summary.get("sparsity")),
             "protocol": str(summary.get("protocol"))}
-    run_id = tracking.start_run(settings, summary["config"], run_name, parent_run_id, tags)
-    tracking.log_metrics(settings, run_id, summary_metrics(summary), {"kl": summary.get("kl_history", [])})
-    tracking.log_artifacts(settings, run_id, files)
-    tracking.end_run(settings, run_id)
+    try:
+        run_id = tracking.start_run(settings, summary["config"], run_name, parent_run_id, tags)
+        tracking.log_metrics(settings, run_id, summary_metrics(summary), {"kl": summary.get("kl_history", [])})
+        tracking.log_artifacts(settings, run_id, files)
+        tracking.end_run(settings, run_id)
+    except SponError:
+        raise
+    except Exception as e:  # server down, bad URI: the local result is complete and kept
+        out = Path(files.get("", "summary.json")).parent
+        raise SponError(f"MLflow tracking at {settings.resolved_tracking_uri()} failed ({type(e).__name__}: "
+                        f"{(str(e).splitlines() or [''])[0][:200]}); the local result in {out} is kept: "
+                        f"re-log and publish it with `spon publish {out}`") from e
     return run_id

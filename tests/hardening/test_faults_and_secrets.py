@@ -68,6 +68,18 @@ def test_store_down_then_publish_and_no_secret_leaks(tmp_path, sample_txt):
     finally:
         server.stop()
 
+    # MLflow server down: every stage comes from the cache, tracking fails, the local result stays.
+    dead_mlflow, out2 = f"http://127.0.0.1:{free_port()}", tmp_path / "out2"
+    env.update(MLFLOW_HTTP_REQUEST_MAX_RETRIES="1", MLFLOW_HTTP_REQUEST_TIMEOUT="5", MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR="1")
+    m = spon(["-q", "run", "--config", str(tmp_path / "tiny.json"), "--eval-text", str(sample_txt), "--out", str(out2),
+              "--tracking-uri", dead_mlflow, "--store", str(tmp_path / "store"), "--work-dir", str(tmp_path / "work")], env)
+    logs += m.stdout + m.stderr
+    errors = [ln for ln in m.stderr.splitlines() if ln.startswith("spon: error:")]
+    assert m.returncode == 2 and len(errors) == 1, (m.stdout + m.stderr)[-3000:]
+    assert dead_mlflow in errors[0] and f"spon publish {out2}" in errors[0], errors[0]
+    assert (out2 / "summary.json").is_file() and (out2 / "fused" / "model.safetensors").is_file()
+    assert not (tmp_path / "store").exists()  # nothing published without a run id
+
     c = MlflowClient(f"sqlite:///{db}", f"sqlite:///{db}")
     texts = [logs, (out / "summary.json").read_text(), json.dumps(summary)]
     for exp in c.search_experiments():
