@@ -82,6 +82,9 @@ def where_to_look(settings) -> str:
 def check_inputs(cfg) -> None:
     """What the flow would only find out after starting Prefect and loading the model."""
     c = cfg.calibration
+    m = cfg.model or ""
+    if m.startswith((".", "/", "~")) and not Path(m).expanduser().exists() and not m.startswith("models:/"):
+        raise SponError(f"model path does not exist: {m}")
     if c.source == "text" and not c.files:
         raise SponError("calibration source 'text' needs at least one file (--calib-files)")
     if c.source == "dataset" and not c.dataset:
