@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import re
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -31,6 +32,9 @@ BIAS_FLAGS: dict[str, dict[str, str | None]] = {
     "qwen3": {**{p: "attention_bias" for p in _ATTN}, "gate": None, "up": None, "down": None},
 }
 SUPPORTED = tuple(BIAS_FLAGS)
+# from_pretrained initialises on the meta device through process-global state: two threads loading
+# at once (a sweep's fanned-out tasks) can leave one model's parameters on meta. Load one at a time.
+_LOAD_LOCK = threading.Lock()
 
 def default_model_path() -> str:
     """The embedded default: the real trained stories260K Llama shipped beside the repo."""
@@ -64,8 +68,9 @@ def load_model(
     if device_map:
         kwargs["device_map"] = device_map
     try:
-        model = AutoModelForCausalLM.from_pretrained(name_or_path, **kwargs)
-        tokenizer = AutoTokenizer.from_pretrained(name_or_path)
+        with _LOAD_LOCK:
+            model = AutoModelForCausalLM.from_pretrained(name_or_path, **kwargs)
+            tokenizer = AutoTokenizer.from_pretrained(name_or_path)
     except OSError as e:
         raise SponError(f"cannot load model {name_or_path!r}: {str(e).splitlines()[0]}") from e
     if not device_map:

@@ -119,7 +119,7 @@ def outcomes(tmp_path_factory):
         before = sorted(p.name for p in shared.iterdir())
         p = subprocess.run([sys.executable, "-m", "spon.cli", "-q", *args], capture_output=True, text=True, env=env, timeout=240, cwd=root / cid)
         after = sorted(p.name for p in shared.iterdir())
-        written = [x for x in after if x not in before and not x.endswith(".db")]  # a registry lookup may create an empty sqlite file
+        written = [x for x in after if x not in before and not x.endswith((".db", ".db-journal"))]  # a registry lookup may create an empty sqlite file (and its journal)
         return cid, (p.returncode, p.stderr, out.exists(), written, list((root / cid).iterdir()))
 
     with ThreadPoolExecutor(4) as ex:

@@ -19,7 +19,9 @@ def test_quantize_and_lm_eval_stages_logged(prefect_harness, mlflow_server, s3_e
 
     assert PipelineSettings().quantize == [] and PipelineSettings().lm_eval_tasks == []  # off by default
     settings = PipelineSettings(work_dir=str(work_dir), tracking_uri=mlflow_server, store=f"s3://{BUCKET}/models",
-                                quantize=["int8"], lm_eval_tasks=["arc_easy"], lm_eval_limit=4)
+                                quantize=["int8"], lm_eval_tasks=["arc_easy"], lm_eval_limit=4,
+                                # its own registry entry: the session's other flow tests expect to own theirs
+                                registered_model="spon-eval-stages-test")
     cfg = tiny_config(tmp_path / "run", sample_txt)
     summary = spon_pipeline(cfg, settings)
 
