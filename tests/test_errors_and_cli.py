@@ -83,6 +83,8 @@ def test_spon_run_end_to_end(stories_path, sample_txt, tmp_path):
     r = spon_cli(
         "-q", "run", "--model", str(stories_path), "--sparsity", "0.5", "--out", str(out),
         "--eval-text", str(sample_txt), "--steps", "40", "--calib-blocks", "64", "--calib-len", "64", "--batch-size", "8",
+        # keep the pipeline's embedded MLflow store and model store out of the repo's out/
+        "--tracking-uri", f"sqlite:///{tmp_path}/mlflow.db", "--store", str(tmp_path / "store"),
     )
     assert r.returncode == 0, r.stderr[-2000:]
     s = json.loads((out / "summary.json").read_text())
