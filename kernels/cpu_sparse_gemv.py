@@ -32,11 +32,14 @@ from torch import Tensor
 from .reference import keep_mask
 
 MAX_BATCH = 8
-# Rows per bag: enough that per-bag overhead is negligible, small enough that
-# there are many bags to balance across threads.  Tuned on a 2-core EPYC
-# (see kernels/README.md, `--bag-rows` in kernels/bench.py).
-ROWS_PER_BAG = 128
-MAX_BAGS = 64
+# Rows per bag: enough that per-bag overhead and the final partial sum are
+# negligible, small enough that the bags balance across threads.  Tuned on a
+# 2-core EPYC with dense and sparse timed interleaved (so neither runs from a
+# warm L3): 256 rows / at most 32 bags was within noise of the best fixed bag
+# count for each of fp32/bf16 x 4096->14336 / 14336->4096 (kernels/README.md,
+# `--bag-rows` in kernels/bench.py).
+ROWS_PER_BAG = 256
+MAX_BAGS = 32
 
 
 SERIAL_BYTES = 1 << 20  # below ~1 MiB of rows to read, threading costs more than it saves
@@ -48,6 +51,20 @@ def _num_bags(nnz: int, rows_per_bag: int, row_bytes: int = 0) -> int:
     threads = torch.get_num_threads()
     nb = min(MAX_BAGS, max(threads, nnz // rows_per_bag))
     return max(1, min(nb, nnz))
+
+
+def _keep_mask_native(x: Tensor, threshold: float) -> Tensor:
+    """keep_mask(x, tau) without upcasting x: for x in a float dtype d,
+    fp32(x) > tau  <=>  x > floor_d(tau), the largest d-value <= tau.  Saves an
+    fp32 copy of x per call (tens of microseconds on a 14336-wide input)."""
+    if x.dtype == torch.float32 or not (threshold >= 0.0):
+        return keep_mask(x, threshold)
+    t = torch.tensor(threshold, dtype=torch.float32)
+    td = t.to(x.dtype)
+    if td.float() > t:  # rounded up: step one ulp down (td > 0 here, so bits - 1)
+        bits = td.view(torch.int16)
+        td = (bits - 1).view(x.dtype)
+    return x.abs() > td
 
 
 def _bag_offsets(counts: list[int], nb: int) -> Tensor:
@@ -73,7 +90,7 @@ def cpu_sparse_gemv(
     assert x.dim() == 2 and x.shape[0] <= MAX_BATCH
     M, K = x.shape
     N = weight_t.shape[1]
-    keep = keep_mask(x, threshold)
+    keep = _keep_mask_native(x, threshold)
     if scales is not None:
         return _cpu_int8(x, keep, weight_t, scales, bias)
     assert weight_t.is_contiguous(), "weight_t must be contiguous (use prepare_weight)"
@@ -104,6 +121,8 @@ def cpu_sparse_gemv(
     part = F.embedding_bag(idx, weight_t, offsets, mode="sum", per_sample_weights=vals)
     if nb == 1:
         y = part.view(M, N)
+    elif M == 1:
+        y = part.sum(0, keepdim=True, dtype=torch.float32)
     else:
         # Partials summed in fp32 so many bags do not add bf16 rounding steps.
         y = part.view(M, nb, N).sum(1, dtype=torch.float32)

@@ -72,3 +72,19 @@ def test_cpu_fused(dtype, same_tau, int8):
     y = cpu.cpu_sparse_gemv_fused(x, wt, b, taus, sizes, scales)
     ref = sparse_linear_fused_reference(x.float(), wt if int8 else wt.float(), sizes, b.float(), taus, scales)
     assert_close(y, ref, dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+def test_native_dtype_mask_equals_fp32_compare(dtype):
+    """The CPU path compares |x| > floor_dtype(tau) in x's dtype; that must keep
+    exactly the elements the fp32 compare keeps, for thresholds on, just above
+    and just below representable values, and past the dtype's range."""
+    from kernels.reference import keep_mask
+
+    x = torch.randn(20000, generator=torch.Generator().manual_seed(0)).to(dtype)
+    values = x.float().abs().unique()[::97].tolist()
+    taus = [0.0, 1e-8, 0.3333, 65504.0, 1e6, float("inf")]
+    for v in values:
+        taus += [v, v * (1 + 1e-7), v * (1 - 1e-7)]
+    for tau in taus:
+        assert torch.equal(cpu._keep_mask_native(x, tau), keep_mask(x, tau)), tau
