@@ -11,10 +11,14 @@ import json
 import os
 import subprocess
 import sys
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Iterator
 
 from spon.cli import add_config_args, config_from_args
 from spon.errors import SponError
+
+RESULTS_SUBDIR = "prefect-results"  # = tasks.policies.RESULTS_SUBDIR (not imported: it would load prefect)
 
 REPO = Path(__file__).resolve().parent.parent
 SHOWN = ("model", "sparsity", "protocol", "realized_sparsity", "perplexity", "gap_closed", "fused_model_dir",
@@ -44,7 +48,8 @@ def settings_from_args(args):
               "experiment": getattr(args, "experiment", None), "registered_model": getattr(args, "registered_model", None),
               "bench": getattr(args, "bench", False) or None, "progress": not args.quiet,
               "quantize": _comma(getattr(args, "quantize", None)), "lm_eval_tasks": _comma(getattr(args, "lm_eval_tasks", None)),
-              "lm_eval_limit": getattr(args, "lm_eval_limit", None)}
+              "lm_eval_limit": getattr(args, "lm_eval_limit", None),
+              "dask_address": getattr(args, "dask_address", None), "dask_workers": getattr(args, "dask_workers", None)}
     try:
         return PipelineSettings(**{k: v for k, v in fields.items() if v is not None})
     except ValidationError as e:
@@ -56,20 +61,32 @@ def _comma(text: str | None) -> list[str] | None:
     return None if text is None else [x.strip() for x in text.split(",") if x.strip()]
 
 
-def embedded_env(work_dir: Path, refresh: bool = False) -> None:
-    """Defaults for running without any service; explicit environment always wins."""
+@contextmanager
+def embedded_env(work_dir: Path, refresh: bool = False) -> Iterator[None]:
+    """Defaults for running without any service; explicit environment always wins.
+
+    The environment is for subprocesses (the temporary Prefect server). Prefect itself read its
+    settings when it was first imported, which `tasks` does before the work dir is known, so
+    the same values are applied to the loaded settings for the duration of the command."""
+    from prefect import settings as ps
+
     defaults = {
         "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "DO_NOT_TRACK": "1", "MLFLOW_DISABLE_TELEMETRY": "true",
         # A cold temporary server on a busy 2-core box needs more than the 20 s default.
         "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "180",
         # Cache records live beside the stage outputs they point to: delete the work dir, lose both.
-        "PREFECT_LOCAL_STORAGE_PATH": str(work_dir / "prefect-results"),
+        # A path every Dask worker of a sweep sees too (the work dir has to be shared anyway).
+        "PREFECT_LOCAL_STORAGE_PATH": str(work_dir / RESULTS_SUBDIR),
         "PREFECT_LOGGING_LEVEL": "INFO",
     }
     for k, v in defaults.items():
         os.environ.setdefault(k, v)
     if refresh:
         os.environ["PREFECT_TASKS_REFRESH_CACHE"] = "true"
+    names = [*defaults, "PREFECT_TASKS_REFRESH_CACHE"]
+    updates = {getattr(ps, k): os.environ[k] for k in names if k in os.environ and hasattr(ps, k)}
+    with ps.temporary_settings(updates=updates):
+        yield
 
 
 def where_to_look(settings) -> str:
@@ -98,7 +115,6 @@ def _prepare(args):
     cfg = config_from_args(args)
     settings = settings_from_args(args)
     check_inputs(cfg)
-    embedded_env(settings.resolved_work_dir(cfg.out), args.refresh)
     return cfg, settings
 
 
@@ -106,7 +122,8 @@ def cmd_run(args) -> int:
     cfg, settings = _prepare(args)
     from flows.pipeline import spon_pipeline
 
-    summary = spon_pipeline(cfg, settings)
+    with embedded_env(settings.resolved_work_dir(cfg.out), args.refresh):
+        summary = spon_pipeline(cfg, settings)
     print(json.dumps({k: summary[k] for k in SHOWN if k in summary}, indent=2))
     print(f"summary:      {Path(cfg.out) / 'summary.json'}\n{where_to_look(settings)}")
     return 0
@@ -118,7 +135,8 @@ def cmd_sweep(args) -> int:
     cfg, settings = _prepare(args)
     from flows.sweep import sparsity_sweep
 
-    summaries = sparsity_sweep([float(s) for s in args.sparsities.split(",")], cfg, settings)
+    with embedded_env(settings.resolved_work_dir(cfg.out), args.refresh):
+        summaries = sparsity_sweep([float(s) for s in args.sparsities.split(",")], cfg, settings)
     for s in summaries:
         print(json.dumps({k: s[k] for k in ("sparsity", "perplexity", "version", "store_uri") if k in s}))
     print(f"plot:         {Path(cfg.out) / 'perplexity_vs_sparsity.png'}\n{where_to_look(settings)}")
@@ -150,15 +168,19 @@ def cmd_publish(args) -> int:
     fused = Path(summary["fused_model_dir"])
     if not (fused / "spon.json").is_file():
         raise SponError(f"fused model missing at {fused}")
-    embedded_env(settings.resolved_work_dir(str(result)))
-    from tasks.publish import publish
-    from tasks.track import track_run
+    with embedded_env(settings.resolved_work_dir(str(result))):
+        from tasks.publish import publish
+        from tasks.track import track_run
 
-    run_id = summary.get("mlflow_run_id")
-    if not run_id:
-        files = {"": str(path), "thresholds": str(result / "thresholds.json"), "fused_model": str(fused)}
-        run_id = track_run.fn(summary, files, settings, f"publish-{result.name}")
-    published = publish.fn(str(fused), run_id, summary, settings)
+        run_id = summary.get("mlflow_run_id")
+        if not run_id:
+            files = {"": str(path), "thresholds": str(result / "thresholds.json"), "fused_model": str(fused)}
+            run_id = track_run.fn(summary, files, settings, f"publish-{result.name}")
+            # Recorded before storing: if the store fails now, the next publish reuses this run and
+            # its store prefix (push skips what is already there), so one stored copy results.
+            summary["mlflow_run_id"] = run_id
+            path.write_text(json.dumps(summary, indent=2))
+        published = publish.fn(str(fused), run_id, summary, settings)
     summary.update({"mlflow_run_id": run_id, **published})
     path.write_text(json.dumps(summary, indent=2))
     print(json.dumps({k: summary[k] for k in SHOWN if k in summary}, indent=2))
@@ -189,6 +211,10 @@ def register(sub) -> None:
     s.add_argument("--out", default=None, help="output directory (default out/sweep)")
     s.add_argument("--sparsities", default="0.3,0.5,0.7", help="comma list")
     add_pipeline_args(s)
+    d = s.add_argument_group("Dask (levels run on a DaskTaskRunner; see deployments/README.md)")
+    d.add_argument("--dask-address", default=None, help="scheduler of an existing cluster, e.g. tcp://host:8786 "
+                   "(default $SPON_DASK_ADDRESS, else a LocalCluster of worker processes)")
+    d.add_argument("--dask-workers", type=int, default=None, help="LocalCluster worker processes (default min(levels, CPUs))")
     s.set_defaults(func=cmd_sweep)
 
     p = sub.add_parser("pull", help="download a stored model (URI or models:/NAME@ALIAS), verifying checksums")

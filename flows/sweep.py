@@ -1,10 +1,21 @@
-"""sparsity_sweep: the pipeline over several sparsity levels, fanned out, one nested MLflow run
-per level under a parent run that gets the perplexity-vs-sparsity plot."""
+"""sparsity_sweep: the pipeline over several sparsity levels, fanned out on Dask, one nested
+MLflow run per level under a parent run that gets the perplexity-vs-sparsity plot.
+
+The levels run on a DaskTaskRunner: an existing cluster (`settings.dask_address`,
+`--dask-address`, `$SPON_DASK_ADDRESS`) or a LocalCluster of worker processes started for the
+sweep. Everything a level needs travels by pickle (pydantic configs, JSON refs) or lives in the
+work dir, which every worker must see at the same path (stage outputs and Prefect cache records).
+On CUDA a level asks for one `GPU` worker resource, so on a mixed cluster only workers started
+with `dask worker ADDRESS --resources GPU=1` run it (see deployments/README.md).
+"""
 
 from __future__ import annotations
 
+import os
+from contextlib import nullcontext
 from pathlib import Path
 
+import dask
 from prefect import flow, task, unmapped
 from prefect.artifacts import create_markdown_artifact
 
@@ -23,7 +34,36 @@ from tasks.workdir import text_files
 def run_level(sparsity: float, cfg: RunConfig, settings: PipelineSettings, parent_run_id: str) -> dict:
     level = cfg.model_copy(update={"out": str(Path(cfg.out) / f"s{sparsity:.2f}"),
                                    "sparsity": cfg.sparsity.model_copy(update={"sparsity": sparsity})})
-    return spon_pipeline(level, settings, parent_run_id)
+    summary = spon_pipeline(level, settings, parent_run_id)
+    return {**summary, "executor": executor()}
+
+
+def executor() -> dict:
+    """Where a level ran: the Dask worker's address (None outside a worker) and its process."""
+    try:
+        from distributed import get_worker
+
+        address = get_worker().address
+    except ValueError:
+        address = None
+    return {"dask_worker": address, "pid": os.getpid()}
+
+
+def level_runner(settings: PipelineSettings, levels: int):
+    """A DaskTaskRunner on the configured cluster, or on a LocalCluster of worker processes
+    (one thread each: a level already uses every core torch gives it)."""
+    from prefect_dask import DaskTaskRunner
+
+    if address := settings.resolved_dask_address():
+        return DaskTaskRunner(address=address)
+    workers = settings.dask_workers or max(1, min(levels, os.cpu_count() or 1))
+    return DaskTaskRunner(cluster_kwargs={"n_workers": workers, "threads_per_worker": 1, "processes": True,
+                                          "dashboard_address": None})
+
+
+def level_resources(cfg: RunConfig) -> dict[str, int]:
+    """Dask worker resources one level holds while it runs."""
+    return {"GPU": 1} if cfg.device.startswith("cuda") else {}
 
 
 @task(name="start_sweep_run", **UNCACHED, **IO_RETRIES)
@@ -50,7 +90,12 @@ def sparsity_sweep(sparsities: list[float] = [0.3, 0.5, 0.7], config: RunConfig 
     model = fetch_model(cfg.model, str(work), settings)
     build_calibration(model, cfg.calibration, text_files(cfg.calibration.files), cfg.sparsity.targets,
                       cfg.device, cfg.dtype, str(work))
-    summaries = run_level.map(sparsities, unmapped(cfg), unmapped(settings), unmapped(parent)).result()
+    params = {"sparsity": sparsities, "cfg": unmapped(cfg), "settings": unmapped(settings), "parent_run_id": unmapped(parent)}
+    resources = level_resources(cfg)
+    with level_runner(settings, len(sparsities)) as runner:
+        with dask.annotate(resources=resources) if resources else nullcontext():
+            futures = runner.map(run_level, params)
+        summaries = [f.result() for f in futures]
 
     plot = results.sweep_plot(summaries, Path(cfg.out) / "perplexity_vs_sparsity.png")
     table = Path(cfg.out) / "results.md"

@@ -33,6 +33,8 @@ class PipelineSettings(BaseModel):
     quantize: list[Literal["int8", "int4", "nf4"]] = Field(default_factory=list, description="quantization stage schemes (off when empty)")
     lm_eval_tasks: list[str] = Field(default_factory=list, description="lm-eval stage tasks (evaluation/tasks; off when empty)")
     lm_eval_limit: float | None = Field(None, gt=0, description="items per lm-eval task (int) or fraction (< 1)")
+    dask_address: str | None = Field(None, description="sweep: Dask scheduler to run the levels on; default $SPON_DASK_ADDRESS or a LocalCluster")
+    dask_workers: int | None = Field(None, ge=1, description="sweep: worker processes of the LocalCluster; default min(levels, CPUs)")
 
     def resolved_tracking_uri(self) -> str:
         uri = self.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")
@@ -49,6 +51,9 @@ class PipelineSettings(BaseModel):
     def resolved_store(self) -> str:
         store = self.store or os.environ.get("SPON_STORE") or str(Path(DEFAULT_ROOT) / "store")
         return store if store.startswith("s3://") else str(Path(store).resolve())
+
+    def resolved_dask_address(self) -> str | None:
+        return self.dask_address or os.environ.get("SPON_DASK_ADDRESS") or None
 
     def resolved_work_dir(self, out: str) -> Path:
         return Path(self.work_dir or Path(out) / "work").resolve()
