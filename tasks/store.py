@@ -25,7 +25,15 @@ from tasks.workdir import sha256_file
 
 MANIFEST = "manifest.json"
 FORMAT = "spon-store/1"
-MULTIPART_BYTES = int(os.environ.get("SPON_S3_MULTIPART_MB", "64")) * (1 << 20)
+MULTIPART_BYTES = int(float(os.environ.get("SPON_S3_MULTIPART_MB", "64")) * (1 << 20))  # fractions allowed
+
+
+def retry_config() -> dict:
+    """Bounded retries with backoff inside boto3 (throttling such as 503 SlowDown, 5xx, dropped
+    connections); the standard AWS variables win over spon's defaults. AWS_MAX_ATTEMPTS counts
+    the first request too, hence total_max_attempts (Config's max_attempts would count retries)."""
+    return {"total_max_attempts": int(os.environ.get("AWS_MAX_ATTEMPTS", "6")),
+            "mode": os.environ.get("AWS_RETRY_MODE", "standard")}
 
 
 class ChecksumError(SponError):
@@ -71,7 +79,7 @@ class S3Store:
 
         self.bucket, self.prefix = bucket, prefix.strip("/")
         # Bounded retries with backoff inside boto3; the Prefect task retries on top of that.
-        self.client = boto3.client("s3", config=Config(retries={"max_attempts": 5, "mode": "standard"}))
+        self.client = boto3.client("s3", config=Config(retries=retry_config()))
         self.endpoint = self.client.meta.endpoint_url
 
     def _key(self, key: str) -> str:
