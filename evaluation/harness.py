@@ -10,20 +10,48 @@ import logging
 import time
 
 from lm_eval.models.huggingface import HFLM
+from tqdm import tqdm
 
+from evaluation import shared_context
 from spon.sparse import counting_zeros, mode
 
 log = logging.getLogger(__name__)
 
 
 class SponLM(HFLM):
-    """HFLM that memoises tokenization: every variant scores the same strings, and the slow
-    sentencepiece tokenizer would otherwise dominate a tiny model's evaluation time."""
+    """HFLM that runs each multiple-choice context once for all its choices (see
+    evaluation/shared_context.py) and memoises tokenization: every variant scores the same
+    strings, and the slow sentencepiece tokenizer would otherwise dominate a tiny model's
+    evaluation time."""
 
-    def __init__(self, *args, **kwargs):
+    def __init__(self, *args, share_context: bool = True, **kwargs):
         super().__init__(*args, **kwargs)
         self._tok_cache: dict = {}
         self.truncated_continuations = 0
+        self.share_context = share_context
+
+    def _loglikelihood_tokens(self, requests, disable_tqdm: bool = False, override_bs=None):
+        if not self.share_context or self.backend != "causal":
+            return super()._loglikelihood_tokens(requests, disable_tqdm, override_bs)
+        groups, rest = shared_context.group_by_context(requests, self.max_length)
+        if not groups:
+            return super()._loglikelihood_tokens(requests, disable_tqdm, override_bs)
+        scores: dict[int, tuple[float, bool]] = {}
+        if rest:
+            scores.update(zip(rest, super()._loglikelihood_tokens([requests[i] for i in rest], True, override_bs)))
+        pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.eot_token_id
+        # As many sequences per pass as HFLM would run (batch_size x max_length padded tokens).
+        batch_size = self.batch_size if isinstance(self.batch_size, int) else 64
+        budget = batch_size * self.max_length
+        with tqdm(total=sum(map(len, groups)), disable=disable_tqdm or self.rank != 0,
+                  desc="Running loglikelihood requests (shared contexts)") as bar:
+            for batch in shared_context.batches(groups, requests, self.max_length, batch_size, budget):
+                scores.update(shared_context.score_batch(self.model, requests, batch, pad, self.max_length))
+                bar.update(sum(map(len, batch)))
+        for i, (strings, _, _) in enumerate(requests):
+            if strings is not None and i not in rest:
+                self.cache_hook.add_partial("loglikelihood", strings, scores[i])
+        return [scores[i] for i in range(len(requests))]
 
     def tok_encode(self, string, add_special_tokens=None, left_truncate_len=None, **kwargs):
         key = (string, add_special_tokens, left_truncate_len, tuple(sorted(kwargs.items())))
@@ -43,8 +71,9 @@ class SponLM(HFLM):
         return ctx, cont
 
 
-def make_lm(model, tokenizer, batch_size: int = 64, max_length: int | None = None) -> SponLM:
-    return SponLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, max_length=max_length)
+def make_lm(model, tokenizer, batch_size: int = 64, max_length: int | None = None, share_context: bool = True) -> SponLM:
+    return SponLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, max_length=max_length,
+                  share_context=share_context)
 
 
 def evaluate_tasks(lm: SponLM, model, run_mode: str, tasks: dict, limit=None, bootstrap_iters: int = 1000,

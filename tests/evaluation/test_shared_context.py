@@ -1,0 +1,62 @@
+"""Scoring each multiple-choice context once gives HFLM's loglikelihoods and greedy flags."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from lm_eval.api.instance import Instance
+
+from evaluation import shared_context
+from evaluation.harness import make_lm
+from spon.fuse import load_sparse_model
+from spon.sparse import mode
+
+
+@pytest.fixture(scope="module")
+def lm(fused_dir):
+    torch.set_num_threads(1)
+    model, tok, _ = load_sparse_model(fused_dir)
+    return model, make_lm(model, tok, batch_size=4)
+
+
+def _requests(items):
+    long_story = " ".join(["Once upon a time, there was a little girl named Lily who liked to play outside."] * 60)
+    pairs = [(q, " " + c) for q, choices, _ in items for c in choices]
+    pairs += [(long_story, " yes"), (long_story, " no"), (long_story, " and then they all went home happy.")]
+    pairs += [("A context with one choice only:", " it goes the plain way.")]
+    return [Instance(request_type="loglikelihood", doc={}, arguments=p, idx=i) for i, p in enumerate(pairs)]
+
+
+@pytest.mark.parametrize("run_mode", ["dense", "teal", "spon"])
+def test_shared_context_equals_hflm(lm, tiny_items, run_mode):
+    model, harness = lm
+    reqs = _requests(tiny_items)
+    encoded = [(r.args, *harness._encode_pair(*r.args)) for r in reqs]
+    assert len(encoded[-4][1]) > harness.max_length  # the long story is truncated on both paths
+    groups, rest = shared_context.group_by_context(encoded, harness.max_length)
+    assert sum(map(len, groups)) >= 2 * len(tiny_items) + 2 and len(rest) >= 1  # both paths are exercised
+    with mode(model, run_mode):
+        harness.share_context = False
+        plain = harness.loglikelihood(reqs, disable_tqdm=True)
+        harness.share_context = True
+        shared = harness.loglikelihood(reqs, disable_tqdm=True)
+    assert [g for _, g in shared] == [g for _, g in plain]
+    assert [ll for ll, _ in shared] == pytest.approx([ll for ll, _ in plain], abs=1e-4)
+
+
+def test_batches_cover_every_group_once_within_budgets():
+    # contexts of widths 500, 40..10 and continuations up to 30 tokens, two choices each
+    widths = [500] + list(range(40, 9, -1))
+    requests, groups = [], []
+    for w in widths:
+        ctx = list(range(w))
+        groups.append([len(requests), len(requests) + 1])
+        requests += [(None, ctx, [1] * (w % 30 + 1)), (None, ctx, [2] * 3)]
+    out = list(shared_context.batches(groups, requests, max_length=512, max_groups=8, token_budget=200))
+    seen = [i for batch in out for g in batch for i in g]
+    assert sorted(seen) == list(range(len(requests)))
+    assert out[0] == [groups[0]]  # the 500-token outlier does not set the width of short contexts
+    for batch in out:
+        ctx_w = [len(requests[g[0]][1]) for g in batch]
+        assert len(batch) <= 8
+        assert len(batch) == 1 or (len(batch) * max(ctx_w) <= 200 and min(ctx_w) >= 0.75 * max(ctx_w))
