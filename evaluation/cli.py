@@ -21,8 +21,8 @@ def register(sub) -> None:
     p.add_argument("--device", default="cpu")
     p.add_argument("--threads", type=int, default=1,
                    help="torch CPU threads; 1 is fastest for tiny models (and far faster on a loaded machine)")
-    p.add_argument("--jobs", type=int, default=1, help="variants evaluated in parallel worker processes")
-    p.add_argument("--resume", action="store_true", help="reuse OUT/variants/NAME.json of finished variants")
+    p.add_argument("--jobs", type=int, default=1, help="worker processes; (variant, task) units are spread over them")
+    p.add_argument("--resume", action="store_true", help="reuse OUT/variants/VARIANT/TASK.json of finished (variant, task) units")
     p.add_argument("--group-size", type=int, default=32, help="int4 quantization group size")
     p.add_argument("--bootstrap-iters", type=int, default=1000, help="lm-eval bootstrap for perplexity stderr")
     p.set_defaults(func=cmd_eval)

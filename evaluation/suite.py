@@ -15,7 +15,7 @@ import torch
 from evaluation import report
 from evaluation.fidelity import Fidelity
 from evaluation.harness import evaluate_tasks, make_lm
-from evaluation.registry import DEFAULT_TASKS, build_tasks
+from evaluation.registry import DEFAULT_TASKS, build_tasks, discover
 from evaluation.variants import ModelPool, Variant
 from spon.errors import SponError
 
@@ -28,65 +28,107 @@ def _clean(metrics: dict) -> dict:
     return {k: (float(v) if math.isfinite(float(v)) else None) for k, v in metrics.items()}
 
 
-def _checkpoint(out_dir, variant: Variant) -> Path:
-    return Path(out_dir) / "variants" / f"{variant.name}.json"
+# Work is split into units, one (variant, task) pair or one variant's fidelity measurement, so
+# that --jobs workers stay busy to the end (with whole variants as units, 5 variants on 2 workers
+# leave one core idle for the last one) and a stopped suite loses at most the units in flight.
+FIDELITY = "_fidelity"
+_POOLS: dict[tuple, ModelPool] = {}  # per process: each worker loads/quantizes a scheme once
+_TASK_MANAGERS: dict[bool, object] = {}
 
 
-def evaluate_variant(model_dir: str, variant: Variant, task_names: list[str], task_dirs: list[str], limit,
-                     batch_size: int, device: str, bootstrap_iters: int, group_size: int, fid_path: Path,
-                     out_dir: str | Path, threads: int | None = None) -> dict:
-    """Everything for one variant, self-contained so it can run in a worker process. The entry is
-    also written to OUT/variants/NAME.json as soon as it is done, so a long suite that is stopped
-    keeps its finished variants (`--resume` reuses them)."""
+def _checkpoint(out_dir, variant: Variant, unit: str) -> Path:
+    return Path(out_dir) / "variants" / variant.name / f"{unit}.json"
+
+
+def _pool(model_dir: str, device: str, group_size: int) -> ModelPool:
+    key = (str(model_dir), device, group_size)
+    if key not in _POOLS:
+        _POOLS[key] = ModelPool(model_dir, device, group_size)
+    return _POOLS[key]
+
+
+def _task_manager(builtin: bool):
     from lm_eval.tasks import TaskManager
 
+    # simple_evaluate builds a TaskManager per call when given none, indexing ~14k built-in YAMLs
+    # (~30 s each time here). Build one per process: empty when every task is a registry Task.
+    if builtin not in _TASK_MANAGERS:
+        _TASK_MANAGERS[builtin] = TaskManager(include_defaults=builtin)
+    return _TASK_MANAGERS[builtin]
+
+
+def evaluate_unit(model_dir: str, variant: Variant, unit: str, task_dirs: list[str], limit, batch_size: int,
+                  device: str, bootstrap_iters: int, group_size: int, fid_path: Path, out_dir: str | Path,
+                  key: dict, threads: int | None = None) -> dict:
+    """One task (or the fidelity measurement) for one variant, self-contained so it can run in a
+    worker process. The result is also written to OUT/variants/VARIANT/UNIT.json as soon as it
+    is done (`--resume` reuses it)."""
     if threads:
         torch.set_num_threads(threads)
-    tv = time.perf_counter()
-    tasks = build_tasks(list(task_names), task_dirs)
-    # simple_evaluate builds a TaskManager per call when given none, indexing ~14k built-in YAMLs
-    # (~30 s each time here). Build one: empty when every task is a registry Task object.
-    task_manager = TaskManager(include_defaults=any(isinstance(t, str) for t in tasks.values()))
-    pool = ModelPool(model_dir, device, group_size)
+    t0 = time.perf_counter()
+    pool = _pool(model_dir, device, group_size)
     model, tok, _ = pool.get(variant.quant)
-    lm = make_lm(model, tok, batch_size=batch_size)
-    results = evaluate_tasks(lm, model, variant.mode, tasks, limit, bootstrap_iters, task_manager)
-    entry = {
-        "mode": variant.mode,
-        "quant": variant.quant,
-        "quantization": pool.quant_info.get(variant.quant) if variant.quant else None,
-        "tasks": {t: {**r, "metrics": _clean(r["metrics"])} for t, r in results.items()},
-    }
-    if fid_path.is_file():
+    if unit == FIDELITY:
         # The reference is always the fp32 dense model, also for quantized variants.
         ref = model if not variant.quant else pool.get(None)[0]
-        entry["fidelity"] = {**Fidelity(ref, tok, fid_path).measure(model, variant.mode), "text": fid_path.name}
-    entry["wall_s"] = round(time.perf_counter() - tv, 1)
-    sparsities = {t: round(r["realized_sparsity"], 4) for t, r in results.items()}
-    log.info("variant %s done in %.0fs; realized sparsity per task %s", variant.name, entry["wall_s"], sparsities)
-    path = _checkpoint(out_dir, variant)
+        result = {**Fidelity(ref, tok, fid_path).measure(model, variant.mode), "text": fid_path.name}
+    else:
+        tasks = build_tasks([unit], task_dirs)
+        lm = make_lm(model, tok, batch_size=batch_size)
+        result = {t: {**r, "metrics": _clean(r["metrics"])} for t, r in evaluate_tasks(
+            lm, model, variant.mode, tasks, limit, bootstrap_iters,
+            _task_manager(any(isinstance(t, str) for t in tasks.values()))).items()}
+    done = {"result": result, "quantization": pool.quant_info.get(variant.quant) if variant.quant else None,
+            "wall_s": round(time.perf_counter() - t0, 2)}
+    log.info("%s / %s done in %.0fs", variant.name, unit, done["wall_s"])
+    path = _checkpoint(out_dir, variant, unit)
     path.parent.mkdir(parents=True, exist_ok=True)
-    key = {"model_dir": str(model_dir), "tasks": list(task_names), "limit": limit}
-    path.write_text(json.dumps({"key": key, "entry": entry}, indent=2, default=float))
-    return entry
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps({"key": key, **done}, indent=2, default=float))
+    tmp.replace(path)
+    return done
 
 
-def _resumed(out_dir, variant: Variant, key: dict) -> dict | None:
-    path = _checkpoint(out_dir, variant)
+def _resumed(out_dir, variant: Variant, unit: str, key: dict) -> dict | None:
+    path = _checkpoint(out_dir, variant, unit)
     if not path.is_file():
         return None
     saved = json.loads(path.read_text())
     if saved.get("key") != key:
-        log.info("not resuming %s: %s was made with %s", variant.name, path, saved.get("key"))
+        log.info("not resuming %s/%s: %s was made with %s", variant.name, unit, path, saved.get("key"))
         return None
-    log.info("resuming %s from %s", variant.name, path)
-    return saved["entry"]
+    log.info("resuming %s/%s from %s", variant.name, unit, path)
+    return saved
 
 
 def _init_worker():
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s[%(process)d]: %(message)s")
     for name in ("lm_eval", "httpx", "datasets", "urllib3", "filelock"):
         logging.getLogger(name).setLevel(logging.WARNING)
+
+
+def _data_bytes(name: str, task_dirs) -> int:
+    """Size of a task's data files: the proxy for its cost used to start the big units first."""
+    spec = discover(task_dirs).get(name)
+    if spec is None:
+        return 0
+    files = (spec.config().get("dataset_kwargs") or {}).get("data_files") or {}
+    paths = [p for f in (files.values() if isinstance(files, dict) else [files]) for p in ([f] if isinstance(f, str) else f)]
+    return sum(Path(p).stat().st_size for p in paths if Path(p).is_file())
+
+
+def _variant_entry(variant: Variant, units: dict[str, dict]) -> dict:
+    entry = {"mode": variant.mode, "quant": variant.quant, "quantization": None, "tasks": {}}
+    for unit, done in units.items():
+        entry["quantization"] = entry["quantization"] or done.get("quantization")
+        if unit == FIDELITY:
+            entry["fidelity"] = done["result"]
+        else:
+            entry["tasks"].update(done["result"])
+    entry["wall_s"] = round(sum(d["wall_s"] for d in units.values()), 1)  # summed over units (CPU-ish time)
+    sparsities = {t: round(r["realized_sparsity"], 4) for t, r in entry["tasks"].items()}
+    log.info("variant %s: %.0fs of unit time; realized sparsity per task %s", variant.name, entry["wall_s"], sparsities)
+    return entry
 
 
 def run_suite(
@@ -104,8 +146,9 @@ def run_suite(
     jobs: int = 1,
     resume: bool = False,
 ) -> dict:
-    """Evaluate every variant (in `jobs` worker processes when > 1: variants are independent, and
-    one single-threaded process per core beats intra-op threads for a model this small)."""
+    """Evaluate every variant on every task, unit by unit (in `jobs` worker processes when > 1:
+    units are independent, and one single-threaded process per core beats intra-op threads for
+    a model this small)."""
     t0 = time.perf_counter()
     load_start = os.getloadavg()
     if not (Path(model_dir) / "spon.json").is_file():
@@ -122,28 +165,35 @@ def run_suite(
 
     meta = read_sidecar(model_dir)
     fid_path = Path(fidelity_text or FIDELITY_TEXT)
-    key = {"model_dir": str(model_dir), "tasks": list(task_names), "limit": limit}
-    done = {v.name: e for v in variants if resume and (e := _resumed(out_dir, v, key)) is not None}
-    todo = [v for v in variants if v.name not in done]
-    args = [(str(model_dir), v, list(task_names), list(task_dirs), limit, batch_size, device, bootstrap_iters,
-             group_size, fid_path, out_dir) for v in todo]
+    units = [(v, u) for v in variants for u in [*task_names, *([FIDELITY] if fid_path.is_file() else [])]]
+    keys = {(v.name, u): {"model_dir": str(model_dir), "variant": v.name, "unit": u, "limit": limit} for v, u in units}
+    done = {(v.name, u): d for v, u in units if resume and (d := _resumed(out_dir, v, u, keys[v.name, u])) is not None}
+    # Biggest tasks first (data size as the proxy), so the last units to finish are short ones.
+    size = {u: _data_bytes(u, task_dirs) for u in task_names}
+    todo = sorted((vu for vu in units if (vu[0].name, vu[1]) not in done), key=lambda vu: -size.get(vu[1], 0))
+    args = [(str(model_dir), v, u, list(task_dirs), limit, batch_size, device, bootstrap_iters, group_size, fid_path,
+             out_dir, keys[v.name, u]) for v, u in todo]
     if jobs > 1 and len(todo) > 1:
         import multiprocessing as mp
         from concurrent.futures import ProcessPoolExecutor
 
         with ProcessPoolExecutor(min(jobs, len(todo)), mp_context=mp.get_context("spawn"), initializer=_init_worker) as ex:
-            futures = [ex.submit(evaluate_variant, *a, threads=torch.get_num_threads()) for a in args]
-            done.update({v.name: f.result() for v, f in zip(todo, futures)})
+            futures = [ex.submit(evaluate_unit, *a, threads=torch.get_num_threads()) for a in args]
+            done.update({(v.name, u): f.result() for (v, u), f in zip(todo, futures)})
     else:
-        done.update({v.name: evaluate_variant(*a) for v, a in zip(todo, args)})
+        try:
+            done.update({(v.name, u): evaluate_unit(*a) for (v, u), a in zip(todo, args)})
+        finally:
+            _POOLS.clear()  # models are per call: the same path may hold another model next time
+    entries = {v.name: _variant_entry(v, {u: done[v.name, u] for w, u in units if w == v}) for v in variants}
 
     doc: dict = {
         "model_dir": str(model_dir),
         "meta": {"sparsity": meta.get("sparsity"), "protocol": meta.get("protocol"), "targets": meta.get("targets")},
         "tasks": list(tasks),
         "limit": limit,
-        "variants": {v.name: done[v.name] for v in variants},
-        "resumed": [v.name for v in variants if v not in todo],
+        "variants": entries,
+        "resumed": [f"{v.name}/{u}" for v, u in units if (v, u) not in todo],
         "wall_s": round(time.perf_counter() - t0, 1),
         "host": f"{platform.node()}, {os.cpu_count()} cpus, {jobs} job(s) x {torch.get_num_threads()} torch thread(s), "
         f"load avg (1/5/15 min) {', '.join(f'{x:.1f}' for x in load_start)} at start, "

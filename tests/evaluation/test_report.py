@@ -84,3 +84,27 @@ def test_cli_rejects_bad_input_with_exit_2(tmp_path, capsys):
     assert main(["eval", str(tmp_path), "--variants", "dense"]) == 2
     assert "not a fused spon model" in capsys.readouterr().err
     assert main(["eval", str(tmp_path), "--variants", "spon-fp3"]) == 2
+
+
+def test_units_spread_over_workers_and_resume_one_unit(fused_dir, tiny_task_dir, tmp_path, sample_txt):
+    """--jobs 2 runs (variant, task) units in two worker processes and gives the in-process
+    numbers; --resume after losing one unit's checkpoint recomputes only that unit."""
+    (tmp_path / "tinystories").mkdir()
+    (tmp_path / "tinystories" / "sample.txt").write_bytes(sample_txt.read_bytes())
+    args = dict(task_dirs=[tiny_task_dir], batch_size=8, fidelity_text=sample_txt)
+    variants = parse_variants("dense,teal")
+    serial = run_suite(str(fused_dir), variants, ["tiny_mc"], tmp_path / "serial", **args)
+    out = tmp_path / "par"
+    par = run_suite(str(fused_dir), variants, ["tiny_mc"], out, jobs=2, **args)
+    for name in ("dense", "teal"):
+        assert par["variants"][name]["tasks"]["tiny_mc"]["metrics"] == serial["variants"][name]["tasks"]["tiny_mc"]["metrics"]
+        assert par["variants"][name]["fidelity"]["token_perplexity"] == pytest.approx(
+            serial["variants"][name]["fidelity"]["token_perplexity"], rel=1e-6)
+    units = sorted(p.relative_to(out / "variants").as_posix() for p in (out / "variants").rglob("*.json"))
+    assert units == ["dense/_fidelity.json", "dense/tiny_mc.json", "teal/_fidelity.json", "teal/tiny_mc.json"]
+
+    (out / "variants" / "teal" / "tiny_mc.json").unlink()
+    again = run_suite(str(fused_dir), variants, ["tiny_mc"], out, jobs=2, resume=True, **args)
+    assert sorted(again["resumed"]) == ["dense/_fidelity", "dense/tiny_mc", "teal/_fidelity"]
+    assert again["variants"]["teal"]["tasks"]["tiny_mc"]["metrics"] == par["variants"]["teal"]["tasks"]["tiny_mc"]["metrics"]
+    assert (out / "variants" / "teal" / "tiny_mc.json").is_file()
