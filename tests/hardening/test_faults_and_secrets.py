@@ -6,23 +6,13 @@ None of the secret values may appear in MLflow params/tags, summary.json or the 
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 import time
-from pathlib import Path
 
-from pipeline_helpers import BUCKET, REPO, free_port
+from cli_helpers import TINY, cli_env, spon
+from pipeline_helpers import BUCKET, free_port
 
 SECRETS = {"AWS_ACCESS_KEY_ID": "AKIAFAKEHARDENING1234", "AWS_SECRET_ACCESS_KEY": "fakeSecretHardening/0123456789abcdefXYZ",
            "HF_TOKEN": "hf_fakeHardeningToken0123456789"}
-TINY = {"calibration": {"num_blocks": 8, "block_len": 32, "heldout_blocks": 2},
-        "distill": {"steps": 2, "batch_size": 4, "checkpoint_every": 1}, "eval": {"window": 128, "stride": 128}}
-
-
-def spon(args, env, timeout=600):
-    return subprocess.run([sys.executable, "-m", "spon.cli", *args], capture_output=True, text=True, env=env,
-                          timeout=timeout, cwd=REPO)
 
 
 def test_store_down_then_publish_and_no_secret_leaks(tmp_path, sample_txt):
@@ -32,10 +22,7 @@ def test_store_down_then_publish_and_no_secret_leaks(tmp_path, sample_txt):
     dead = f"http://127.0.0.1:{free_port()}"  # nothing listens here
     out, db = tmp_path / "out", tmp_path / "mlflow.db"
     (tmp_path / "tiny.json").write_text(json.dumps(TINY))
-    env = {**os.environ, **SECRETS, "AWS_ENDPOINT_URL": dead, "AWS_DEFAULT_REGION": "us-east-1", "PYTHONPATH": str(REPO),
-           "PREFECT_LOGGING_LEVEL": "DEBUG"}
-    for k in ("MLFLOW_TRACKING_URI", "PREFECT_API_URL", "PREFECT_LOCAL_STORAGE_PATH", "SPON_STORE"):
-        env.pop(k, None)
+    env = cli_env(**SECRETS, AWS_ENDPOINT_URL=dead, AWS_DEFAULT_REGION="us-east-1", PREFECT_LOGGING_LEVEL="DEBUG")
     common = ["--tracking-uri", f"sqlite:///{db}", "--store", f"s3://{BUCKET}/models", "--work-dir", str(tmp_path / "work")]
     t0 = time.time()
     r = spon(["-q", "run", "--config", str(tmp_path / "tiny.json"), "--eval-text", str(sample_txt), "--out", str(out), *common], env)

@@ -12,7 +12,7 @@ import sys
 import time
 from pathlib import Path
 
-from pipeline_helpers import REPO
+from cli_helpers import cli_env
 
 ARGS = ["--steps", "40", "--checkpoint-every", "10", "--calib-blocks", "48", "--calib-len", "64", "--batch-size", "8",
         "--window", "128", "--stride", "128"]
@@ -23,17 +23,10 @@ def command(root: Path, sample_txt: Path) -> list[str]:
             "--tracking-uri", f"sqlite:///{root / 'mlflow.db'}", "--store", str(root / "store")]
 
 
-def env() -> dict:
-    e = {**os.environ, "PYTHONPATH": str(REPO)}
-    for k in ("MLFLOW_TRACKING_URI", "PREFECT_API_URL", "PREFECT_LOCAL_STORAGE_PATH", "SPON_STORE", "PREFECT_TASKS_REFRESH_CACHE"):
-        e.pop(k, None)
-    return e
-
-
 def start(root: Path, sample_txt: Path) -> subprocess.Popen:
     root.mkdir(parents=True, exist_ok=True)
     log = open(root / f"log-{time.time_ns()}.txt", "w")
-    return subprocess.Popen(command(root, sample_txt), env=env(), cwd=root, stdout=log, stderr=subprocess.STDOUT,
+    return subprocess.Popen(command(root, sample_txt), env=cli_env(), cwd=root, stdout=log, stderr=subprocess.STDOUT,
                             start_new_session=True)
 
 
@@ -66,7 +59,7 @@ def test_sigkill_during_distillation_then_resume(tmp_path, sample_txt):
                 for st in ("calibration", "thresholds") if (work / st).is_dir()}
     assert finished, sorted(p.name for p in work.iterdir())
 
-    r = subprocess.run(command(killed, sample_txt), env=env(), cwd=killed, capture_output=True, text=True, timeout=600)
+    r = subprocess.run(command(killed, sample_txt), env=cli_env(), cwd=killed, capture_output=True, text=True, timeout=600)
     logs = r.stdout + r.stderr
     assert r.returncode == 0, logs[-3000:]
     assert ref.wait(600) == 0, "uninterrupted run failed"
