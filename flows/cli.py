@@ -9,11 +9,13 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import subprocess
 import sys
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
+from urllib.parse import urlsplit
 
 from spon.cli import add_config_args, config_from_args
 from spon.errors import SponError
@@ -129,10 +131,24 @@ def cmd_run(args) -> int:
     return 0
 
 
+def check_dask_address(address: str | None) -> None:
+    """An unreachable scheduler fails here, before Prefect starts (the flow checks again itself)."""
+    if not address:
+        return
+    u = urlsplit(address if "://" in address else f"tcp://{address}")
+    if u.scheme not in ("tcp", "tls"):  # other comms: left to the flow's own check
+        return
+    try:
+        socket.create_connection((u.hostname, u.port or 8786), timeout=10).close()
+    except (OSError, ValueError) as e:
+        raise SponError(f"cannot reach the Dask scheduler at {address}: {e}") from e
+
+
 def cmd_sweep(args) -> int:
     if args.out is None:
         args.out = "out/sweep"
     cfg, settings = _prepare(args)
+    check_dask_address(settings.resolved_dask_address())
     from flows.sweep import sparsity_sweep
 
     with embedded_env(settings.resolved_work_dir(cfg.out), args.refresh):

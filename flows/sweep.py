@@ -20,6 +20,7 @@ from prefect import flow, task, unmapped
 from prefect.artifacts import create_markdown_artifact
 
 from spon.config import RunConfig
+from spon.errors import SponError
 
 from flows import results
 from flows.pipeline import spon_pipeline
@@ -61,6 +62,14 @@ def level_runner(settings: PipelineSettings, levels: int):
                                           "dashboard_address": None})
 
 
+def connect(runner, settings: PipelineSettings) -> None:
+    try:
+        runner.client  # noqa: B018 - the property connects (or starts the LocalCluster)
+    except OSError as e:  # refused / timed out (distributed.comm.timeouts.connect, 30 s by default)
+        raise SponError(f"cannot reach the Dask scheduler at {settings.resolved_dask_address()}: "
+                        f"{(str(e).splitlines() or [type(e).__name__])[0]}") from e
+
+
 def level_resources(cfg: RunConfig) -> dict[str, int]:
     """Dask worker resources one level holds while it runs."""
     return {"GPU": 1} if cfg.device.startswith("cuda") else {}
@@ -84,15 +93,16 @@ def sparsity_sweep(sparsities: list[float] = [0.3, 0.5, 0.7], config: RunConfig 
     cfg, settings = config or RunConfig(out="out/sweep"), settings or PipelineSettings()
     work = settings.resolved_work_dir(cfg.out)
     settings = settings.model_copy(update={"work_dir": str(work)})  # every level shares one work dir
-    parent = start_sweep_run(cfg, sparsities, settings)
-
-    # Calibration does not depend on sparsity: build it once so the levels all hit its cache.
-    model = fetch_model(cfg.model, str(work), settings)
-    build_calibration(model, cfg.calibration, text_files(cfg.calibration.files), cfg.sparsity.targets,
-                      cfg.device, cfg.dtype, str(work))
-    params = {"sparsity": sparsities, "cfg": unmapped(cfg), "settings": unmapped(settings), "parent_run_id": unmapped(parent)}
-    resources = level_resources(cfg)
     with level_runner(settings, len(sparsities)) as runner:
+        connect(runner, settings)  # before any work: an unreachable scheduler fails in one line, at once
+        parent = start_sweep_run(cfg, sparsities, settings)
+
+        # Calibration does not depend on sparsity: build it once so the levels all hit its cache.
+        model = fetch_model(cfg.model, str(work), settings)
+        build_calibration(model, cfg.calibration, text_files(cfg.calibration.files), cfg.sparsity.targets,
+                          cfg.device, cfg.dtype, str(work))
+        params = {"sparsity": sparsities, "cfg": unmapped(cfg), "settings": unmapped(settings), "parent_run_id": unmapped(parent)}
+        resources = level_resources(cfg)
         with dask.annotate(resources=resources) if resources else nullcontext():
             futures = runner.map(run_level, params)
         summaries = [f.result() for f in futures]

@@ -13,6 +13,8 @@ from pathlib import Path
 
 import pytest
 
+from pipeline_helpers import free_port
+
 REPO = Path(__file__).resolve().parents[2]
 ASSETS = Path(os.environ.get("SPON_ASSETS", REPO.parent / "shared" / "assets"))
 STORIES = ASSETS / "models" / "stories260K"
@@ -20,6 +22,8 @@ STORIES = ASSETS / "models" / "stories260K"
 # (id, argv with {T} = case's tmp dir and {OUT} = the out dir that must stay absent, expected substring)
 RUN = ["run", "--out", "{OUT}", "--work-dir", "{OUT}/work", "--tracking-uri", "sqlite:///{T}/mlflow.db", "--store", "{T}/store"]
 CAL = ["calibrate", "--out", "{OUT}"]
+SWEEP = ["sweep", "--sparsities", "0.3,0.5", "--out", "{OUT}", "--work-dir", "{OUT}/work", "--tracking-uri", "sqlite:///{T}/sweep.db",
+         "--store", "{T}/store"]
 CASES = [
     ("unknown-key", RUN + ["--config", "{T}/unknown.json"], "bogus: Extra inputs are not permitted"),
     ("unknown-nested-key", RUN + ["--config", "{T}/nested.json"], "distill.stepz: Extra inputs"),
@@ -67,6 +71,8 @@ CASES = [
     ("pull-no-manifest", ["pull", "{T}/store-empty", "--out", "{OUT}"], "has no manifest.json"),
     ("pull-bad-scheme", ["pull", "gs://bucket/x", "--out", "{OUT}"], "unsupported store URI"),
     ("publish-not-a-result", ["publish", "{T}/store-empty"], "has no summary.json"),
+    ("sweep-dask-workers-zero", SWEEP + ["--dask-workers", "0"], "dask_workers"),
+    ("sweep-dask-unreachable", SWEEP + ["--dask-address", "tcp://127.0.0.1:{DEAD}"], "cannot reach the Dask scheduler at tcp://127.0.0.1:"),
 ]
 
 
@@ -109,13 +115,14 @@ def outcomes(tmp_path_factory):
     _inputs(shared)
     _tiny_models(shared)
     env = {**os.environ, "PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
+    dead = str(free_port())  # nothing listens there
     env.pop("MLFLOW_TRACKING_URI", None)
 
     def one(case):
         cid, argv, _ = case
         out = root / cid / "out"
         out.parent.mkdir()
-        args = [a.replace("{T}", str(shared)).replace("{OUT}", str(out)) for a in argv]
+        args = [a.replace("{T}", str(shared)).replace("{OUT}", str(out)).replace("{DEAD}", dead) for a in argv]
         before = sorted(p.name for p in shared.iterdir())
         p = subprocess.run([sys.executable, "-m", "spon.cli", "-q", *args], capture_output=True, text=True, env=env, timeout=240, cwd=root / cid)
         after = sorted(p.name for p in shared.iterdir())

@@ -73,6 +73,7 @@ def test_persistent_faults_fail_cleanly_then_publish_finishes(s3_endpoint, tmp_p
         fused = out / "fused" / "model.safetensors"
         before = fused.read_bytes()
         assert (out / "summary.json").is_file() and (out / "fused" / "spon.json").is_file()
+        assert any((tmp_path / "work" / "prefect-results").iterdir())  # cache records beside the stage outputs
 
         # (c) the connection drops in the middle of every UploadPart
         proxy.heal()
