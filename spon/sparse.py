@@ -70,22 +70,35 @@ class SparseLinear(nn.Module):
         return F.linear(x, self.linear.weight, self._original_bias())
 
     def _sparse(self, x):
-        if self.count_zeros:
-            self.zeros += int((x.abs() <= self.threshold).sum())
-            self.seen += x.numel()
-        if self.mode == "spon" and not self.fused:
-            return F.linear(self.S(x) + self.alpha.to(x.dtype), self.linear.weight, self.linear.bias)
-        # teal, or spon after fusion (b' = b + W alpha already in the bias: exactly TEAL's cost)
         bias = self.linear.bias if self.mode == "spon" else self._original_bias()
-        if self.weight_t is not None and not torch.is_grad_enabled():
+        if self.weight_t is not None and not torch.is_grad_enabled() and (self.mode == "teal" or self.fused):
+            if self.count_zeros:
+                self._count(x.abs() > self.threshold)
             from kernels import sparse_linear  # reads only the rows of W^T whose input survives
 
             return sparse_linear(x, self.weight_t, bias, self.threshold)
-        return F.linear(self.S(x), self.linear.weight, bias)
+        # One mask per call, shared by the sparsifier and the zero counter (an elementwise pass
+        # over the activations costs as much as this tiny model's matmuls).
+        keep = self.keep(x)
+        if self.count_zeros:
+            self._count(keep)
+        sx = x * keep
+        if self.mode == "spon" and not self.fused:
+            return F.linear(sx + self.alpha.to(x.dtype), self.linear.weight, self.linear.bias)
+        # teal, or spon after fusion (b' = b + W alpha already in the bias: exactly TEAL's cost)
+        return F.linear(sx, self.linear.weight, bias)
+
+    def _count(self, keep: torch.Tensor) -> None:
+        self.zeros += keep.numel() - int(keep.sum())
+        self.seen += keep.numel()
+
+    def keep(self, x: torch.Tensor) -> torch.Tensor:
+        """1{|x| > tau}."""
+        return x.abs() > self.threshold
 
     def S(self, x: torch.Tensor) -> torch.Tensor:
         """TEAL's sparsifier: x * 1{|x| > tau}."""
-        return x * (x.abs() > self.threshold)
+        return x * self.keep(x)
 
 
 def sparsify(model, kinds=PROJECTIONS) -> list[SparseLinear]:
