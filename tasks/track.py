@@ -2,11 +2,17 @@
 sparsity, held-out KL, stage wall times and the KL curve as metrics, files as artifacts.
 
 It runs after the method has written everything locally, so a tracking outage loses nothing
-that cannot be logged again later (`spon publish OUT_DIR`).
+that cannot be logged again later (`spon publish OUT_DIR`). The finished run's id is recorded in
+the out dir with a digest of what was logged: a rerun of the same result (e.g. after a kill
+between storing and registering the model) reuses that run, so publish finds the copy already
+stored under its id instead of storing a second one.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
+import logging
 from pathlib import Path
 
 from prefect import task
@@ -16,6 +22,18 @@ from spon.errors import SponError
 from tasks import tracking
 from tasks.policies import IO_RETRIES, UNCACHED
 from tasks.settings import PipelineSettings
+from tasks.workdir import write_json
+
+log = logging.getLogger(__name__)
+TRACKED_RUN = "tracked_run.json"
+# Fields that differ between two runs of the same result, or are added after tracking.
+_VOLATILE = ("wall_time_s", "mlflow_run_id", "registered_model", "version", "store_uri", "candidate_uri",
+             "champion", "gate")
+
+
+def result_digest(summary: dict) -> str:
+    stable = {k: v for k, v in summary.items() if k not in _VOLATILE}
+    return hashlib.sha256(json.dumps(stable, sort_keys=True, default=str).encode()).hexdigest()
 
 
 def summary_metrics(summary: dict) -> dict[str, float]:
@@ -35,11 +53,20 @@ def track_run(summary: dict, files: dict[str, str], settings: PipelineSettings, 
     """files: {artifact subdir ('' for the root): local file or directory}. Returns the run id."""
     tags = {"source_model": str(summary.get("model")), "sparsity": str(summary.get("sparsity")),
             "protocol": str(summary.get("protocol"))}
+    record = Path(files[""]).parent / TRACKED_RUN if "" in files else None
+    key = {"digest": result_digest(summary), "tracking_uri": str(settings.resolved_tracking_uri())}
+    if record is not None and record.is_file():
+        saved = json.loads(record.read_text())
+        if {k: saved.get(k) for k in key} == key and tracking.run_finished(settings, saved["run_id"]):
+            log.info("this result is already tracked as MLflow run %s (%s): reusing it", saved["run_id"], record)
+            return saved["run_id"]
     try:
         run_id = tracking.start_run(settings, summary["config"], run_name, parent_run_id, tags)
         tracking.log_metrics(settings, run_id, summary_metrics(summary), {"kl": summary.get("kl_history", [])})
         tracking.log_artifacts(settings, run_id, files)
         tracking.end_run(settings, run_id)
+        if record is not None:  # atomically: a kill mid-write must not leave a half record
+            write_json(record.with_suffix(".tmp"), {**key, "run_id": run_id}).replace(record)
     except SponError:
         raise
     except Exception as e:  # server down, bad URI: the local result is complete and kept

@@ -93,6 +93,15 @@ def end_run(settings: PipelineSettings, run_id: str, status: str = "FINISHED") -
         client(settings).set_terminated(run_id, status)
 
 
+def run_finished(settings: PipelineSettings, run_id: str) -> bool:
+    """The run exists on this server and was closed normally (everything was logged)."""
+    with _LOCK:
+        try:
+            return client(settings).get_run(run_id).info.status == "FINISHED"
+        except Exception:  # deleted, another server, not found: not reusable
+            return False
+
+
 def artifact_uri(settings: PipelineSettings, run_id: str, sub: str) -> str:
     with _LOCK:
         return client(settings).get_run(run_id).info.artifact_uri.rstrip("/") + "/" + sub

@@ -8,9 +8,10 @@ before tracking and publishing. Checked: every stage finished before a kill keep
 (same inode and mtime) through all later attempts; the last attempt succeeds with exactly one
 registry version and one stored manifest.
 
-Not a kill point here: inside tracking/publish. A kill between the stored manifest and the
-registration leaves a complete but unregistered copy, and the rerun (a new MLflow run, hence a
-new store prefix) stores a second one; no filesystem signal lands reliably before that window. Then the work dir is deleted while the cache records
+Two more kill points inside tracking/publish: right after the MLflow run is complete (its id
+recorded in OUT/tracked_run.json) and right after the model's manifest lands in the store (before
+or while it is registered). The reruns reuse the recorded run, so publish finds the stored copy
+under that run's prefix instead of storing a second one. Then the work dir is deleted while the cache records
 (kept outside it here, as a user's PREFECT_LOCAL_STORAGE_PATH would) survive: the same command
 recomputes every stage instead of trusting records that point at deleted files."""
 
@@ -30,7 +31,9 @@ import pytest
 from cli_helpers import TINY, cli_env
 
 STAGES = ["calibration", "thresholds", "distill", "fuse", "evaluate"]
-KILL_POINTS = ["calibration", "thresholds", "fuse", "evaluate"]  # mid-distillation: test_resume_sigkill.py
+STAGE_KILLS = ["calibration", "thresholds", "fuse", "evaluate"]  # mid-distillation: test_resume_sigkill.py
+PUBLISH_KILLS = ["tracked", "stored"]
+KILL_POINTS = STAGE_KILLS + PUBLISH_KILLS
 
 
 def command(root: Path, sample_txt: Path) -> list[str]:
@@ -50,6 +53,21 @@ def records(root: Path) -> dict[str, str]:
     return found
 
 
+def reached(root: Path, point: str) -> bool:
+    if point == "tracked":
+        return (root / "out" / "tracked_run.json").is_file()
+    if point == "stored":
+        return any((root / "store").rglob("manifest.json"))
+    return point in records(root)
+
+
+def tracked_run_id(root: Path) -> str | None:
+    try:
+        return json.loads((root / "out" / "tracked_run.json").read_text())["run_id"]
+    except (OSError, ValueError, KeyError):
+        return None
+
+
 def snapshot(dirs: dict[str, str]) -> dict[str, list[tuple[str, int, int]]]:
     return {st: [(str(f), f.stat().st_ino, f.stat().st_mtime_ns) for f in sorted(Path(d).rglob("*")) if f.is_file()]
             for st, d in dirs.items()}
@@ -62,19 +80,20 @@ def chain(tmp_path_factory, sample_txt):
     env = cli_env(PREFECT_LOCAL_STORAGE_PATH=str(root / "records"))
     kills = {}
     for point in KILL_POINTS:
-        already = point in records(root)
+        already = reached(root, point)
         with open(root / f"log-{point}.txt", "w") as log:
             proc = subprocess.Popen(command(root, sample_txt), env=env, cwd=root, stdout=log, stderr=subprocess.STDOUT,
                                     start_new_session=True)
             deadline = time.time() + 300
-            while time.time() < deadline and proc.poll() is None and point not in records(root):
+            while time.time() < deadline and proc.poll() is None and not reached(root, point):
                 time.sleep(0.05)
             alive = proc.poll() is None
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait(30)
         finished = records(root)
-        kills[point] = {"already": already, "alive": alive, "reached": point in finished, "finished": finished,
-                        "files": snapshot(finished), "stored": (root / "store").exists()}
+        kills[point] = {"already": already, "alive": alive, "reached": reached(root, point), "finished": finished,
+                        "files": snapshot(finished), "stored": any((root / "store").rglob("manifest.json")),
+                        "run_id": tracked_run_id(root)}
     final = subprocess.run(command(root, sample_txt), env=env, cwd=root, capture_output=True, text=True, timeout=600)
     after = {p: snapshot({st: d for st, d in k["finished"].items()}) for p, k in kills.items()}
     summary = json.loads((root / "out" / "summary.json").read_text()) if final.returncode == 0 else {}
@@ -91,7 +110,7 @@ def chain(tmp_path_factory, sample_txt):
             "manifests": manifests, "rerun": rerun, "root": root}
 
 
-@pytest.mark.parametrize("point", KILL_POINTS)
+@pytest.mark.parametrize("point", STAGE_KILLS)
 def test_killed_at_stage_boundary_resumes_without_recomputing(chain, point):
     k = chain["kills"][point]
     assert not k["already"], f"{point} was finished before this attempt started"
@@ -102,11 +121,22 @@ def test_killed_at_stage_boundary_resumes_without_recomputing(chain, point):
     assert chain["after"][point] == k["files"], point
 
 
+@pytest.mark.parametrize("point", PUBLISH_KILLS)
+def test_killed_while_publishing_reuses_the_tracked_run(chain, point):
+    k = chain["kills"][point]
+    assert not k["already"] and k["alive"] and k["reached"], (point, k["already"], k["alive"], k["reached"])
+    assert set(STAGES) <= set(k["finished"])
+    # the run tracked before the first publish kill is the one every later attempt used
+    assert k["run_id"] == chain["kills"]["tracked"]["run_id"] == chain["summary"]["mlflow_run_id"]
+    assert chain["after"][point] == k["files"]
+
+
 def test_chain_finishes_with_one_version_and_one_stored_copy(chain):
     final = chain["final"]
     assert final.returncode == 0, (final.stdout + final.stderr)[-3000:]
     assert chain["versions"] == ["1"]
     assert len(chain["manifests"]) == 1
+    assert chain["manifests"][0].parent.name == chain["summary"]["mlflow_run_id"]  # stored under the tracked run
 
 
 def test_deleted_work_dir_is_recomputed_not_read_from_stale_records(chain):
