@@ -13,6 +13,7 @@ from tasks import (benchmark_kernels, build_calibration, compute_thresholds, dis
                    fuse, fused_model, publish, track_run)
 from tasks import evalsuite
 from tasks.evalsuite import lm_eval_suite, quantize_fused
+from tasks.track import mark_published
 from tasks.settings import PipelineSettings
 from tasks.workdir import text_files
 
@@ -42,6 +43,7 @@ def spon_pipeline(config: RunConfig | None = None, settings: PipelineSettings | 
     summary, files = results.collect(cfg, model, calib, thresholds, alpha, fused, ppl, bench, quant, lm_eval)
     run_id = track_run(summary, files, settings, run_name(cfg, model.source), parent_run_id)
     published = publish(files["fused_model"], run_id, summary, settings)
+    mark_published(files, run_id)
     return results.finish(cfg, summary, run_id, published, evalsuite.markdown(quant, lm_eval))
 
 

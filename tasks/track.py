@@ -3,9 +3,10 @@ sparsity, held-out KL, stage wall times and the KL curve as metrics, files as ar
 
 It runs after the method has written everything locally, so a tracking outage loses nothing
 that cannot be logged again later (`spon publish OUT_DIR`). The finished run's id is recorded in
-the out dir with a digest of what was logged: a rerun of the same result (e.g. after a kill
-between storing and registering the model) reuses that run, so publish finds the copy already
-stored under its id instead of storing a second one.
+the out dir with a digest of what was logged until publish has finished with it: a rerun of the
+same result in between (e.g. after a kill between storing and registering the model) reuses that
+run, so publish finds the copy already stored under its id instead of storing a second one. Once
+published, a rerun is a new run, as every completed invocation is.
 """
 
 from __future__ import annotations
@@ -53,11 +54,12 @@ def track_run(summary: dict, files: dict[str, str], settings: PipelineSettings, 
     """files: {artifact subdir ('' for the root): local file or directory}. Returns the run id."""
     tags = {"source_model": str(summary.get("model")), "sparsity": str(summary.get("sparsity")),
             "protocol": str(summary.get("protocol"))}
-    record = Path(files[""]).parent / TRACKED_RUN if "" in files else None
+    record = _record(files)
     key = {"digest": result_digest(summary), "tracking_uri": str(settings.resolved_tracking_uri())}
     if record is not None and record.is_file():
         saved = json.loads(record.read_text())
-        if {k: saved.get(k) for k in key} == key and tracking.run_finished(settings, saved["run_id"]):
+        if ({k: saved.get(k) for k in key} == key and not saved.get("published")
+                and tracking.run_finished(settings, saved["run_id"])):
             log.info("this result is already tracked as MLflow run %s (%s): reusing it", saved["run_id"], record)
             return saved["run_id"]
     try:
@@ -65,8 +67,8 @@ def track_run(summary: dict, files: dict[str, str], settings: PipelineSettings, 
         tracking.log_metrics(settings, run_id, summary_metrics(summary), {"kl": summary.get("kl_history", [])})
         tracking.log_artifacts(settings, run_id, files)
         tracking.end_run(settings, run_id)
-        if record is not None:  # atomically: a kill mid-write must not leave a half record
-            write_json(record.with_suffix(".tmp"), {**key, "run_id": run_id}).replace(record)
+        if record is not None:
+            _write_record(record, {**key, "run_id": run_id})
     except SponError:
         raise
     except Exception as e:  # server down, bad URI: the local result is complete and kept
@@ -75,3 +77,20 @@ def track_run(summary: dict, files: dict[str, str], settings: PipelineSettings, 
                         f"{(str(e).splitlines() or [''])[0][:200]}); the local result in {out} is kept: "
                         f"re-log and publish it with `spon publish {out}`") from e
     return run_id
+
+
+def _record(files: dict[str, str]) -> Path | None:
+    return Path(files[""]).parent / TRACKED_RUN if "" in files else None
+
+
+def _write_record(record: Path, data: dict) -> None:
+    write_json(record.with_suffix(".tmp"), data).replace(record)  # atomic: a kill leaves no half record
+
+
+def mark_published(files: dict[str, str], run_id: str) -> None:
+    """Close the tracked run's record: from now on a rerun is a new run."""
+    record = _record(files)
+    if record is not None and record.is_file():
+        data = json.loads(record.read_text())
+        if data.get("run_id") == run_id:
+            _write_record(record, {**data, "published": True})

@@ -108,7 +108,7 @@ def artifact_uri(settings: PipelineSettings, run_id: str, sub: str) -> str:
 
 
 def register(settings: PipelineSettings, name: str, run_id: str, source: str, tags: dict[str, str]):
-    """Create a model version; returns its version number as a string."""
+    """The run's model version (created on first call); returns its version number as a string."""
     from mlflow.exceptions import MlflowException
 
     with _LOCK:
@@ -118,7 +118,11 @@ def register(settings: PipelineSettings, name: str, run_id: str, source: str, ta
         except MlflowException as e:
             if "RESOURCE_ALREADY_EXISTS" not in str(e.error_code):
                 raise
-        mv = c.create_model_version(name, source, run_id=run_id, tags={k: str(v) for k, v in tags.items()})
+        # One version per run: a publish retried or rerun after a kill that came after the
+        # registration (but before it was recorded) finds its version instead of adding one.
+        same_run = [v for v in c.search_model_versions(f"name='{name}' and run_id='{run_id}'") if v.source == source]
+        mv = same_run[0] if same_run else c.create_model_version(name, source, run_id=run_id,
+                                                                  tags={k: str(v) for k, v in tags.items()})
         c.set_registered_model_alias(name, "candidate", mv.version)
         return str(mv.version)
 
