@@ -15,7 +15,7 @@ import torch
 from evaluation import report
 from evaluation.fidelity import Fidelity
 from evaluation.harness import evaluate_tasks, make_lm
-from evaluation.registry import DEFAULT_TASKS, build_tasks, discover
+from evaluation.registry import DEFAULT_TASKS, build_tasks
 from evaluation.variants import ModelPool, Variant
 from spon.errors import SponError
 
@@ -107,12 +107,10 @@ def _init_worker():
         logging.getLogger(name).setLevel(logging.WARNING)
 
 
-def _data_bytes(name: str, task_dirs) -> int:
-    """Size of a task's data files: the proxy for its cost used to start the big units first."""
-    spec = discover(task_dirs).get(name)
-    if spec is None:
-        return 0
-    files = (spec.config().get("dataset_kwargs") or {}).get("data_files") or {}
+def _data_bytes(task) -> int:
+    """Size of a built task's data files: the proxy for its cost used to start the big units
+    first (0 for lm-eval built-ins, given by name)."""
+    files = (getattr(getattr(task, "config", None), "dataset_kwargs", None) or {}).get("data_files") or {}
     paths = [p for f in (files.values() if isinstance(files, dict) else [files]) for p in ([f] if isinstance(f, str) else f)]
     return sum(Path(p).stat().st_size for p in paths if Path(p).is_file())
 
@@ -169,7 +167,7 @@ def run_suite(
     keys = {(v.name, u): {"model_dir": str(model_dir), "variant": v.name, "unit": u, "limit": limit} for v, u in units}
     done = {(v.name, u): d for v, u in units if resume and (d := _resumed(out_dir, v, u, keys[v.name, u])) is not None}
     # Biggest tasks first (data size as the proxy), so the last units to finish are short ones.
-    size = {u: _data_bytes(u, task_dirs) for u in task_names}
+    size = {u: _data_bytes(t) for u, t in tasks.items()}
     todo = sorted((vu for vu in units if (vu[0].name, vu[1]) not in done), key=lambda vu: -size.get(vu[1], 0))
     args = [(str(model_dir), v, u, list(task_dirs), limit, batch_size, device, bootstrap_iters, group_size, fid_path,
              out_dir, keys[v.name, u]) for v, u in todo]

@@ -440,7 +440,7 @@ def main(argv: list[str] | None = None) -> int:
         torch=torch.__version__,
         triton=_triton_version(),
         threads=torch.get_num_threads(),
-        argv=sys.argv if argv is None else ["kernels.bench", *argv],
+        argv=recorded_argv(sys.argv[1:] if argv is None else argv),
         time=time.strftime("%Y-%m-%dT%H:%M:%S"),
         loadavg_start=_loadavg(),
     )
@@ -464,6 +464,20 @@ def main(argv: list[str] | None = None) -> int:
     if not args.no_plot and result["kernel"]:
         plot(result, out_dir / f"bench_{device.type}.png")
     return 0
+
+
+def recorded_argv(argv: list[str]) -> list[str]:
+    """The options that shaped the measurement, without this machine's paths: the script's own
+    path becomes the module name and --out (where the JSON itself lies) is left out."""
+    kept, skip = [], False
+    for a in argv:
+        if skip:
+            skip = False
+        elif a == "--out":
+            skip = True
+        elif not a.startswith("--out="):
+            kept.append(a)
+    return ["kernels.bench", *kept]
 
 
 def _loadavg():
