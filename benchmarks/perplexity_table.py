@@ -15,11 +15,11 @@ import resource
 import time
 from pathlib import Path
 
+from spon.assets import assets_root
 from spon.config import load_config
 from spon.run import run
 
-REPO = Path(__file__).resolve().parent.parent
-SAMPLE = REPO.parent / "shared" / "assets" / "data" / "tinystories" / "sample.txt"
+SAMPLE = assets_root() / "data" / "tinystories" / "sample.txt"
 
 
 def cpu_seconds() -> float:

@@ -20,9 +20,9 @@ from pathlib import Path
 import yaml
 
 from evaluation.prepare import prepare
+from spon.assets import assets_root
 from spon.errors import SponError
 
-REPO = Path(__file__).resolve().parent.parent
 BUILTIN_TASK_DIR = Path(__file__).resolve().parent / "tasks"
 DEFAULT_TASKS = (
     "arc_easy", "arc_challenge", "piqa", "openbookqa", "boolq", "copa", "mmlu_cs",
@@ -32,7 +32,7 @@ _VAR = re.compile(r"\$\{(SPON_EVAL_DATA|SPON_EVAL_CACHE)\}")
 
 
 def data_root() -> Path:
-    return Path(os.environ.get("SPON_EVAL_DATA") or REPO.parent / "shared" / "assets" / "data" / "eval").resolve()
+    return Path(os.environ.get("SPON_EVAL_DATA") or assets_root() / "data" / "eval").resolve()
 
 
 def cache_root() -> Path:

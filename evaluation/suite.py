@@ -17,10 +17,11 @@ from evaluation.fidelity import Fidelity
 from evaluation.harness import evaluate_tasks, make_lm
 from evaluation.registry import DEFAULT_TASKS, build_tasks
 from evaluation.variants import ModelPool, Variant
+from spon.assets import assets_root
 from spon.errors import SponError
 
 log = logging.getLogger(__name__)
-FIDELITY_TEXT = Path(__file__).resolve().parent.parent.parent / "shared" / "assets" / "data" / "tinystories" / "sample.txt"
+FIDELITY_TEXT = assets_root() / "data" / "tinystories" / "sample.txt"
 
 
 def _clean(metrics: dict) -> dict:

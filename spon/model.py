@@ -41,8 +41,9 @@ def default_model_path() -> str:
     env = os.environ.get("SPON_DEFAULT_MODEL")
     if env:
         return env
-    repo = Path(__file__).resolve().parent.parent
-    return str(repo.parent / "shared" / "assets" / "models" / "stories260K")
+    from spon.assets import assets_root
+
+    return str(assets_root() / "models" / "stories260K")
 
 
 def load_model(

@@ -15,12 +15,13 @@ os.environ.setdefault("DO_NOT_TRACK", "1")
 
 import torch  # noqa: E402
 
+from spon.assets import assets_root  # noqa: E402
+
 # Triton reads TRITON_INTERPRET when it is first imported, wherever that happens in the session.
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-REPO = Path(__file__).resolve().parent.parent
-ASSETS = Path(os.environ.get("SPON_ASSETS", REPO.parent / "shared" / "assets"))
+ASSETS = assets_root()
 STORIES = ASSETS / "models" / "stories260K"
 SAMPLE_TXT = ASSETS / "data" / "tinystories" / "sample.txt"
 WIKITEXT = ASSETS / "data" / "wikitext-2-raw" / "test.txt"

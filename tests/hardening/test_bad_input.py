@@ -14,9 +14,10 @@ from pathlib import Path
 import pytest
 
 from pipeline_helpers import free_port
+from spon.assets import assets_root
 
 REPO = Path(__file__).resolve().parents[2]
-ASSETS = Path(os.environ.get("SPON_ASSETS", REPO.parent / "shared" / "assets"))
+ASSETS = assets_root()
 STORIES = ASSETS / "models" / "stories260K"
 
 # (id, argv with {T} = case's tmp dir and {OUT} = the out dir that must stay absent, expected substring)
