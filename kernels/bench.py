@@ -35,6 +35,7 @@ import torch
 import torch.nn.functional as F
 
 import kernels
+from kernels import cpu_native
 from kernels import cpu_sparse_gemv as _cpu
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -398,6 +399,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--reps", type=int, default=15, help="CPU: minimum timed repetitions per point")
     p.add_argument("--min-time", type=float, default=0.5, help="CPU: seconds per point (upper bound 20*reps)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    p.add_argument("--cpu-path", default="native", choices=["native", "embedding_bag"],
+                   help="CPU batch-1 path: the native op (falls back to embedding_bag if it cannot be built) "
+                   "or embedding_bag")
     p.add_argument("--bag-rows", type=int, default=None, help="CPU path: surviving rows per embedding bag")
     p.add_argument("--no-kernel", action="store_true", help="skip kernel-level benchmark")
     p.add_argument("--no-e2e", action="store_true", help="skip end-to-end decode benchmark")
@@ -430,6 +434,8 @@ def main(argv: list[str] | None = None) -> int:
         torch.set_num_threads(args.threads)
     if args.bag_rows:
         _cpu.ROWS_PER_BAG = args.bag_rows
+    if args.cpu_path == "embedding_bag":
+        os.environ["SPON_CPU_NATIVE"] = "0"  # read on the first CPU call, below
     out_dir = Path(args.out or os.environ.get("OUT") or "runs/bench")
     out_dir.mkdir(parents=True, exist_ok=True)
 
@@ -444,10 +450,12 @@ def main(argv: list[str] | None = None) -> int:
         time=time.strftime("%Y-%m-%dT%H:%M:%S"),
         loadavg_start=_loadavg(),
     )
+    if not gpu:
+        meta["cpu_path"] = "native" if cpu_native.native_op() is not None else "embedding_bag"
     with torch.no_grad():
         meta["copy_GBps"] = copy_bandwidth(device, timer)
     print(f"device {meta['device']}  copy bandwidth {meta['copy_GBps']:.1f} GB/s  threads {meta['threads']}  "
-          f"loadavg {meta['loadavg_start']}")
+          + (f"cpu path {meta['cpu_path']}  " if not gpu else "") + f"loadavg {meta['loadavg_start']}")
     result = dict(meta=meta, kernel=[], e2e=[])
     json_path = out_dir / f"bench_{device.type}.json"
 

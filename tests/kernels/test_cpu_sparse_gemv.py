@@ -1,8 +1,9 @@
-"""The CPU embedding_bag decode path against the torch reference."""
+"""The CPU decode paths (native op for batch 1, embedding_bag) against the torch reference."""
 import pytest
 import torch
 
 from helpers import assert_close, make_case, threshold_for
+from kernels import cpu_native as native
 from kernels import cpu_sparse_gemv as cpu
 from kernels.reference import (
     quantize_weight_int8,
@@ -18,8 +19,21 @@ def _ref(x, wt, b, tau):
     return sparse_linear_reference(x.float(), wt.float(), None if b is None else b.float(), tau)
 
 
-@pytest.fixture(params=["serial", "bags"])
+def _require_native():
+    if not native.enabled():
+        pytest.skip("SPON_CPU_NATIVE=0: native CPU op disabled")
+    if native.native_op() is None:
+        pytest.fail("native CPU op failed to build (see the warning); this machine has a compiler and ninja")
+
+
+@pytest.fixture(params=["native", "serial", "bags"])
 def bag_mode(request, monkeypatch):
+    """Which CPU path batch-1 calls take: the native op, or embedding_bag with
+    one bag / many bags (batch > 1 always takes embedding_bag)."""
+    if request.param == "native":
+        _require_native()
+    else:
+        monkeypatch.setattr(cpu, "native_op", lambda: None)
     if request.param == "bags":
         monkeypatch.setattr(cpu, "SERIAL_BYTES", 0)
     return request.param
@@ -53,7 +67,7 @@ def test_cpu_bag_splits(rows_per_bag, monkeypatch):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("M", [1, 6])
-def test_cpu_int8(dtype, M):
+def test_cpu_int8(dtype, M, bag_mode):
     x, w, b = make_case(M, 172, 64, dtype, "cpu")
     qwt, scales = quantize_weight_int8(w)
     tau = threshold_for(x, 0.5)
@@ -88,3 +102,84 @@ def test_native_dtype_mask_equals_fp32_compare(dtype):
         taus += [v, v * (1 + 1e-7), v * (1 - 1e-7)]
     for tau in taus:
         assert torch.equal(cpu._keep_mask_native(x, tau), keep_mask(x, tau)), tau
+
+
+# ----------------------------------------------------------------------------- native op
+@pytest.fixture
+def native_only(monkeypatch):
+    """The native op must be what runs: embedding_bag would raise."""
+    _require_native()
+
+    def no_bag(*a, **k):
+        raise AssertionError("embedding_bag called on the native path")
+
+    monkeypatch.setattr(cpu.F, "embedding_bag", no_bag)
+
+
+@pytest.mark.parametrize("dtype", CPU_DTYPES, ids=str)
+@pytest.mark.parametrize("K,N", [(1024, 1030), (3000, 700)])  # > 1 MiB of rows: the threaded split
+@pytest.mark.parametrize("sparsity", [0.0, 0.5])
+def test_native_threaded_and_thread_count_independent(dtype, K, N, sparsity, native_only):
+    x, w, b = make_case(1, K, N, dtype, "cpu")
+    wt = w.t().contiguous()
+    tau = threshold_for(x, sparsity)
+    prev = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        y1 = cpu.cpu_sparse_gemv(x, wt, b, tau)
+        torch.set_num_threads(2)
+        y2 = cpu.cpu_sparse_gemv(x, wt, b, tau)
+    finally:
+        torch.set_num_threads(prev)
+    assert_close(y2, _ref(x, wt, b, tau), dtype)
+    # Each output column is summed by one thread in row order: bit-identical.
+    assert torch.equal(y1, y2)
+
+
+@pytest.mark.parametrize("dtype", CPU_DTYPES, ids=str)
+def test_native_threshold_semantics(dtype, native_only):
+    """Strict |x| > tau in fp32, as the reference: on representable values,
+    negative (keep all), inf and NaN (keep none)."""
+    x, w, _ = make_case(1, 300, 40, dtype, "cpu")
+    wt = w.t().contiguous()
+    values = x.float().abs().flatten().unique()[::7].tolist()
+    for tau in values + [-1.0, 0.0, float("inf"), float("nan")]:
+        y = cpu.cpu_sparse_gemv(x, wt, None, tau)
+        assert_close(y, _ref(x, wt, None, tau), dtype)
+    assert torch.count_nonzero(cpu.cpu_sparse_gemv(x, wt, None, float("nan"))) == 0
+
+
+def test_native_non_contiguous_input(native_only):
+    x, w, b = make_case(1, 344, 50, torch.float32, "cpu")
+    xs = x[:, ::2]  # [1, 172], stride 2
+    wt = w[:, :172].t().contiguous()
+    assert_close(cpu.cpu_sparse_gemv(xs, wt, b, 0.5), _ref(xs, wt, b, 0.5), torch.float32)
+
+
+def test_native_rejects_mismatched_shapes():
+    _require_native()
+    op = native.native_op()
+    with pytest.raises(RuntimeError, match="weight_t has 64 rows"):
+        op(torch.randn(1, 63), torch.randn(64, 8), None, [0.1], [8], None)
+    with pytest.raises(RuntimeError, match="scales go with int8"):
+        op(torch.randn(1, 64), torch.randn(64, 8), None, [0.1], [8], torch.ones(8))
+    with pytest.raises(RuntimeError, match="segment sizes sum to 7"):
+        op(torch.randn(1, 64), torch.randn(64, 8), None, [0.1, 0.2], [3, 4], None)
+    with pytest.raises(RuntimeError, match="one threshold per segment"):
+        op(torch.randn(1, 64), torch.randn(64, 8), None, [0.1], [4, 4], None)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("int8", [False, True])
+@pytest.mark.parametrize("K", [172, 6000])  # at 6000 the rows to read pass 1 MiB: threaded
+def test_native_fused_per_segment_thresholds(dtype, int8, K, native_only):
+    """Batch-1 fused projections with their own thresholds: one native pass,
+    each segment over its own survivors (segments straddle the threads' column ranges)."""
+    sizes = [64, 17, 172]
+    x, w, b = make_case(1, K, sum(sizes), dtype, "cpu")
+    taus = [threshold_for(x, 0.3), threshold_for(x, 0.8), float("inf")]
+    wt, scales = quantize_weight_int8(w) if int8 else (w.t().contiguous(), None)
+    y = cpu.cpu_sparse_gemv_fused(x, wt, b, taus, sizes, scales)
+    ref = sparse_linear_fused_reference(x.float(), wt if int8 else wt.float(), sizes, b.float(), taus, scales)
+    assert_close(y, ref, dtype)
+    torch.testing.assert_close(y[0, 81:], b[81:])  # tau = inf: bias only

@@ -1,0 +1,83 @@
+"""Build and load the native CPU sparse GEMV (``csrc/cpu_sparse_gemv.cpp``).
+
+The op, ``torch.ops.spon_cpu.sparse_gemv_row(x, weight_t, bias, threshold,
+scales)``, is the batch-1 decode path on CPU: threshold test, gather-scale-
+reduce over the surviving rows of Wᵀ, int8 scales, bias and cast in one pass
+(why native: see the comment at the top of the .cpp).
+
+It is compiled on first use with torch's own extension builder (a C++
+compiler and the ``ninja`` package; ~10 s on 2 cores) for this machine's
+instruction set, and cached under ``$TORCH_EXTENSIONS_DIR`` (default
+``~/.cache/torch_extensions``).  The cache name carries a digest of the CPU
+flags, so a home directory shared by different CPUs never loads a binary
+built for another instruction set.  If the build fails — no compiler, no
+ninja — one warning is printed and the ``embedding_bag`` path is used
+instead; ``SPON_CPU_NATIVE=0`` chooses that path without trying.
+"""
+from __future__ import annotations
+
+import functools
+import hashlib
+import os
+import platform
+import warnings
+from pathlib import Path
+
+import torch
+
+SOURCE = Path(__file__).parent / "csrc" / "cpu_sparse_gemv.cpp"
+CFLAGS = ["-O3", "-march=native", "-fopenmp"]
+
+
+def _cpu_tag() -> str:
+    """Digest of what -march=native compiles for."""
+    flags = ""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith(("flags", "Features")):
+                flags = line
+                break
+    except OSError:
+        pass
+    return hashlib.sha1(f"{platform.machine()} {flags}".encode()).hexdigest()[:10]
+
+
+def enabled() -> bool:
+    return os.environ.get("SPON_CPU_NATIVE", "1") != "0"
+
+
+def _put_ninja_on_path() -> None:
+    """torch's builder runs ``ninja`` from PATH; the pip package's binary is
+    not on it when the venv's python is run without activating the venv."""
+    try:
+        import ninja
+    except ImportError:
+        return
+    if ninja.BIN_DIR not in os.environ.get("PATH", "").split(os.pathsep):
+        os.environ["PATH"] = ninja.BIN_DIR + os.pathsep + os.environ.get("PATH", "")
+
+
+@functools.cache
+def native_op():
+    """``torch.ops.spon_cpu.sparse_gemv_row``, built on first call; None if it cannot be built."""
+    if not enabled():
+        return None
+    try:
+        from torch.utils.cpp_extension import load
+
+        _put_ninja_on_path()
+        # torch's libgomp is already loaded under the soname libgomp.so.1, so
+        # -fopenmp links the extension to torch's OpenMP runtime (one thread pool).
+        load(
+            name=f"spon_cpu_sparse_gemv_{_cpu_tag()}",
+            sources=[str(SOURCE)],
+            extra_cflags=CFLAGS,
+            extra_ldflags=["-fopenmp"],
+            is_python_module=False,
+            verbose=False,
+        )
+        return torch.ops.spon_cpu.sparse_gemv_row
+    except Exception as e:  # no compiler, no ninja, read-only cache, ...
+        reason = str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__
+        warnings.warn(f"spon kernels: native CPU sparse GEMV unavailable ({reason}); using the embedding_bag path", stacklevel=2)
+        return None
