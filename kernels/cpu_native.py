@@ -7,10 +7,11 @@ reduce over the surviving rows of Wᵀ, int8 scales, bias and cast in one pass
 
 It is compiled on first use with torch's own extension builder (a C++
 compiler and the ``ninja`` package; ~10 s on 2 cores) for this machine's
-instruction set, and cached under ``$TORCH_EXTENSIONS_DIR`` (default
-``~/.cache/torch_extensions``).  The cache name carries a digest of the CPU
-flags, so a home directory shared by different CPUs never loads a binary
-built for another instruction set.  If the build fails — no compiler, no
+instruction set (AVX-512, AVX2+F16C+FMA, or plain C++; ``SPON_CPU_NATIVE_ARCH``
+sets another ``-march``), and cached under ``$TORCH_EXTENSIONS_DIR`` (default
+``~/.cache/torch_extensions``).  The cache name carries a digest of the
+target and the CPU flags, so a home directory shared by different CPUs never
+loads a binary built for another instruction set.  If the build fails — no compiler, no
 ninja — one warning is printed and the ``embedding_bag`` path is used
 instead; ``SPON_CPU_NATIVE=0`` chooses that path without trying.
 """
@@ -26,11 +27,16 @@ from pathlib import Path
 import torch
 
 SOURCE = Path(__file__).parent / "csrc" / "cpu_sparse_gemv.cpp"
-CFLAGS = ["-O3", "-march=native", "-fopenmp"]
+
+
+def _arch() -> str:
+    """-march target: this machine by default; SPON_CPU_NATIVE_ARCH=haswell (AVX2)
+    or x86-64 (no SIMD path) builds for a fleet, and lets the tests check every path."""
+    return os.environ.get("SPON_CPU_NATIVE_ARCH", "native")
 
 
 def _cpu_tag() -> str:
-    """Digest of what -march=native compiles for."""
+    """Digest of what the build targets (-march=native depends on the CPU)."""
     flags = ""
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
@@ -39,7 +45,7 @@ def _cpu_tag() -> str:
                 break
     except OSError:
         pass
-    return hashlib.sha1(f"{platform.machine()} {flags}".encode()).hexdigest()[:10]
+    return hashlib.sha1(f"{platform.machine()} {_arch()} {flags}".encode()).hexdigest()[:10]
 
 
 def enabled() -> bool:
@@ -71,7 +77,7 @@ def native_op():
         load(
             name=f"spon_cpu_sparse_gemv_{_cpu_tag()}",
             sources=[str(SOURCE)],
-            extra_cflags=CFLAGS,
+            extra_cflags=["-O3", f"-march={_arch()}", "-fopenmp"],
             extra_ldflags=["-fopenmp"],
             is_python_module=False,
             verbose=False,

@@ -183,3 +183,43 @@ def test_native_fused_per_segment_thresholds(dtype, int8, K, native_only):
     ref = sparse_linear_fused_reference(x.float(), wt if int8 else wt.float(), sizes, b.float(), taus, scales)
     assert_close(y, ref, dtype)
     torch.testing.assert_close(y[0, 81:], b[81:])  # tau = inf: bias only
+
+
+# Run in a fresh process: each build registers the same op name, one per process.
+_ARCH_CHECK = """
+import sys, torch
+sys.path.insert(0, {helpers!r})
+from helpers import assert_close, make_case, threshold_for
+from kernels.cpu_native import native_op
+from kernels.reference import quantize_weight_int8, sparse_linear_fused_reference
+op = native_op()
+assert op is not None, "build failed"
+torch.set_num_threads(2)
+for dtype in (torch.float32, torch.bfloat16, torch.float16):
+    for int8 in (False, True):
+        for K, sizes in ((300, [173]), (3000, [64, 17, 949])):  # odd widths: every SIMD tail
+            x, w, b = make_case(1, K, sum(sizes), dtype, "cpu")
+            taus = [threshold_for(x, s) for s in (0.5, 0.2, 0.9)][: len(sizes)]
+            wt, scales = quantize_weight_int8(w) if int8 else (w.t().contiguous(), None)
+            y = op(x, wt, b, taus, sizes, scales)
+            ref = sparse_linear_fused_reference(x.float(), wt if int8 else wt.float(), sizes, b.float(), taus, scales)
+            assert_close(y, ref, dtype)
+print("ok")
+"""
+
+
+@pytest.mark.parametrize("arch", ["haswell", "x86-64"])  # AVX2 path, scalar path (this box builds AVX-512)
+def test_native_other_instruction_sets(arch, tmp_path):
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    _require_native()
+    here = Path(__file__).parent
+    env = dict(os.environ, SPON_CPU_NATIVE_ARCH=arch)
+    r = subprocess.run(
+        [sys.executable, "-c", _ARCH_CHECK.format(helpers=str(here))],
+        cwd=here.parent.parent, env=env, capture_output=True, text=True, timeout=600,
+    )
+    assert r.returncode == 0 and r.stdout.strip().endswith("ok"), r.stderr[-3000:]
