@@ -21,6 +21,7 @@ import functools
 import hashlib
 import os
 import platform
+import sys
 import warnings
 from pathlib import Path
 
@@ -63,6 +64,15 @@ def _put_ninja_on_path() -> None:
         os.environ["PATH"] = ninja.BIN_DIR + os.pathsep + os.environ.get("PATH", "")
 
 
+def _extensions_root() -> Path:
+    """Where torch's builder puts extensions by default (``$TORCH_EXTENSIONS_DIR``)."""
+    root = os.environ.get("TORCH_EXTENSIONS_DIR")
+    if root:
+        return Path(root)
+    cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+    return cache / "torch_extensions" / f"py{sys.version_info.major}{sys.version_info.minor}_cpu"
+
+
 @functools.cache
 def native_op():
     """``torch.ops.spon_cpu.sparse_gemv_row``, built on first call; None if it cannot be built."""
@@ -72,16 +82,29 @@ def native_op():
         from torch.utils.cpp_extension import load
 
         _put_ninja_on_path()
-        # torch's libgomp is already loaded under the soname libgomp.so.1, so
-        # -fopenmp links the extension to torch's OpenMP runtime (one thread pool).
-        load(
-            name=f"spon_cpu_sparse_gemv_{_cpu_tag()}",
-            sources=[str(SOURCE)],
-            extra_cflags=["-O3", f"-march={_arch()}", "-fopenmp"],
-            extra_ldflags=["-fopenmp"],
-            is_python_module=False,
-            verbose=False,
-        )
+        name = f"spon_cpu_sparse_gemv_{_cpu_tag()}"
+        build_dir = _extensions_root() / name
+        build_dir.mkdir(parents=True, exist_ok=True)
+        # torch serialises concurrent builds with a lock *file* that a build
+        # killed mid-way leaves behind, and every later load then waits on it
+        # forever.  An flock dies with its process: holding it, any torch lock
+        # file present is stale.
+        with open(build_dir / "spon.flock", "w") as held:
+            import fcntl  # POSIX; the op's build needs a POSIX toolchain anyway
+
+            fcntl.flock(held, fcntl.LOCK_EX)
+            (build_dir / "lock").unlink(missing_ok=True)
+            # torch's libgomp is already loaded under the soname libgomp.so.1, so
+            # -fopenmp links the extension to torch's OpenMP runtime (one thread pool).
+            load(
+                name=name,
+                sources=[str(SOURCE)],
+                extra_cflags=["-O3", f"-march={_arch()}", "-fopenmp"],
+                extra_ldflags=["-fopenmp"],
+                build_directory=str(build_dir),
+                is_python_module=False,
+                verbose=False,
+            )
         return torch.ops.spon_cpu.sparse_gemv_row
     except Exception as e:  # no compiler, no ninja, read-only cache, ...
         reason = str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__
