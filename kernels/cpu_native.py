@@ -1,9 +1,9 @@
 """Build and load the native CPU sparse GEMV (``csrc/cpu_sparse_gemv.cpp``).
 
-The op, ``torch.ops.spon_cpu.sparse_gemv_row(x, weight_t, bias, threshold,
-scales)``, is the batch-1 decode path on CPU: threshold test, gather-scale-
-reduce over the surviving rows of Wᵀ, int8 scales, bias and cast in one pass
-(why native: see the comment at the top of the .cpp).
+The op, ``torch.ops.spon_cpu.sparse_gemv(x[M<=8, K], weight_t, bias,
+thresholds, seg_sizes, scales)``, is the decode path on CPU: threshold test,
+gather-scale-reduce over the rows of Wᵀ some batch row keeps, int8 scales,
+bias and cast in one pass (why native: see the comment at the top of the .cpp).
 
 It is compiled on first use with torch's own extension builder (a C++
 compiler and the ``ninja`` package; ~10 s on 2 cores) for this machine's
@@ -75,7 +75,7 @@ def _extensions_root() -> Path:
 
 @functools.cache
 def native_op():
-    """``torch.ops.spon_cpu.sparse_gemv_row``, built on first call; None if it cannot be built."""
+    """``torch.ops.spon_cpu.sparse_gemv``, built on first call; None if it cannot be built."""
     if not enabled():
         return None
     try:
@@ -105,7 +105,7 @@ def native_op():
                 is_python_module=False,
                 verbose=False,
             )
-        return torch.ops.spon_cpu.sparse_gemv_row
+        return torch.ops.spon_cpu.sparse_gemv
     except Exception as e:  # no compiler, no ninja, read-only cache, ...
         reason = str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__
         warnings.warn(f"spon kernels: native CPU sparse GEMV unavailable ({reason}); using the embedding_bag path", stacklevel=2)

@@ -28,8 +28,8 @@ def _require_native():
 
 @pytest.fixture(params=["native", "serial", "bags"])
 def bag_mode(request, monkeypatch):
-    """Which CPU path batch-1 calls take: the native op, or embedding_bag with
-    one bag / many bags (batch > 1 always takes embedding_bag)."""
+    """Which CPU path the calls take: the native op, or embedding_bag with one
+    bag / many bags."""
     if request.param == "native":
         _require_native()
     else:
@@ -56,6 +56,7 @@ def test_cpu_sparse_gemv(dtype, M, K, N, sparsity, bias, bag_mode):
 @pytest.mark.parametrize("rows_per_bag", [1, 7, 10_000])
 def test_cpu_bag_splits(rows_per_bag, monkeypatch):
     # One bag, many tiny bags, and empty bags (a batch row with no survivors).
+    monkeypatch.setattr(cpu, "native_op", lambda: None)
     monkeypatch.setattr(cpu, "SERIAL_BYTES", 0)  # small sizes would otherwise use one bag
     x, w, b = make_case(3, 500, 70, torch.float32, "cpu")
     x[1] = 0.0
@@ -78,7 +79,7 @@ def test_cpu_int8(dtype, M, bag_mode):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("same_tau", [True, False])
 @pytest.mark.parametrize("int8", [False, True])
-def test_cpu_fused(dtype, same_tau, int8):
+def test_cpu_fused(dtype, same_tau, int8, bag_mode):
     sizes = [64, 17, 172]
     x, w, b = make_case(2, 172, sum(sizes), dtype, "cpu")
     taus = [0.5] * 3 if same_tau else [0.2, 0.9, float("inf")]
@@ -119,16 +120,19 @@ def native_only(monkeypatch):
 @pytest.mark.parametrize("dtype", CPU_DTYPES, ids=str)
 @pytest.mark.parametrize("K,N", [(1024, 1030), (3000, 700)])  # > 1 MiB of rows: the threaded split
 @pytest.mark.parametrize("sparsity", [0.0, 0.5])
-def test_native_threaded_and_thread_count_independent(dtype, K, N, sparsity, native_only):
-    x, w, b = make_case(1, K, N, dtype, "cpu")
+@pytest.mark.parametrize("M", [1, 5])
+def test_native_threaded_and_thread_count_independent(dtype, K, N, sparsity, M, native_only):
+    """The op itself (whatever the batching rule would pick): 1 and 2 threads agree bit for bit."""
+    x, w, b = make_case(M, K, N, dtype, "cpu")
     wt = w.t().contiguous()
     tau = threshold_for(x, sparsity)
+    op = native.native_op()
     prev = torch.get_num_threads()
     try:
         torch.set_num_threads(1)
-        y1 = cpu.cpu_sparse_gemv(x, wt, b, tau)
+        y1 = op(x, wt, b, [tau], [N], None)
         torch.set_num_threads(2)
-        y2 = cpu.cpu_sparse_gemv(x, wt, b, tau)
+        y2 = op(x, wt, b, [tau], [N], None)
     finally:
         torch.set_num_threads(prev)
     assert_close(y2, _ref(x, wt, b, tau), dtype)
@@ -140,9 +144,9 @@ def test_native_threaded_and_thread_count_independent(dtype, K, N, sparsity, nat
 def test_native_threshold_semantics(dtype, native_only):
     """Strict |x| > tau in fp32, as the reference: on representable values,
     negative (keep all), inf and NaN (keep none)."""
-    x, w, _ = make_case(1, 300, 40, dtype, "cpu")
+    x, w, _ = make_case(3, 300, 40, dtype, "cpu")
     wt = w.t().contiguous()
-    values = x.float().abs().flatten().unique()[::7].tolist()
+    values = x.float().abs().flatten().unique()[::19].tolist()
     for tau in values + [-1.0, 0.0, float("inf"), float("nan")]:
         y = cpu.cpu_sparse_gemv(x, wt, None, tau)
         assert_close(y, _ref(x, wt, None, tau), dtype)
@@ -159,8 +163,10 @@ def test_native_non_contiguous_input(native_only):
 def test_native_rejects_mismatched_shapes():
     _require_native()
     op = native.native_op()
-    with pytest.raises(RuntimeError, match="weight_t has 64 rows"):
+    with pytest.raises(RuntimeError, match=r"x must be \[M, 64\]"):
         op(torch.randn(1, 63), torch.randn(64, 8), None, [0.1], [8], None)
+    with pytest.raises(RuntimeError, match="1 to 8 rows, got 9"):
+        op(torch.randn(9, 64), torch.randn(64, 8), None, [0.1], [8], None)
     with pytest.raises(RuntimeError, match="scales go with int8"):
         op(torch.randn(1, 64), torch.randn(64, 8), None, [0.1], [8], torch.ones(8))
     with pytest.raises(RuntimeError, match="segment sizes sum to 7"):
@@ -172,17 +178,18 @@ def test_native_rejects_mismatched_shapes():
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("int8", [False, True])
 @pytest.mark.parametrize("K", [172, 6000])  # at 6000 the rows to read pass 1 MiB: threaded
-def test_native_fused_per_segment_thresholds(dtype, int8, K, native_only):
-    """Batch-1 fused projections with their own thresholds: one native pass,
-    each segment over its own survivors (segments straddle the threads' column ranges)."""
+@pytest.mark.parametrize("M", [1, 4])
+def test_native_fused_per_segment_thresholds(dtype, int8, K, M, native_only):
+    """Fused projections with their own thresholds: one native pass, each
+    segment over its own survivors (segments straddle the threads' column ranges)."""
     sizes = [64, 17, 172]
-    x, w, b = make_case(1, K, sum(sizes), dtype, "cpu")
+    x, w, b = make_case(M, K, sum(sizes), dtype, "cpu")
     taus = [threshold_for(x, 0.3), threshold_for(x, 0.8), float("inf")]
     wt, scales = quantize_weight_int8(w) if int8 else (w.t().contiguous(), None)
     y = cpu.cpu_sparse_gemv_fused(x, wt, b, taus, sizes, scales)
     ref = sparse_linear_fused_reference(x.float(), wt if int8 else wt.float(), sizes, b.float(), taus, scales)
     assert_close(y, ref, dtype)
-    torch.testing.assert_close(y[0, 81:], b[81:])  # tau = inf: bias only
+    torch.testing.assert_close(y[:, 81:], b[81:].expand(M, -1))  # tau = inf: bias only
 
 
 # Run in a fresh process: each build registers the same op name, one per process.
@@ -196,9 +203,9 @@ op = native_op()
 assert op is not None, "build failed"
 torch.set_num_threads(2)
 for dtype in (torch.float32, torch.bfloat16, torch.float16):
-    for int8 in (False, True):
+    for int8, M in ((False, 1), (True, 1), (False, 3), (True, 8)):
         for K, sizes in ((300, [173]), (3000, [64, 17, 949])):  # odd widths: every SIMD tail
-            x, w, b = make_case(1, K, sum(sizes), dtype, "cpu")
+            x, w, b = make_case(M, K, sum(sizes), dtype, "cpu")
             taus = [threshold_for(x, s) for s in (0.5, 0.2, 0.9)][: len(sizes)]
             wt, scales = quantize_weight_int8(w) if int8 else (w.t().contiguous(), None)
             y = op(x, wt, b, taus, sizes, scales)
@@ -267,3 +274,46 @@ print("ok")
     env = dict(os.environ, TORCH_EXTENSIONS_DIR=str(tmp_path), SPON_CPU_NATIVE_ARCH="no-such-cpu")
     r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0 and r.stdout.strip() == "ok", r.stderr[-3000:]
+
+
+def _count_native_calls(monkeypatch):
+    calls = []
+    real = native.native_op()
+
+    def counting(*a, **k):
+        calls.append(a[0].shape[0])
+        return real(*a, **k)
+
+    monkeypatch.setattr(cpu, "native_op", lambda: counting)
+    return calls
+
+
+@pytest.mark.parametrize("dtype", CPU_DTYPES, ids=str)
+def test_batch_rule_dense_when_the_union_is_wide(dtype, monkeypatch):
+    """8 bf16 rows with independent masks at 50% keep ~all rows of Wᵀ together:
+    the dense masked matmul costs less than the native op's 8 FMAs per weight.
+    fp32 and fp16 stay native (their dense CPU matmul is slower still)."""
+    _require_native()
+    calls = _count_native_calls(monkeypatch)
+    x, w, b = make_case(8, 600, 90, dtype, "cpu")
+    wt = w.t().contiguous()
+    tau = threshold_for(x, 0.5)
+    assert_close(cpu.cpu_sparse_gemv(x, wt, b, tau), _ref(x, wt, b, tau), dtype)
+    # ... and the fused entry point follows the same rule
+    taus = [tau, tau * 1.1]
+    y = cpu.cpu_sparse_gemv_fused(x, wt, b, taus, [40, 50])
+    assert_close(y, sparse_linear_fused_reference(x.float(), wt.float(), [40, 50], b.float(), taus), dtype)
+    assert calls == ([] if dtype == torch.bfloat16 else [8, 8])
+
+
+@pytest.mark.parametrize("M", [2, 3, 8])
+def test_batch_rule_native_when_rows_share_their_sparsity(M, monkeypatch):
+    """Rows that keep the same few inputs (the union stays at 10%) take the native op."""
+    _require_native()
+    calls = _count_native_calls(monkeypatch)
+    x, w, b = make_case(1, 600, 90, torch.bfloat16, "cpu")
+    x = x * torch.linspace(0.5, 1.5, M, dtype=x.dtype)[:, None]  # same support in every row
+    wt = w.t().contiguous()
+    tau = threshold_for(x[-1:], 0.9)
+    assert_close(cpu.cpu_sparse_gemv(x, wt, b, tau), _ref(x, wt, b, tau), torch.bfloat16)
+    assert calls == [M]
