@@ -107,14 +107,24 @@ def cpu_sparse_gemv(
 ) -> Tensor:
     """x: [M, K] (M <= 8) on CPU, weight_t: [K, N] contiguous.  Returns [M, N] in x.dtype."""
     assert x.dim() == 2 and x.shape[0] <= MAX_BATCH
+    op = native_op() if _native_applies(x, weight_t, scales) else None
+    if op is None:
+        return _embedding_bag_gemv(x, weight_t, bias, threshold, scales, rows_per_bag)
+    if _native_pays(x, [threshold], scales):
+        return op(x, weight_t, bias, [float(threshold)], [weight_t.shape[1]], scales)
+    return _dense_masked(x, _keep_mask_native(x, threshold), weight_t, bias)
+
+
+def _dense_masked(x: Tensor, keep: Tensor, weight_t: Tensor, bias: Tensor | None) -> Tensor:
+    """Reads all of Wᵀ once for the whole batch."""
+    return _add_bias((x * keep) @ weight_t, bias, x.dtype)
+
+
+def _embedding_bag_gemv(
+    x: Tensor, weight_t: Tensor, bias: Tensor | None, threshold: float, scales: Tensor | None, rows_per_bag: int | None
+) -> Tensor:
     M, K = x.shape
     N = weight_t.shape[1]
-    if _native_applies(x, weight_t, scales):
-        op = native_op()
-        if op is not None:
-            if _native_pays(x, [threshold], scales):
-                return op(x, weight_t, bias, [float(threshold)], [N], scales)
-            return _add_bias((x * _keep_mask_native(x, threshold)) @ weight_t, bias, x.dtype)
     keep = _keep_mask_native(x, threshold)
     if scales is not None:
         return _cpu_int8(x, keep, weight_t, scales, bias)
@@ -126,7 +136,7 @@ def cpu_sparse_gemv(
     counts = keep.sum(1).tolist()
     if sum(counts) >= K:
         # Per-row bags would read more than all of Wᵀ: dense is cheaper.
-        return _add_bias((x * keep) @ weight_t, bias, x.dtype)
+        return _dense_masked(x, keep, weight_t, bias)
     rows, idx = keep.nonzero(as_tuple=True)
     vals = x[rows, idx]
     if rows.numel() == 0:
