@@ -413,7 +413,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--min-time", type=float, default=0.5, help="CPU: seconds per point (upper bound 20*reps)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     p.add_argument("--cpu-path", default="native", choices=["native", "embedding_bag"],
-                   help="CPU batch-1 path: the native op (falls back to embedding_bag if it cannot be built) "
+                   help="CPU decode path: the native op (falls back to embedding_bag if it cannot be built) "
                    "or embedding_bag")
     p.add_argument("--bag-rows", type=int, default=None, help="CPU path: surviving rows per embedding bag")
     p.add_argument("--no-kernel", action="store_true", help="skip kernel-level benchmark")

@@ -21,7 +21,6 @@ import functools
 import hashlib
 import os
 import platform
-import sys
 import warnings
 from pathlib import Path
 
@@ -64,26 +63,17 @@ def _put_ninja_on_path() -> None:
         os.environ["PATH"] = ninja.BIN_DIR + os.pathsep + os.environ.get("PATH", "")
 
 
-def _extensions_root() -> Path:
-    """Where torch's builder puts extensions by default (``$TORCH_EXTENSIONS_DIR``)."""
-    root = os.environ.get("TORCH_EXTENSIONS_DIR")
-    if root:
-        return Path(root)
-    cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
-    return cache / "torch_extensions" / f"py{sys.version_info.major}{sys.version_info.minor}_cpu"
-
-
 @functools.cache
 def native_op():
     """``torch.ops.spon_cpu.sparse_gemv``, built on first call; None if it cannot be built."""
     if not enabled():
         return None
     try:
-        from torch.utils.cpp_extension import load
+        from torch.utils.cpp_extension import get_default_build_root, load
 
         _put_ninja_on_path()
         name = f"spon_cpu_sparse_gemv_{_cpu_tag()}"
-        build_dir = _extensions_root() / name
+        build_dir = Path(os.environ.get("TORCH_EXTENSIONS_DIR") or get_default_build_root()) / name
         build_dir.mkdir(parents=True, exist_ok=True)
         # torch serialises concurrent builds with a lock *file* that a build
         # killed mid-way leaves behind, and every later load then waits on it

@@ -20,11 +20,11 @@ parallelises over *bags*, so the surviving rows are cut into several bags
 ``[bags, out]`` — are summed in fp32.  fp32, fp16 and bf16 tables are all
 supported by the CPU kernel.
 
-Batch > 1 (decode with a few sequences): every batch row gets its own bags
-over its own surviving rows, all in one embedding_bag call.  This reads
-``sum_b nnz_b`` rows, which beats dense only while that stays below the
-weight matrix; past that the dense masked matmul (which reads Wᵀ once for the
-whole batch) is used instead — that is the batching rule on CPU.
+Batch > 1 on this fallback: every batch row gets its own bags over its own
+surviving rows, all in one embedding_bag call.  This reads ``sum_b nnz_b``
+rows, which beats dense only while that stays below the weight matrix; past
+that the dense masked matmul (which reads Wᵀ once for the whole batch) is
+used instead.  (The native op's batching rule: ``_native_pays``.)
 
 int8 weights without the native op: embedding_bag has no int8 table, so the
 path gathers only the surviving int8 rows (1 byte/weight) and multiplies
@@ -152,12 +152,12 @@ def _embedding_bag_gemv(
 
 
 def _gemv_one_row(x: Tensor, keep: Tensor, weight_t: Tensor, bias: Tensor | None, rows_per_bag: int | None) -> Tensor:
-    """Batch-1 decode, the hot path.  Every tensor op here runs right after a
+    """Batch-1 decode on the fallback.  Every tensor op here runs right after a
     weight stream that evicted the interpreter's and allocator's working set
     from the caches, so each costs 10-80 us instead of 2-5 us (measured on the
     2-core EPYC: 0.5-0.7 ms per call with the general path, against 2.9 ms of
-    weight streaming for a bf16 4096x14336 at 50%).  Hence: cached threshold,
-    no dtype round trips, one reduction, no copies."""
+    weight streaming for a bf16 4096x14336 at 50%; why the native op exists).
+    Hence: cached threshold, no dtype round trips, one reduction, no copies."""
     N = weight_t.shape[1]
     idx = keep.view(-1).nonzero().view(-1)
     nnz = idx.numel()

@@ -8,7 +8,7 @@ annotations`` here: schema inference reads the real annotation objects.)
 
 Device dispatch happens inside the op, so compiled graphs keep one node:
   * CUDA (triton importable, <= 8 rows)   -> Triton kernel
-  * CPU, <= 8 rows                        -> CPU decode path (native op for 1 row)
+  * CPU, <= 8 rows                        -> CPU decode path (native op)
   * anything else                         -> torch reference (dense masked)
 """
 from typing import Optional

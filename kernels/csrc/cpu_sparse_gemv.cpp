@@ -63,8 +63,6 @@ inline vfloat vload(const int8_t* p) {
   return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))));
 }
 inline vfloat vset1(float v) { return _mm512_set1_ps(v); }
-inline vfloat vmul(vfloat a, vfloat b) { return _mm512_mul_ps(a, b); }
-inline vfloat vadd(vfloat a, vfloat b) { return _mm512_add_ps(a, b); }
 inline vfloat vfma(vfloat a, vfloat b, vfloat c) { return _mm512_fmadd_ps(a, b, c); }
 inline void vstore(float* p, vfloat v) { _mm512_storeu_ps(p, v); }
 #elif defined(__AVX2__) && defined(__F16C__) && defined(__FMA__)
@@ -81,8 +79,6 @@ inline vfloat vload(const int8_t* p) {
   return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p))));
 }
 inline vfloat vset1(float v) { return _mm256_set1_ps(v); }
-inline vfloat vmul(vfloat a, vfloat b) { return _mm256_mul_ps(a, b); }
-inline vfloat vadd(vfloat a, vfloat b) { return _mm256_add_ps(a, b); }
 inline vfloat vfma(vfloat a, vfloat b, vfloat c) { return _mm256_fmadd_ps(a, b, c); }
 inline void vstore(float* p, vfloat v) { _mm256_storeu_ps(p, v); }
 #else
