@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 
-from evaluation.registry import DEFAULT_TASKS
+from spon.evaluation.registry import DEFAULT_TASKS
 
 
 def register(sub) -> None:
@@ -31,8 +31,8 @@ def register(sub) -> None:
 def cmd_eval(args) -> int:
     import torch
 
-    from evaluation.suite import run_suite
-    from evaluation.variants import parse_variants
+    from spon.evaluation.suite import run_suite
+    from spon.evaluation.variants import parse_variants
     from spon.errors import SponError
 
     for name in ("lm_eval", "httpx", "datasets", "urllib3", "filelock"):

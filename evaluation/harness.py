@@ -12,7 +12,7 @@ import time
 from lm_eval.models.huggingface import HFLM
 from tqdm import tqdm
 
-from evaluation import shared_context
+from spon.evaluation import shared_context
 from spon.sparse import counting_zeros, mode
 
 log = logging.getLogger(__name__)

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import yaml
 
-from evaluation.prepare import prepare
+from spon.evaluation.prepare import prepare
 from spon.assets import assets_root
 from spon.errors import SponError
 

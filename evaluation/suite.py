@@ -12,11 +12,11 @@ from pathlib import Path
 
 import torch
 
-from evaluation import report
-from evaluation.fidelity import Fidelity
-from evaluation.harness import evaluate_tasks, make_lm
-from evaluation.registry import DEFAULT_TASKS, build_tasks
-from evaluation.variants import ModelPool, Variant
+from spon.evaluation import report
+from spon.evaluation.fidelity import Fidelity
+from spon.evaluation.harness import evaluate_tasks, make_lm
+from spon.evaluation.registry import DEFAULT_TASKS, build_tasks
+from spon.evaluation.variants import ModelPool, Variant
 from spon.assets import assets_root
 from spon.errors import SponError
 

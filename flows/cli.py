@@ -1,5 +1,6 @@
-"""`spon run | sweep | pull | publish | deploy`: the pipeline's commands, plugged into the `spon`
-CLI through the spon.commands entry point. `run` replaces the method-level in-process run.
+"""`spon run | sweep | pull | publish | deploy`: the pipeline's commands (registered by spon.cli).
+`spon run` is the Prefect flow; `spon run --in-process` is the method's own chain (spon.stages.run)
+with no Prefect, MLflow or store -- the same stage functions either way.
 
 Nothing here imports prefect or mlflow at module level: the environment for the embedded
 defaults (temporary Prefect server, result storage beside the work dir) must be in place first.
@@ -20,7 +21,7 @@ from urllib.parse import urlsplit
 from spon.cli import add_config_args, config_from_args
 from spon.errors import SponError
 
-RESULTS_SUBDIR = "prefect-results"  # = tasks.policies.RESULTS_SUBDIR (not imported: it would load prefect)
+RESULTS_SUBDIR = "prefect-results"  # = spon.tasks.policies.RESULTS_SUBDIR (not imported: it would load prefect)
 
 REPO = Path(__file__).resolve().parent.parent
 SHOWN = ("model", "sparsity", "protocol", "realized_sparsity", "perplexity", "gap_closed", "fused_model_dir",
@@ -44,7 +45,7 @@ def add_pipeline_args(p) -> None:
 def settings_from_args(args):
     from pydantic import ValidationError
 
-    from tasks.settings import PipelineSettings
+    from spon.runtime.settings import PipelineSettings
 
     fields = {"work_dir": args.work_dir, "tracking_uri": args.tracking_uri, "store": args.store,
               "experiment": getattr(args, "experiment", None), "registered_model": getattr(args, "registered_model", None),
@@ -121,8 +122,12 @@ def _prepare(args):
 
 
 def cmd_run(args) -> int:
+    if args.in_process:
+        from spon.cli import cmd_run_in_process
+
+        return cmd_run_in_process(args)
     cfg, settings = _prepare(args)
-    from flows.pipeline import spon_pipeline
+    from spon.flows.pipeline import spon_pipeline
 
     with embedded_env(settings.resolved_work_dir(cfg.out), args.refresh):
         summary = spon_pipeline(cfg, settings)
@@ -149,7 +154,7 @@ def cmd_sweep(args) -> int:
         args.out = "out/sweep"
     cfg, settings = _prepare(args)
     check_dask_address(settings.resolved_dask_address())
-    from flows.sweep import sparsity_sweep
+    from spon.flows.sweep import sparsity_sweep
 
     with embedded_env(settings.resolved_work_dir(cfg.out), args.refresh):
         summaries = sparsity_sweep([float(s) for s in args.sparsities.split(",")], cfg, settings)
@@ -160,9 +165,9 @@ def cmd_sweep(args) -> int:
 
 
 def cmd_pull(args) -> int:
-    from tasks import store
-    from tasks.fetch import resolve_store_uri
-    from tasks.settings import PipelineSettings
+    from spon.runtime import store
+    from spon.tasks.fetch import resolve_store_uri
+    from spon.runtime.settings import PipelineSettings
 
     uri = args.uri
     if uri.startswith("models:/"):
@@ -185,8 +190,8 @@ def cmd_publish(args) -> int:
     if not (fused / "spon.json").is_file():
         raise SponError(f"fused model missing at {fused}")
     with embedded_env(settings.resolved_work_dir(str(result))):
-        from tasks.publish import publish
-        from tasks.track import track_run
+        from spon.tasks.publish import publish
+        from spon.tasks.track import track_run
 
         run_id = summary.get("mlflow_run_id")
         if not run_id:
@@ -205,7 +210,10 @@ def cmd_publish(args) -> int:
 
 def cmd_deploy(args) -> int:
     """`prefect deploy` of deployments/prefect.yaml from the repo root (entrypoints are relative)."""
-    cmd = [sys.executable, "-m", "prefect", "--no-prompt", "deploy", "--prefect-file", str(REPO / "deployments" / "prefect.yaml")]
+    prefect_file = REPO / "deployments" / "prefect.yaml"
+    if not prefect_file.is_file():  # an installed wheel carries the package, not the repository's deployments/
+        raise SponError(f"spon deploy runs from a repository checkout: {prefect_file} does not exist")
+    cmd = [sys.executable, "-m", "prefect", "--no-prompt", "deploy", "--prefect-file", str(prefect_file)]
     cmd += [x for n in args.name for x in ("--name", n)] if args.name else ["--all"]
     env = {**os.environ, "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "DO_NOT_TRACK": "1"}
     from prefect.settings import PREFECT_API_URL
@@ -219,6 +227,8 @@ def register(sub) -> None:
     r = sub.add_parser("run", help="the spon_pipeline Prefect flow: method + MLflow + model store (embedded defaults)")
     add_config_args(r)
     r.add_argument("--out", default=None, help="output directory (default out/run)")
+    r.add_argument("--in-process", action="store_true",
+                   help="the method's stages in this process only: no Prefect, MLflow or model store")
     add_pipeline_args(r)
     r.set_defaults(func=cmd_run)
 

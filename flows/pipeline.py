@@ -8,14 +8,14 @@ from prefect import flow
 
 from spon.config import RunConfig
 
-from flows import results
-from tasks import (benchmark_kernels, build_calibration, compute_thresholds, distill_spon, evaluate, fetch_model,
+from spon.flows import results
+from spon.tasks import (benchmark_kernels, build_calibration, compute_thresholds, distill_spon, evaluate, fetch_model,
                    fuse, fused_model, publish, track_run)
-from tasks import evalsuite
-from tasks.evalsuite import lm_eval_suite, quantize_fused
-from tasks.track import mark_published
-from tasks.settings import PipelineSettings
-from tasks.workdir import text_files
+from spon.tasks import evalsuite
+from spon.tasks.evalsuite import lm_eval_suite, quantize_fused
+from spon.tasks.track import mark_published
+from spon.runtime.settings import PipelineSettings
+from spon.runtime.workdir import text_files
 
 
 @flow(name="spon_pipeline")
@@ -24,19 +24,18 @@ def spon_pipeline(config: RunConfig | None = None, settings: PipelineSettings | 
     cfg, settings = config or RunConfig(), settings or PipelineSettings()
     work = str(settings.resolved_work_dir(cfg.out))
     rt = {"device": cfg.device, "dtype": cfg.dtype, "work_dir": work}
-    heldout, targets = cfg.calibration.heldout_blocks, cfg.sparsity.targets
+    eval_files = text_files(cfg.eval.files)
 
     model = fetch_model(cfg.model, work, settings)
-    calib = build_calibration(model, cfg.calibration, text_files(cfg.calibration.files), targets, **rt)
-    thresholds = compute_thresholds(model, calib, cfg.sparsity, heldout, **rt)
-    alpha = distill_spon(model, calib, thresholds, cfg.distill, cfg.protocol, heldout, targets, **rt, progress=settings.progress)
-    fused = fuse(model, calib, thresholds, alpha, results.method_config(cfg), work)
-    ppl = evaluate(fused_model(fused), cfg.eval, text_files(cfg.eval.files), **rt)
+    calib = build_calibration(model, cfg.calibration, text_files(cfg.calibration.files), **rt)
+    thresholds = compute_thresholds(model, calib, cfg.sparsity, **rt)
+    alpha = distill_spon(model, calib, thresholds, cfg.distill, cfg.protocol, **rt, progress=settings.progress)
+    fused = fuse(model, calib, thresholds, alpha, cfg.protocol, **rt)
+    ppl = evaluate(fused_model(fused), cfg.eval, eval_files, **rt)
     bench = benchmark_kernels(cfg.sparsity.sparsity, work) if settings.bench else None
     # Optional stages over evaluation/ and spon/quantize.py (off by default).
-    eval_files = text_files(cfg.eval.files)
-    quant = (quantize_fused(fused_model(fused), settings.quantize, eval_files, cfg.eval.window, cfg.eval.stride,
-                            cfg.device, work) if settings.quantize else None)
+    quant = (quantize_fused(fused_model(fused), settings.quantize, cfg.eval, eval_files, cfg.device, work)
+             if settings.quantize else None)
     lm_eval = (lm_eval_suite(fused_model(fused), settings.lm_eval_tasks, settings.lm_eval_limit, settings.quantize,
                              eval_files[0] if eval_files else None, cfg.device, work) if settings.lm_eval_tasks else None)
 

@@ -11,10 +11,12 @@ from prefect.artifacts import create_markdown_artifact
 from spon.config import EvalConfig
 from spon.errors import SponError
 
-from tasks import evaluate, fetch_model, tracking
-from tasks.evaluate import EVAL_FILE
-from tasks.settings import PipelineSettings
-from tasks.workdir import read_json, text_files
+from spon.runtime import tracking
+
+from spon.tasks import evaluate, fetch_model
+from spon.stages import EVAL_FILE
+from spon.runtime.settings import PipelineSettings
+from spon.runtime.workdir import read_json, text_files
 
 DEFAULT_TEXT = "../shared/assets/data/tinystories/sample.txt"
 

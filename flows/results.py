@@ -10,39 +10,28 @@ from pathlib import Path
 from prefect.artifacts import create_markdown_artifact
 
 from spon.config import RunConfig
-from spon.run import summarize
-
-from tasks import evalsuite
-from tasks.distill import distill_result
-from tasks.fuse import FUSE_FILE, FUSED_SUBDIR
-from tasks.loading import ALPHA_FILE, DISTILL_FILE, THRESHOLDS_FILE
-from tasks.types import ModelRef, StageRef
-from tasks.workdir import link_tree, read_json
+from spon.runtime.refs import ModelRef, StageRef
+from spon.runtime.workdir import link_tree
+from spon.stages import ALPHA_FILE, DISTILL_FILE, THRESHOLDS_FILE, summarize
+from spon.tasks import evalsuite
 
 PPL_MODES = ("dense", "teal", "spon")
-
-
-def method_config(cfg: RunConfig) -> RunConfig:
-    """The config that determines the fused checkpoint: eval and out do not."""
-    return cfg.model_copy(update={"eval": type(cfg.eval)(), "out": ""})
 
 
 def collect(cfg: RunConfig, model: ModelRef, calib: StageRef, thresholds: StageRef, alpha: StageRef, fused: StageRef,
             ppl: StageRef, bench: StageRef | None, quant: StageRef | None = None,
             lm_eval: StageRef | None = None) -> tuple[dict, dict[str, str]]:
-    """summary.json content (spon.run.summarize) and the files to log as artifacts."""
+    """summary.json content (spon.stages.summarize) and the files to log as artifacts."""
     out = Path(cfg.out).resolve()
     out.mkdir(parents=True, exist_ok=True)
-    fused_dir = link_tree(Path(fused.dir) / FUSED_SUBDIR, out / "fused")
+    fused_dir = link_tree(Path(fused.dir), out / "fused")
     shutil.copyfile(Path(thresholds.dir) / THRESHOLDS_FILE, out / THRESHOLDS_FILE)
-    fuse_info = read_json(Path(fused.dir) / FUSE_FILE)
-    stages = (calib, thresholds, alpha, fused, ppl, bench, quant, lm_eval)
-    walls = {r.stage: r.wall_s for r in stages if r is not None}
-    summary = summarize(cfg.model_copy(update={"model": model.source}), read_json(Path(ppl.dir) / "eval.json"),
-                        distill_result(alpha), fuse_info["realized_sparsity_heldout"], fused_dir, walls)
+    stage_refs = (calib, thresholds, alpha, fused, ppl, bench, quant, lm_eval)
+    walls = {r.stage: r.wall_s for r in stage_refs if r is not None}
+    summary = summarize(cfg, model.source, calib.dir, thresholds.dir, alpha.dir, fused_dir, ppl.dir, walls)
     summary["model_digest"] = model.digest
-    summary["smoke_generation"] = {"prompt": fuse_info["smoke_prompt"], "text": fuse_info["smoke_generation"]}
-    summary["stage_dirs"] = {r.stage: r.dir for r in stages if r is not None}
+    summary["stage_keys"] = {r.stage: r.key for r in stage_refs if r is not None}
+    summary["stage_dirs"] = {r.stage: r.dir for r in stage_refs if r is not None}
     if quant is not None or lm_eval is not None:
         summary["eval_metrics"] = evalsuite.extra_metrics(quant, lm_eval)
     if bench is not None:

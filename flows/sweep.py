@@ -22,13 +22,13 @@ from prefect.artifacts import create_markdown_artifact
 from spon.config import RunConfig
 from spon.errors import SponError
 
-from flows import results
-from flows.pipeline import spon_pipeline
-from tasks import build_calibration, fetch_model
-from tasks import tracking
-from tasks.policies import IO_RETRIES, UNCACHED
-from tasks.settings import PipelineSettings
-from tasks.workdir import text_files
+from spon.flows import results
+from spon.flows.pipeline import spon_pipeline
+from spon.tasks import build_calibration, fetch_model
+from spon.runtime import tracking
+from spon.tasks.policies import IO_RETRIES, UNCACHED
+from spon.runtime.settings import PipelineSettings
+from spon.runtime.workdir import text_files
 
 
 @task(name="run_level", **UNCACHED)
@@ -99,8 +99,7 @@ def sparsity_sweep(sparsities: list[float] = [0.3, 0.5, 0.7], config: RunConfig 
 
         # Calibration does not depend on sparsity: build it once so the levels all hit its cache.
         model = fetch_model(cfg.model, str(work), settings)
-        build_calibration(model, cfg.calibration, text_files(cfg.calibration.files), cfg.sparsity.targets,
-                          cfg.device, cfg.dtype, str(work))
+        build_calibration(model, cfg.calibration, text_files(cfg.calibration.files), cfg.device, cfg.dtype, str(work))
         params = {"sparsity": sparsities, "cfg": unmapped(cfg), "settings": unmapped(settings), "parent_run_id": unmapped(parent)}
         resources = level_resources(cfg)
         with dask.annotate(resources=resources) if resources else nullcontext():

@@ -36,9 +36,11 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-import kernels
-from kernels import cpu_native
-from kernels import cpu_sparse_gemv as _cpu
+# Relative imports: the kernels run from a bare copy of the repository (kernels/bench_gpu.sh on a
+# GPU machine with nothing of ours installed) as well as installed as spon.kernels.
+from . import cpu_native
+from . import cpu_sparse_gemv as _cpu
+from . import prepare_weight, quantize_weight_int8, sparse_linear, sparse_linear_fused, sparse_linear_int8, sparse_linear_reference
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 # Llama-3-8B projections, written in->out: q/o, k/v, gate/up, down.
@@ -115,11 +117,11 @@ def bench_kernels(args, device: torch.device, timer: Timer, copy_bw: float, rows
             K, N = _parse_shape(shape)
             w = (torch.randn(N, K, generator=gen) / math.sqrt(K)).to(device=device, dtype=dtype)
             if int8:
-                wt, scales = kernels.quantize_weight_int8(w)
+                wt, scales = quantize_weight_int8(w)
                 wt, scales = wt.to(device), scales.to(device)
                 wbytes = 1
             else:
-                wt, scales = kernels.prepare_weight(w), None
+                wt, scales = prepare_weight(w), None
                 wbytes = w.element_size()
             for M in args.batches:
                 x = torch.randn(M, K, generator=gen).to(device=device, dtype=dtype)
@@ -136,14 +138,14 @@ def bench_kernels(args, device: torch.device, timer: Timer, copy_bw: float, rows
                     if int8:
 
                         def sparse():
-                            return kernels.sparse_linear_int8(x, wt, scales, None, tau)
+                            return sparse_linear_int8(x, wt, scales, None, tau)
                     else:
 
                         def sparse():
-                            return kernels.sparse_linear(x, wt, None, tau)
+                            return sparse_linear(x, wt, None, tau)
 
                     with torch.no_grad():
-                        err = (sparse().float() - kernels.sparse_linear_reference(x, w.t(), None, tau_f).float()).abs().max().item()
+                        err = (sparse().float() - sparse_linear_reference(x, w.t(), None, tau_f).float()).abs().max().item()
                         t_dense, t_sparse = timer.pair(dense, sparse)
                         min_dense, min_sparse = timer.last_min
                     dense_bytes = N * K * w.element_size()
@@ -192,7 +194,7 @@ LLAMA32_1B = dict(hidden=2048, intermediate=8192, layers=16, heads=32, kv_heads=
 class _Decoder:
     """Llama-style decoder stack (RMSNorm, GQA attention with RoPE + KV cache,
     SwiGLU MLP), random weights, plain tensors.  ``sparse=True`` routes the
-    attention/MLP projections through kernels.sparse_linear*."""
+    attention/MLP projections through sparse_linear*."""
 
     def __init__(self, cfg, dtype, device, layers, max_len, seed=0):
         self.cfg, self.dtype, self.device, self.max_len = cfg, dtype, device, max_len
@@ -214,7 +216,7 @@ class _Decoder:
                 down=lin(H, I),
             )
             for k in ("qkv", "o", "gate_up", "down"):
-                L[k + "_t"] = kernels.prepare_weight(L[k])
+                L[k + "_t"] = prepare_weight(L[k])
             self.layers.append(L)
         inv = 1.0 / (10000.0 ** (torch.arange(0, hd, 2, dtype=torch.float32) / hd))
         ang = torch.outer(torch.arange(max_len, dtype=torch.float32), inv)
@@ -247,8 +249,8 @@ class _Decoder:
             return torch.split(y, sizes, dim=-1) if sizes else y
         tau = self.thresholds[id(L)][name]
         if sizes:
-            return kernels.sparse_linear_fused(x, L[name + "_t"], sizes, None, tau)
-        return kernels.sparse_linear(x, L[name + "_t"], None, tau)
+            return sparse_linear_fused(x, L[name + "_t"], sizes, None, tau)
+        return sparse_linear(x, L[name + "_t"], None, tau)
 
     def forward(self, tokens, pos, sparse=False, record=None):
         c = self.cfg

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import torch
 
+from spon.config import CalibrationConfig
 from spon.errors import SponError
 
 DOC_SEPARATOR = "<|endoftext|>"
@@ -112,3 +113,28 @@ def sample_blocks(
             ids = torch.cat([ids, torch.multinomial(probs, 1, generator=gen)], dim=1)
         out.append(ids.cpu())
     return torch.cat(out)
+
+
+def build_calibration(model, tokenizer, cfg: CalibrationConfig) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token blocks [N, L] from the configured source, split once into (train, heldout).
+
+    The split is made here and stored with the blocks, so thresholds, distillation and the
+    held-out measurements of every entry point see the same blocks. `model` must be dense.
+    """
+    if cfg.source == "samples":
+        blocks = sample_blocks(model, tokenizer, cfg.num_blocks, cfg.block_len, cfg.seed, cfg.temperature)
+    elif cfg.source == "text":
+        blocks = text_blocks(tokenizer, cfg.files, cfg.block_len, cfg.num_blocks)
+    else:
+        if not cfg.dataset:
+            raise SponError("calibration source 'dataset' needs calibration.dataset")
+        blocks = dataset_blocks(tokenizer, cfg.dataset, cfg.block_len, cfg.num_blocks, cfg.dataset_config, cfg.split,
+                                cfg.text_field, cfg.data_files)
+    return split_heldout(blocks, cfg.heldout_blocks)
+
+
+def split_heldout(blocks: torch.Tensor, heldout: int) -> tuple[torch.Tensor, torch.Tensor]:
+    heldout = min(heldout, len(blocks) // 4)  # never starve training on tiny calibration sets
+    if len(blocks) - heldout < 1:
+        raise SponError(f"calibration data too short: {len(blocks)} block(s)")
+    return blocks[: len(blocks) - heldout], blocks[len(blocks) - heldout :]

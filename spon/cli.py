@@ -1,4 +1,5 @@
-"""`spon` command line. Every failure a user can cause prints one line and exits 2."""
+"""`spon` command line: every subcommand, registered here explicitly. Every failure a user can
+cause prints one line and exits 2; a missing optional dependency names the extra to install."""
 
 from __future__ import annotations
 
@@ -54,8 +55,9 @@ def config_from_args(args):
     return load_config(args.config, overrides)
 
 
-def cmd_run(args) -> int:
-    from spon.run import run
+def cmd_run_in_process(args) -> int:
+    """`spon run --in-process`: the method's chain (spon.stages.run) without Prefect, MLflow or a store."""
+    from spon.stages import run
 
     cfg = config_from_args(args)
     summary = run(cfg, progress=not args.quiet)
@@ -64,79 +66,54 @@ def cmd_run(args) -> int:
     return 0
 
 
-def cmd_calibrate(args) -> int:
-    """Calibration blocks + thresholds -> DIR/calibration.safetensors, DIR/thresholds.json."""
-    from safetensors.torch import save_file
+def _model(cfg) -> str:
+    from spon.model import default_model_path
 
-    from spon.model import load_model
-    from spon.run import build_calibration
-    from spon.sparse import sparsify
-    from spon.thresholds import compute_thresholds
+    return cfg.model or default_model_path()
+
+
+def cmd_calibrate(args) -> int:
+    """spon.stages.calibrate + spon.stages.thresholds -> DIR/calibration.safetensors, DIR/thresholds.json."""
+    from spon import stages
 
     cfg = config_from_args(args)
     out = Path(cfg.out)
-    model, tok = load_model(cfg.model, cfg.device, cfg.dtype, cfg.device_map)
-    sparsify(model, cfg.sparsity.targets)
-    blocks = build_calibration(model, tok, cfg.calibration)
-    taus, sp = compute_thresholds(model, blocks, cfg.sparsity.sparsity, cfg.sparsity.allocation, cfg.sparsity.greedy_step, cfg.sparsity.greedy_blocks)
     out.mkdir(parents=True, exist_ok=True)
-    save_file({"blocks": blocks.contiguous()}, str(out / "calibration.safetensors"))
-    (out / "thresholds.json").write_text(json.dumps({"thresholds": taus, "sparsities": sp, "config": cfg.model_dump()}, indent=2))
-    print(f"{len(blocks)} blocks x {blocks.shape[1]} tokens, {len(taus)} thresholds -> {out}")
+    stages.calibrate(_model(cfg), cfg.calibration, cfg.device, cfg.dtype, out)
+    stages.thresholds(_model(cfg), out, cfg.sparsity, cfg.device, cfg.dtype, out)
+    train, heldout = stages.calibration_blocks(out)
+    print(f"{len(train)} training + {len(heldout)} held-out blocks x {train.shape[1]} tokens, thresholds -> {out}")
     return 0
 
 
-def _load_calibrated(args, cfg):
-    from safetensors.torch import load_file
-
-    from spon.model import load_model
-    from spon.sparse import set_protocol, set_thresholds, sparsify
-
-    calib = Path(args.calib)
-    for f in ("calibration.safetensors", "thresholds.json"):
-        if not (calib / f).is_file():
-            raise SponError(f"{calib} has no {f}: run `spon calibrate --out {calib}` first")
-    model, tok = load_model(cfg.model, cfg.device, cfg.dtype, cfg.device_map)
-    taus = json.loads((calib / "thresholds.json").read_text())["thresholds"]
-    sparsify(model, sorted({n.split(".")[1] for n in taus}))
-    set_thresholds(model, taus)
-    set_protocol(model, cfg.protocol)
-    return model, tok, load_file(str(calib / "calibration.safetensors"))["blocks"]
-
-
 def cmd_distill(args) -> int:
-    from safetensors.torch import save_file
-
-    from spon.distill import distill
-    from spon.run import split_heldout
+    """spon.stages.distill on a calibrated directory -> DIR/alpha.safetensors, DIR/distill.json."""
+    from spon import stages
 
     cfg = config_from_args(args)
-    model, _, blocks = _load_calibrated(args, cfg)
-    train, heldout = split_heldout(blocks, cfg.calibration.heldout_blocks)
-    d = cfg.distill
     out = Path(cfg.out)
-    r = distill(model, train, heldout, steps=d.steps, lr=d.lr, batch_size=d.batch_size, grad_accum=d.grad_accum,
-                weight_decay=d.weight_decay, schedule=d.schedule, warmup=d.warmup, init=d.init, seed=d.seed,
-                checkpoint_dir=out / "alpha_checkpoints", checkpoint_every=d.checkpoint_every, progress=not args.quiet)
-    save_file({k: v.contiguous() for k, v in r.alphas.items()}, str(out / "alpha.safetensors"))
-    print(f"held-out KL: teal {r.heldout_kl_before:.4f} -> spon {r.heldout_kl_after:.4f}; alpha -> {out / 'alpha.safetensors'}")
+    out.mkdir(parents=True, exist_ok=True)
+    stages.distill(_model(cfg), args.calib, args.calib, cfg.distill, cfg.protocol, cfg.device, cfg.dtype, out,
+                   checkpoint_dir=out / "alpha_checkpoints", progress=not args.quiet)
+    d = stages.read_json(out / stages.DISTILL_FILE)
+    print(f"held-out KL: teal {d['heldout_kl_before']:.4f} -> spon {d['heldout_kl_after']:.4f} ({d['selection']}); "
+          f"alpha -> {out / stages.ALPHA_FILE}")
     return 0
 
 
 def cmd_fuse(args) -> int:
-    from safetensors.torch import load_file
-
-    from spon.fuse import save_fused
-    from spon.sparse import load_alphas
+    """spon.stages.fuse -> a fused checkpoint directory."""
+    from spon import stages
 
     cfg = config_from_args(args)
-    model, tok, _ = _load_calibrated(args, cfg)
-    if not Path(args.alpha).is_file():
-        raise SponError(f"alpha file does not exist: {args.alpha}")
-    load_alphas(model, load_file(args.alpha))
-    meta = {"sparsity": cfg.sparsity.sparsity, "protocol": cfg.protocol,
-            "provenance": {"source_model": cfg.model, "calibration_dir": str(args.calib), "alpha": str(args.alpha)}}
-    out = save_fused(model, tok, cfg.out, meta)
+    alpha = Path(args.alpha)
+    if not alpha.is_file():
+        raise SponError(f"alpha file does not exist: {alpha}")
+    if not (alpha.parent / stages.DISTILL_FILE).is_file():
+        raise SponError(f"{alpha.parent} has no {stages.DISTILL_FILE}: pass the alpha file `spon distill` wrote")
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    stages.fuse(_model(cfg), args.calib, args.calib, alpha.parent, cfg.protocol, cfg.device, cfg.dtype, out, source=_model(cfg))
     print(f"fused checkpoint -> {out}")
     return 0
 
@@ -188,11 +165,6 @@ def _add_model_dir_command(sub, name, func, helptext):
 
 
 def register_method_commands(sub) -> None:
-    r = sub.add_parser("run", help="calibrate -> thresholds -> distill -> fuse -> perplexity (in this process)")
-    add_config_args(r)
-    r.add_argument("--out", default=None, help="output directory (default out/run)")
-    r.set_defaults(func=cmd_run)
-
     c = sub.add_parser("calibrate", help="calibration blocks and thresholds")
     add_config_args(c)
     c.add_argument("--out", required=True)
@@ -216,49 +188,35 @@ def register_method_commands(sub) -> None:
 
 
 def register_bench(sub) -> None:
-    """`spon bench ...` forwards its arguments to kernels.bench (torch + triton only)."""
+    """`spon bench ...` forwards its arguments to spon.kernels.bench (torch + triton only)."""
     b = sub.add_parser("bench", help="kernel and decode benchmarks (kernels/bench.py; --help there)", add_help=False)
 
     def run_bench(args) -> int:
-        from kernels.bench import main as bench_main
+        from spon.kernels.bench import main as bench_main
 
         return bench_main(args.passthrough)
 
     b.set_defaults(func=run_bench)
 
 
-class _Subparsers:
-    """argparse's subparsers, but a later registration of a name replaces the earlier one, so a
-    plugin (e.g. the Prefect pipeline's `run`) can take over a method-level command."""
-
-    def __init__(self, action):
-        self._action = action
-
-    def add_parser(self, name, **kw):
-        self._action._name_parser_map.pop(name, None)
-        self._action._choices_actions[:] = [a for a in self._action._choices_actions if a.dest != name]
-        return self._action.add_parser(name, **kw)
-
-
-def plugin_registrars():
-    """Subcommands contributed by the other packages through the `spon.commands` entry point group
-    (evaluation, pipeline, kernels); the method itself depends on none of them."""
-    from importlib.metadata import entry_points
-
-    for ep in sorted(entry_points(group="spon.commands"), key=lambda e: e.name):
-        try:
-            yield ep.load()
-        except (ImportError, AttributeError) as e:  # an optional part is not installed: its commands are absent
-            logging.getLogger(__name__).debug("spon plugin %s unavailable: %s", ep.name, e)
+# Optional dependencies -> the extra that installs them (pyproject.toml), for a one-line error.
+EXTRAS = {"prefect": "pipeline", "prefect_dask": "pipeline", "dask": "pipeline", "distributed": "pipeline",
+          "mlflow": "pipeline", "boto3": "pipeline", "botocore": "pipeline", "matplotlib": "pipeline",
+          "lm_eval": "eval", "torchao": "eval", "triton": "kernels", "bitsandbytes": "nf4"}
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from spon.evaluation.cli import register as register_eval
+    from spon.flows.cli import register as register_pipeline
+
     p = argparse.ArgumentParser(prog="spon", description="TEAL activation sparsity + spontaneous neurons")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
-    sub = _Subparsers(p.add_subparsers(dest="command", required=True))
+    p.add_argument("-v", "--verbose", action="store_true", help="every log line (HTTP requests, library warnings)")
+    sub = p.add_subparsers(dest="command", required=True)
+    register_pipeline(sub)  # run, sweep, pull, publish, deploy
     register_method_commands(sub)
-    for register in plugin_registrars():
-        register(sub)
+    register_eval(sub)
+    register_bench(sub)
     return p
 
 
@@ -272,8 +230,15 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:
         return args.func(args)
-    except SponError as e:  # plugins raise SponError (or a subclass) for every user-caused failure
+    except SponError as e:  # every user-caused failure is a SponError (or a subclass)
         print(f"spon: error: {e}", file=sys.stderr)
+        return 2
+    except ModuleNotFoundError as e:
+        extra = EXTRAS.get((e.name or "").split(".")[0])
+        if extra is None:
+            raise
+        print(f"spon: error: `spon {args.command}` needs {e.name}, which is not installed: "
+              f"pip install 'spon[{extra}]'", file=sys.stderr)
         return 2
 
 

@@ -20,7 +20,7 @@ from torch import nn
 
 from spon.errors import SponError
 from spon.model import bias_slot, load_model
-from spon.sparse import SparseLinear, by_name, load_alphas, set_mode, set_protocol, set_thresholds, sparse_linears, sparsify
+from spon.sparse import SparseLinear, SparsifyConfig, sparse_linears, sparsify_
 
 log = logging.getLogger(__name__)
 SIDECAR = "spon.json"
@@ -29,12 +29,17 @@ FORMAT = "spon/1"
 
 
 @torch.no_grad()
-def fuse_alpha(model) -> None:
-    """In memory: bias <- b + W alpha for every sparse linear, so spon mode costs what teal costs."""
+def fuse_alpha(model, already_fused: set[str] = frozenset()) -> None:
+    """In memory: bias <- b + W alpha for every sparse linear, so spon mode costs what teal costs.
+    Names in `already_fused` come from a fused checkpoint whose bias holds b + W alpha already:
+    only W alpha is recorded, so dense and teal modes can undo it."""
     for m in sparse_linears(model):
         if m.fused:
             continue
         delta = weight_times_alpha(m)
+        if m.name in already_fused:
+            m.fused_delta = delta
+            continue
         w = m.linear.weight
         if m.linear.bias is None:
             m.linear.bias = nn.Parameter(torch.zeros(w.shape[0], dtype=w.dtype, device=w.device), requires_grad=False)
@@ -137,22 +142,13 @@ def load_sparse_model(model_dir: str | Path, device: str = "cpu", dtype: str = "
     """
     meta = read_sidecar(model_dir)
     model, tokenizer = load_model(str(model_dir), device=device, dtype=dtype, device_map=device_map)
-    sparsify(model, meta["targets"])
-    set_thresholds(model, meta["thresholds"])
-    alpha = load_file(str(Path(model_dir) / ALPHA_FILE))
-    load_alphas(model, alpha)
-    mods = by_name(model)
-    with torch.no_grad():
-        for name, m in mods.items():
-            delta = weight_times_alpha(m)
-            if meta["fused_in_checkpoint"].get(name, False):
-                m.fused_delta = delta  # the checkpoint's bias already holds b + W alpha
-            else:
-                # No bias slot in this architecture: fuse here, once, at load time.
-                if m.linear.bias is None:
-                    m.linear.bias = nn.Parameter(torch.zeros_like(delta), requires_grad=False)
-                m.linear.bias.copy_((m.linear.bias.double() + delta.double()).to(delta.dtype))
-                m.fused_delta = delta
-    set_mode(model, "spon")
-    set_protocol(model, meta.get("protocol", "all"))
+    sparsify_(model, SparsifyConfig.from_sidecar(meta, read_alpha(model_dir)))
     return model, tokenizer, meta
+
+
+def read_alpha(model_dir: str | Path) -> dict[str, torch.Tensor]:
+    path = Path(model_dir) / ALPHA_FILE
+    try:
+        return load_file(str(path))
+    except Exception as e:  # missing, truncated, not safetensors
+        raise SponError(f"cannot read alpha file {path}: {str(e).splitlines()[0] if str(e) else type(e).__name__}") from e

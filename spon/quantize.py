@@ -215,7 +215,7 @@ def load_quantized(model_dir: str | Path, device: str = "cpu"):
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     from spon.fuse import read_sidecar
-    from spon.sparse import set_mode, set_protocol, sparsify
+    from spon.sparse import SparsifyConfig, sparsify_
 
     d = Path(model_dir)
     if not (d / QUANT_META).is_file():
@@ -224,7 +224,8 @@ def load_quantized(model_dir: str | Path, device: str = "cpu"):
     meta = read_sidecar(d)
     config = AutoConfig.from_pretrained(d)
     model = AutoModelForCausalLM.from_config(config)  # skeleton; every persistent tensor is replaced below
-    sparsify(model, meta["targets"])
+    # Thresholds, alpha and the fused biases come with the state dict below.
+    sparsify_(model, SparsifyConfig(targets=meta["targets"], protocol=meta.get("protocol", "all"), mode="spon"))
     for m in sparse_linears(model):  # declare the buffer so the state dict key is accepted
         m.fused_delta = torch.empty(m.linear.out_features)
         if m.linear.bias is None:
@@ -242,6 +243,4 @@ def load_quantized(model_dir: str | Path, device: str = "cpu"):
     if tied:
         model.tie_weights()
     model.to(device).eval().requires_grad_(False)
-    set_mode(model, "spon")
-    set_protocol(model, meta.get("protocol", "all"))
     return model, AutoTokenizer.from_pretrained(d), meta

@@ -11,6 +11,7 @@ We wrap the model's nn.Linear modules rather than touching transformers' source.
 from __future__ import annotations
 
 from contextlib import contextmanager
+from dataclasses import dataclass, field
 from typing import Iterator
 
 import torch
@@ -18,6 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from spon.errors import SponError
+from spon.kernels.reference import keep_mask
 from spon.model import PROJECTIONS, find_projections
 
 MODES = ("dense", "teal", "spon")
@@ -73,8 +75,8 @@ class SparseLinear(nn.Module):
         bias = self.linear.bias if self.mode == "spon" else self._original_bias()
         if self.weight_t is not None and not torch.is_grad_enabled() and (self.mode == "teal" or self.fused):
             if self.count_zeros:
-                self._count(x.abs() > self.threshold)
-            from kernels import sparse_linear  # reads only the rows of W^T whose input survives
+                self._count(self.keep(x))
+            from spon.kernels import sparse_linear  # reads only the rows of W^T whose input survives
 
             return sparse_linear(x, self.weight_t, bias, self.threshold)
         # One mask per call, shared by the sparsifier and the zero counter (an elementwise pass
@@ -93,12 +95,57 @@ class SparseLinear(nn.Module):
         self.seen += keep.numel()
 
     def keep(self, x: torch.Tensor) -> torch.Tensor:
-        """1{|x| > tau}."""
-        return x.abs() > self.threshold
+        """1{|x| > tau}: the kernels' own test (compared in fp32, as calibration measured |x|), so
+        the torch path, the CPU op and the Triton kernel keep the same elements in bf16/fp16 too."""
+        return keep_mask(x, self.threshold)
 
     def S(self, x: torch.Tensor) -> torch.Tensor:
         """TEAL's sparsifier: x * 1{|x| > tau}."""
         return x * self.keep(x)
+
+
+@dataclass
+class SparsifyConfig:
+    """Everything that turns a loaded dense model into the sparse model: the one object every
+    loader builds (from a sidecar, a stage's files or a calibration in progress) and hands to
+    `sparsify_`.
+
+    thresholds: tau per "layer.kind" (None: leave them, e.g. before calibration).
+    alpha: the spontaneous-neuron vectors (None: leave them; zeros for a fresh model).
+    alpha_in_bias: names whose checkpoint bias already holds b + W alpha (a fused checkpoint);
+        with fuse=True every other alpha is fused into its bias now (b' = b + W alpha).
+    """
+
+    targets: list[str] = field(default_factory=lambda: list(PROJECTIONS))
+    thresholds: dict[str, float] | None = None
+    protocol: str = "all"
+    alpha: dict[str, torch.Tensor] | None = None
+    alpha_in_bias: dict[str, bool] = field(default_factory=dict)
+    fuse: bool = False
+    mode: str = "teal"
+
+    @classmethod
+    def from_sidecar(cls, meta: dict, alpha: dict[str, torch.Tensor]) -> "SparsifyConfig":
+        """A fused checkpoint: thresholds and alpha from its sidecar; alpha already in the biases
+        where the architecture has a slot, fused at load time elsewhere."""
+        return cls(targets=list(meta["targets"]), thresholds=meta["thresholds"], protocol=meta.get("protocol", "all"),
+                   alpha=alpha, alpha_in_bias=meta["fused_in_checkpoint"], fuse=True, mode="spon")
+
+
+def sparsify_(model, config: SparsifyConfig) -> list[SparseLinear]:
+    """Apply TEAL sparsity (and spontaneous neurons) to `model` in place, from one config object."""
+    mods = sparsify(model, config.targets)
+    set_protocol(model, config.protocol)
+    if config.thresholds is not None:
+        set_thresholds(model, config.thresholds)
+    if config.alpha is not None:
+        load_alphas(model, config.alpha)
+    if config.alpha_in_bias or config.fuse:
+        from spon.fuse import fuse_alpha  # fusion is its own concept; imported here to avoid a cycle
+
+        fuse_alpha(model, already_fused={n for n, v in config.alpha_in_bias.items() if v})
+    set_mode(model, config.mode)
+    return mods
 
 
 def sparsify(model, kinds=PROJECTIONS) -> list[SparseLinear]:
@@ -121,7 +168,7 @@ def use_kernels(model, enabled: bool = True) -> None:
     Same numbers within dtype tolerance; training and calibration always use torch."""
     for m in sparse_linears(model):
         if enabled:
-            from kernels import prepare_weight
+            from spon.kernels import prepare_weight
 
             m.weight_t = prepare_weight(m.linear.weight)
         else:

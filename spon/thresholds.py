@@ -11,6 +11,7 @@ import math
 
 import torch
 
+from spon.config import SparsityConfig
 from spon.errors import SponError
 from spon.sparse import SparseLinear, by_name, mode, set_thresholds, sparse_linears
 
@@ -165,25 +166,17 @@ def _capture_layer_inputs(model, layers, blocks: torch.Tensor):
     return captured
 
 
-def compute_thresholds(
-    model,
-    blocks: torch.Tensor,
-    sparsity: float,
-    allocation: str = "uniform",
-    greedy_step: float = 0.05,
-    greedy_blocks: int = 16,
-) -> tuple[dict[str, float], dict[str, float]]:
-    """Thresholds for every sparse linear. Returns (thresholds, per-projection sparsities)."""
-    sparsity = check_sparsity(sparsity)
+def compute_thresholds(model, blocks: torch.Tensor, cfg: SparsityConfig) -> tuple[dict[str, float], dict[str, float]]:
+    """Thresholds for every sparse linear, set on the model. Returns (thresholds, per-projection
+    sparsities)."""
+    sparsity = check_sparsity(cfg.sparsity)
     if len(blocks) == 0:
         raise SponError("calibration data is empty: no blocks")
     hists = collect_histograms(model, blocks)
-    if allocation == "uniform":
+    if cfg.allocation == "uniform":
         sp = {n: sparsity for n in hists}
-    elif allocation == "greedy":
-        sp = greedy_sparsities(model, hists, blocks[:greedy_blocks], sparsity, step=greedy_step)
     else:
-        raise SponError(f"unknown allocation {allocation!r}; choose 'uniform' or 'greedy'")
+        sp = greedy_sparsities(model, hists, blocks[: cfg.greedy_blocks], sparsity, step=cfg.greedy_step)
     taus = {n: threshold_from_histogram(hists[n], s) for n, s in sp.items()}
     set_thresholds(model, taus)
     return taus, sp

@@ -12,60 +12,45 @@ from __future__ import annotations
 
 import math
 import re
-import time
 from pathlib import Path
 
 from prefect import task
 
-from tasks.policies import STAGE
-from tasks.types import ModelRef, StageRef, TextFile
-from tasks.workdir import atomic_dir, read_json, stage_dir, stage_key, write_json
+from spon import stages
+from spon.config import EvalConfig
+from spon.runtime.refs import ModelRef, StageRef, TextFile
+from spon.runtime.workdir import read_json, stage_dir, write_json
+from spon.stages import QUANT_FILE
 
-QUANT_FILE = "quantize.json"
-
-
-@task(name="quantize", **STAGE)
-def quantize_fused(model: ModelRef, schemes: list[str], files: list[TextFile], window: int, stride: int,
-                   device: str, work_dir: str) -> StageRef:
-    from spon.fuse import load_sparse_model
-    from spon.perplexity import perplexities
-    from spon.quantize import quantize_model, quantized_weight_bytes, save_quantized
-
-    t0 = time.perf_counter()
-    final = stage_dir(work_dir, "quantize", stage_key(model.digest, sorted(schemes), files, window, stride, device))
-    with atomic_dir(final) as tmp:
-        out = {}
-        for scheme in schemes:
-            m, tok, _ = load_sparse_model(model.path, device)
-            before = quantized_weight_bytes(m)
-            info = quantize_model(m, scheme)
-            info["weight_bytes"] = {"before": before, "after": quantized_weight_bytes(m)}
-            if scheme != "nf4":  # nf4 is quantized on load, never saved (spon/quantize.py)
-                save_quantized(m, tok, tmp / scheme, model.path, info)
-            # perplexities: {file: {mode: {...}}}; the first eval file is the headline (as in spon.run)
-            ppl = perplexities(m, tok, [files[0].path], ("spon",), window, stride)[files[0].path] if files else {}
-            out[scheme] = {"info": info, "perplexity": {k: v["perplexity"] for k, v in ppl.items()}}
-        write_json(tmp / QUANT_FILE, out)
-    return StageRef(stage="quantize", dir=str(final), wall_s=round(time.perf_counter() - t0, 3))
+from .policies import run_stage, stage
 
 
-@task(name="lm_eval", **STAGE)
+@task(**stage("quantize"))
+def quantize_fused(model: ModelRef, schemes: list[str], cfg: EvalConfig, files: list[TextFile], device: str,
+                   work_dir: str) -> StageRef:
+    return run_stage("quantize", locals(), lambda out, key: stages.quantize(
+        model.path, schemes, cfg.model_copy(update={"files": [f.path for f in files]}), device, out))
+
+
+@task(**stage("lm_eval"))
 def lm_eval_suite(model: ModelRef, task_names: list[str], limit: float | None, quant: list[str],
                   fidelity: TextFile | None, device: str, work_dir: str) -> StageRef:
-    from evaluation.suite import run_suite
-    from evaluation.variants import parse_variants
+    inputs = dict(locals())  # the parameters only: what the cache key covers
+    from spon.evaluation.suite import run_suite
+    from spon.evaluation.variants import parse_variants
 
-    t0 = time.perf_counter()
     lim = None if limit is None else (int(limit) if limit >= 1 else limit)
     variants = parse_variants(",".join(["dense", "teal", "spon"] + [f"spon-{q}" for q in quant]))
-    final = stage_dir(work_dir, "lm_eval", stage_key(model.digest, task_names, lim, quant, fidelity, device))
-    with atomic_dir(final) as tmp:
+
+    def body(tmp: Path, key: str) -> None:
         run_suite(model.path, variants, task_names, tmp, lim, device=device, bootstrap_iters=0,
                   fidelity_text=fidelity.path if fidelity else tmp / "no-fidelity-text")
+        final = stage_dir(work_dir, "lm_eval", key)
         doc = read_json(tmp / "results.json")
         doc["outputs"] = {k: str(final / Path(p).name) for k, p in doc.get("outputs", {}).items()}
         write_json(tmp / "results.json", doc)
-    return StageRef(stage="lm_eval", dir=str(final), wall_s=round(time.perf_counter() - t0, 3))
+
+    return run_stage("lm_eval", inputs, body)
 
 
 def _name(s: str) -> str:

@@ -10,11 +10,11 @@ from prefect import task
 from spon.errors import SponError
 from spon.model import default_model_path
 
-from tasks import store, tracking
-from tasks.policies import IO_RETRIES, UNCACHED
-from tasks.settings import PipelineSettings
-from tasks.types import ModelRef
-from tasks.workdir import digest_dir
+from spon.runtime import store, tracking
+from spon.tasks.policies import IO_RETRIES, UNCACHED
+from spon.runtime.settings import PipelineSettings
+from spon.runtime.refs import ModelRef
+from spon.runtime.workdir import digest_dir
 
 
 def resolve_store_uri(source: str, settings: PipelineSettings) -> str:

@@ -6,10 +6,10 @@ from __future__ import annotations
 
 from prefect import task
 
-from tasks import store, tracking
-from tasks.policies import IO_RETRIES, UNCACHED
-from tasks.settings import PipelineSettings, registered_name
-from tasks.track import summary_metrics
+from spon.runtime import store, tracking
+from spon.tasks.policies import IO_RETRIES, UNCACHED
+from spon.runtime.settings import PipelineSettings, registered_name
+from spon.tasks.track import summary_metrics
 
 
 @task(name="publish", **UNCACHED, **IO_RETRIES)

@@ -20,10 +20,10 @@ from prefect import task
 
 from spon.errors import SponError
 
-from tasks import tracking
-from tasks.policies import IO_RETRIES, UNCACHED
-from tasks.settings import PipelineSettings
-from tasks.workdir import write_json
+from spon.runtime import tracking
+from spon.tasks.policies import IO_RETRIES, UNCACHED
+from spon.runtime.settings import PipelineSettings
+from spon.runtime.workdir import write_json
 
 log = logging.getLogger(__name__)
 TRACKED_RUN = "tracked_run.json"

@@ -7,8 +7,8 @@ import torch
 import torch.nn.functional as F
 from lm_eval.api.instance import Instance
 
-from evaluation.harness import evaluate_tasks, make_lm
-from evaluation.registry import build_tasks
+from spon.evaluation.harness import evaluate_tasks, make_lm
+from spon.evaluation.registry import build_tasks
 from spon.fuse import load_sparse_model
 from spon.sparse import mode
 
@@ -77,7 +77,7 @@ def test_sparse_loglikelihoods_differ_from_dense_and_match_a_direct_forward(spar
 
 
 def test_registry_substitutes_data_root_and_rejects_missing_data(tiny_task_dir, monkeypatch, tmp_path):
-    from evaluation.registry import discover
+    from spon.evaluation.registry import discover
     from spon.errors import SponError
 
     spec = discover([tiny_task_dir])["tiny_mc"]

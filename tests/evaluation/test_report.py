@@ -8,9 +8,9 @@ import re
 
 import pytest
 
-from evaluation.prepare import prepare
-from evaluation.suite import run_suite
-from evaluation.variants import parse_variants
+from spon.evaluation.prepare import prepare
+from spon.evaluation.suite import run_suite
+from spon.evaluation.variants import parse_variants
 from spon.errors import SponError
 
 

@@ -6,8 +6,8 @@ import pytest
 import torch
 from lm_eval.api.instance import Instance
 
-from evaluation import shared_context
-from evaluation.harness import make_lm
+from spon.evaluation import shared_context
+from spon.evaluation.harness import make_lm
 from spon.fuse import load_sparse_model
 from spon.sparse import mode
 

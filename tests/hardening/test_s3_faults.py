@@ -31,7 +31,7 @@ def _pending_uploads(s3, prefix: str) -> list:
 def test_transient_slowdown_and_dropped_part_are_retried(s3_endpoint, stories_path, tmp_path, monkeypatch):
     import boto3
 
-    from tasks import store
+    from spon.runtime import store
 
     s3 = boto3.client("s3")  # straight to moto
     monkeypatch.setattr(store, "MULTIPART_BYTES", 256 << 10)  # model.safetensors (1 MB) goes multipart
@@ -52,7 +52,7 @@ def test_transient_slowdown_and_dropped_part_are_retried(s3_endpoint, stories_pa
 def test_persistent_faults_fail_cleanly_then_publish_finishes(s3_endpoint, tmp_path, sample_txt):
     import boto3
 
-    from tasks import store
+    from spon.runtime import store
 
     s3 = boto3.client("s3")
     out, db, prefix = tmp_path / "out", tmp_path / "mlflow.db", "faulty/"

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
-import kernels
+import spon.kernels
 from helpers import assert_close, make_case
 
 ROOT = Path(__file__).resolve().parents[2]

@@ -3,9 +3,9 @@ import pytest
 import torch
 
 from helpers import assert_close, make_case, threshold_for
-from kernels import cpu_native as native
-from kernels import cpu_sparse_gemv as cpu
-from kernels.reference import (
+from spon.kernels import cpu_native as native
+from spon.kernels import cpu_sparse_gemv as cpu
+from spon.kernels.reference import (
     quantize_weight_int8,
     sparse_linear_fused_reference,
     sparse_linear_int8_reference,
@@ -94,7 +94,7 @@ def test_native_dtype_mask_equals_fp32_compare(dtype):
     """The CPU path compares |x| > floor_dtype(tau) in x's dtype; that must keep
     exactly the elements the fp32 compare keeps, for thresholds on, just above
     and just below representable values, and past the dtype's range."""
-    from kernels.reference import keep_mask
+    from spon.kernels.reference import keep_mask
 
     x = torch.randn(20000, generator=torch.Generator().manual_seed(0)).to(dtype)
     values = x.float().abs().unique()[::97].tolist()
@@ -197,8 +197,8 @@ _ARCH_CHECK = """
 import sys, torch
 sys.path.insert(0, {helpers!r})
 from helpers import assert_close, make_case, threshold_for
-from kernels.cpu_native import native_op
-from kernels.reference import quantize_weight_int8, sparse_linear_fused_reference
+from spon.kernels.cpu_native import native_op
+from spon.kernels.reference import quantize_weight_int8, sparse_linear_fused_reference
 op = native_op()
 assert op is not None, "build failed"
 torch.set_num_threads(2)
@@ -244,7 +244,7 @@ def test_native_build_survives_a_killed_build(tmp_path):
     build_dir.mkdir()
     (build_dir / "lock").write_text("")  # what a SIGKILLed build leaves
     env = dict(os.environ, TORCH_EXTENSIONS_DIR=str(tmp_path))
-    code = "from kernels.cpu_native import native_op; assert native_op() is not None; print('ok')"
+    code = "from spon.kernels.cpu_native import native_op; assert native_op() is not None; print('ok')"
     r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0 and r.stdout.strip() == "ok", r.stderr[-3000:]
 
@@ -257,9 +257,9 @@ def test_failed_build_warns_once_and_falls_back(tmp_path):
 
     code = """
 import warnings, torch
-from kernels.cpu_native import native_op
-from kernels.cpu_sparse_gemv import cpu_sparse_gemv
-from kernels.reference import sparse_linear_reference
+from spon.kernels.cpu_native import native_op
+from spon.kernels.cpu_sparse_gemv import cpu_sparse_gemv
+from spon.kernels.reference import sparse_linear_reference
 with warnings.catch_warnings(record=True) as w:
     warnings.simplefilter("always")
     x, wt = torch.randn(1, 300), torch.randn(300, 70)

@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from helpers import DTYPES, TRITON_DEVICES, assert_close, make_case, threshold_for
-from kernels.reference import (
+from spon.kernels.reference import (
     quantize_weight_int8,
     sparse_linear_fused_reference,
     sparse_linear_int8_reference,

@@ -14,8 +14,8 @@ def test_quantize_and_lm_eval_stages_logged(prefect_harness, mlflow_server, s3_e
     from mlflow import MlflowClient
     from prefect.client.orchestration import get_client
 
-    from flows.pipeline import spon_pipeline
-    from tasks.settings import PipelineSettings
+    from spon.flows.pipeline import spon_pipeline
+    from spon.runtime.settings import PipelineSettings
 
     assert PipelineSettings().quantize == [] and PipelineSettings().lm_eval_tasks == []  # off by default
     settings = PipelineSettings(work_dir=str(work_dir), tracking_uri=mlflow_server, store=f"s3://{BUCKET}/models",

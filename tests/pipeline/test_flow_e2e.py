@@ -16,7 +16,7 @@ STAGES = ("build_calibration", "compute_thresholds", "distill_spon", "fuse", "ev
 
 @pytest.fixture(scope="module")
 def settings(mlflow_server, s3_endpoint, work_dir):
-    from tasks.settings import PipelineSettings
+    from spon.runtime.settings import PipelineSettings
 
     return PipelineSettings(work_dir=str(work_dir), tracking_uri=mlflow_server, store=f"s3://{BUCKET}/models")
 
@@ -28,7 +28,7 @@ def cfg(tmp_path_factory, sample_txt):
 
 @pytest.fixture(scope="module")
 def first(prefect_harness, cfg, settings):
-    from flows.pipeline import spon_pipeline
+    from spon.flows.pipeline import spon_pipeline
 
     return spon_pipeline(cfg, settings)
 
@@ -70,7 +70,7 @@ def test_run_tracked_registered_and_stored(first, settings, cfg):
 def test_pull_by_alias_generates_identically(first, settings, tmp_path, monkeypatch, capsys):
     from spon.cli import main
     from spon.fuse import load_sparse_model
-    from tasks.fuse import greedy
+    from spon.tasks.fuse import greedy
 
     monkeypatch.setenv("MLFLOW_TRACKING_URI", settings.tracking_uri)
     dest = tmp_path / "pulled"
@@ -93,7 +93,7 @@ def task_states(flow_run_id) -> dict[str, str]:
 
 
 def test_rerun_same_inputs_is_cached(first, cfg, settings):
-    from flows.pipeline import spon_pipeline
+    from spon.flows.pipeline import spon_pipeline
 
     state = spon_pipeline(cfg, settings, return_state=True)
     second = state.result()
@@ -114,7 +114,7 @@ def test_rerun_same_inputs_is_cached(first, cfg, settings):
 
 
 def test_evaluate_registered_finds_no_drift(first, cfg, settings, tmp_path):
-    from flows.regression import evaluate_registered
+    from spon.flows.regression import evaluate_registered
 
     r = evaluate_registered(f"models:/{first['registered_model']}@candidate", cfg.eval, 0.01, str(tmp_path / "reg"), settings)
     assert r["recorded"] == first["perplexity"]["spon"]

@@ -7,7 +7,7 @@ from pathlib import Path
 
 
 def test_benchmark_kernels_small_cpu(tmp_path):
-    from tasks.bench import benchmark_kernels
+    from spon.tasks.bench import benchmark_kernels
 
     ref = benchmark_kernels.fn(0.5, str(tmp_path))
     result = json.loads((Path(ref.dir) / "bench_cpu.json").read_text())

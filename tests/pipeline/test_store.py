@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from spon.errors import SponError
-from tasks import store
+from spon.runtime import store
 
 
 def make_model(d: Path) -> Path:

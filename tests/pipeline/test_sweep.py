@@ -17,8 +17,8 @@ def test_sweep_three_levels_on_two_dask_workers(prefect_harness, mlflow_server, 
     from distributed import Client, LocalCluster
     from mlflow import MlflowClient
 
-    from flows.sweep import sparsity_sweep
-    from tasks.settings import PipelineSettings
+    from spon.flows.sweep import sparsity_sweep
+    from spon.runtime.settings import PipelineSettings
 
     # Started after the fixtures: the worker processes inherit AWS_ENDPOINT_URL etc. from os.environ.
     with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, host="127.0.0.1",

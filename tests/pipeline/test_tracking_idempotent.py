@@ -4,8 +4,8 @@ from __future__ import annotations
 
 
 def test_register_returns_the_runs_existing_version(tmp_path):
-    from tasks import tracking
-    from tasks.settings import PipelineSettings
+    from spon.runtime import tracking
+    from spon.runtime.settings import PipelineSettings
 
     s = PipelineSettings(work_dir=str(tmp_path / "work"), tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}")
     runs = []

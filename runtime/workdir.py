@@ -7,8 +7,6 @@ depends only on the stage inputs, so a rerun after SIGKILL resumes where the las
 
 from __future__ import annotations
 
-import hashlib
-import json
 import os
 import shutil
 import uuid
@@ -16,26 +14,10 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
 
-from pydantic import BaseModel
 
-from tasks.types import TextFile
-
-
-def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
-
-
-def digest_dir(path: str | Path) -> str:
-    """Content hash of a directory: relative paths and file hashes, in sorted order."""
-    root = Path(path)
-    h = hashlib.sha256()
-    for f in sorted(p for p in root.rglob("*") if p.is_file()):
-        h.update(f.relative_to(root).as_posix().encode() + b"\0" + sha256_file(f).encode() + b"\n")
-    return h.hexdigest()
+from spon.digest import digest_dir, sha256_file  # noqa: F401 - re-exported for the tasks
+from spon.runtime.refs import TextFile
+from spon.stages import read_json, write_json  # noqa: F401 - re-exported for the tasks
 
 
 def text_files(paths: list[str]) -> list[TextFile]:
@@ -45,15 +27,6 @@ def text_files(paths: list[str]) -> list[TextFile]:
         if not Path(p).is_file():
             raise SponError(f"text file does not exist: {p}")
     return [TextFile(path=str(Path(p).resolve()), sha256=sha256_file(p)) for p in paths]
-
-
-def stage_key(*parts) -> str:
-    """Stable hash of the stage inputs (pydantic models, dicts, scalars)."""
-    def plain(x):
-        return x.model_dump(mode="json") if isinstance(x, BaseModel) else x
-
-    blob = json.dumps([plain(p) for p in parts], sort_keys=True, default=str)
-    return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
 def stage_dir(work_dir: str | Path, stage: str, key: str) -> Path:
@@ -96,12 +69,3 @@ def link_tree(src: Path, dst: Path) -> Path:
         except OSError:
             shutil.copy2(f, target)
     return dst
-
-
-def write_json(path: Path, data) -> Path:
-    path.write_text(json.dumps(data, indent=2, sort_keys=True))
-    return path
-
-
-def read_json(path: str | Path):
-    return json.loads(Path(path).read_text())

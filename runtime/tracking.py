@@ -11,7 +11,7 @@ from __future__ import annotations
 import threading
 from pathlib import Path
 
-from tasks.settings import PipelineSettings
+from spon.runtime.settings import PipelineSettings
 
 _LOCK = threading.RLock()
 FUSED_ARTIFACT = "fused_model"

@@ -21,7 +21,7 @@ from pathlib import Path, PurePosixPath
 
 from spon.errors import SponError
 
-from tasks.workdir import sha256_file
+from spon.runtime.workdir import sha256_file
 
 MANIFEST = "manifest.json"
 FORMAT = "spon-store/1"

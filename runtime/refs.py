@@ -30,5 +30,6 @@ class StageRef(_Ref):
     """A finished stage: its directory in the work dir (named by the stage's cache key)."""
 
     stage: str
+    key: str  # runtime.cache.stage_key: names `dir` and is Prefect's cache key
     dir: str
     wall_s: float  # how long the stage took when it actually ran (not when served from cache)
