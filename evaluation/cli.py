@@ -28,27 +28,52 @@ def register(sub) -> None:
     p.set_defaults(func=cmd_eval)
 
 
-def cmd_eval(args) -> int:
-    import torch
+def check_args(args) -> None:
+    """Every argument and input of `spon eval`, before lm-eval is imported or anything written."""
+    from pathlib import Path
 
-    from spon.evaluation.suite import run_suite
+    from spon import inputs
+    from spon.errors import SponError
+
+    if args.threads < 1 or args.jobs < 1:
+        raise SponError("--threads and --jobs must be >= 1")
+    if args.limit is not None and not args.limit > 0:
+        raise SponError("--limit must be positive")
+    inputs.check_int(args.batch_size, "--batch-size", 1)
+    inputs.check_int(args.group_size, "--group-size", 1)
+    inputs.check_int(args.bootstrap_iters, "--bootstrap-iters", 0)
+    inputs.check_device(args.device)
+    for d in args.task_dir:
+        if not Path(d).is_dir():
+            raise SponError(f"--task-dir {d} is not a directory")
+    inputs.check_fused_dir(args.model_dir)
+    from spon.assets import assets_root
+
+    fidelity_text = assets_root() / "data" / "tinystories" / "sample.txt"  # = suite.FIDELITY_TEXT (suite imports lm_eval)
+    inputs.check_out_dir(args.out, [("the model directory", args.model_dir), ("the fidelity text", fidelity_text),
+                                    *(("the task directory", d) for d in args.task_dir)])
+
+
+def cmd_eval(args) -> int:
     from spon.evaluation.variants import parse_variants
     from spon.errors import SponError
 
-    for name in ("lm_eval", "httpx", "datasets", "urllib3", "filelock"):
-        logging.getLogger(name).setLevel(logging.WARNING)
-    if args.threads < 1 or args.jobs < 1:
-        raise SponError("--threads and --jobs must be >= 1")
-    torch.set_num_threads(args.threads)
-    limit = args.limit
-    if limit is not None:
-        if limit <= 0:
-            raise SponError("--limit must be positive")
-        limit = int(limit) if limit >= 1 else limit
     variants = parse_variants(args.variants)
     tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
     if not tasks:
         raise SponError("no tasks given")
+    check_args(args)
+
+    import torch
+
+    from spon.evaluation.suite import run_suite
+
+    for name in ("lm_eval", "httpx", "datasets", "urllib3", "filelock"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+    torch.set_num_threads(args.threads)
+    limit = args.limit
+    if limit is not None:
+        limit = int(limit) if limit >= 1 else limit
     doc = run_suite(args.model_dir, variants, tasks, args.out, limit, args.task_dir, args.batch_size, args.device,
                     args.bootstrap_iters, args.group_size, jobs=args.jobs, resume=args.resume)
     print(f"evaluated {len(doc['variants'])} variant(s) x {len(doc['tasks'])} task(s) in {doc['wall_s']:.0f}s")

@@ -99,25 +99,20 @@ def where_to_look(settings) -> str:
     return "\n".join(lines)
 
 
-def check_inputs(cfg) -> None:
-    """What the flow would only find out after starting Prefect and loading the model."""
-    c = cfg.calibration
-    m = cfg.model or ""
-    if m.startswith((".", "/", "~")) and not Path(m).expanduser().exists() and not m.startswith("models:/"):
-        raise SponError(f"model path does not exist: {m}")
-    if c.source == "text" and not c.files:
-        raise SponError("calibration source 'text' needs at least one file (--calib-files)")
-    if c.source == "dataset" and not c.dataset:
-        raise SponError("calibration source 'dataset' needs calibration.dataset (--calib-dataset)")
-    for f in [*(c.files if c.source == "text" else []), *cfg.eval.files]:
-        if not Path(f).is_file():
-            raise SponError(f"text file does not exist: {f}")
+def check_inputs(cfg, settings=None, config_path: str | None = None) -> None:
+    """What the flow would only find out after starting Prefect and loading the model (or after
+    calibrating, distilling and fusing): every input file, the model directory, the sequence
+    lengths against the model's context, the out and work dirs against the inputs."""
+    from spon.inputs import check_run
+
+    work = settings.resolved_work_dir(cfg.out) if settings is not None else None
+    check_run(cfg, config_path, pipeline=True, work_dir=work)
 
 
 def _prepare(args):
     cfg = config_from_args(args)
     settings = settings_from_args(args)
-    check_inputs(cfg)
+    check_inputs(cfg, settings, args.config)
     return cfg, settings
 
 
@@ -150,14 +145,17 @@ def check_dask_address(address: str | None) -> None:
 
 
 def cmd_sweep(args) -> int:
+    from spon.inputs import check_sparsities
+
     if args.out is None:
         args.out = "out/sweep"
+    levels = check_sparsities(args.sparsities)  # every level, before any level runs
     cfg, settings = _prepare(args)
     check_dask_address(settings.resolved_dask_address())
     from spon.flows.sweep import sparsity_sweep
 
     with embedded_env(settings.resolved_work_dir(cfg.out), args.refresh):
-        summaries = sparsity_sweep([float(s) for s in args.sparsities.split(",")], cfg, settings)
+        summaries = sparsity_sweep(levels, cfg, settings)
     for s in summaries:
         print(json.dumps({k: s[k] for k in ("sparsity", "perplexity", "version", "store_uri") if k in s}))
     print(f"plot:         {Path(cfg.out) / 'perplexity_vs_sparsity.png'}\n{where_to_look(settings)}")

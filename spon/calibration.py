@@ -18,7 +18,13 @@ def read_documents(path: str | Path) -> list[str]:
     path = Path(path)
     if not path.is_file():
         raise SponError(f"text file does not exist: {path}")
-    text = path.read_text(encoding="utf-8")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise SponError(f"text file {path} is not UTF-8 text (invalid byte 0x{e.object[e.start]:02x} "
+                        f"at offset {e.start})") from e
+    except OSError as e:
+        raise SponError(f"cannot read text file {path}: {e.strerror or type(e).__name__}") from e
     docs = [d.strip() for d in text.split(DOC_SEPARATOR)]
     return [d for d in docs if d]
 

@@ -48,7 +48,10 @@ def add_config_args(p: argparse.ArgumentParser) -> None:
 
 def config_from_args(args):
     from spon.config import load_config
+    from spon.inputs import check_text_file
 
+    if args.config is not None:  # load_config parses it; a binary or non-UTF-8 file is refused first
+        check_text_file(args.config, "config", allow_empty=True)
     overrides = {key: getattr(args, flag[2:].replace("-", "_")) for flag, (key, _, _) in CONFIG_FLAGS.items()}
     overrides["eval.files"] = args.eval_text
     overrides["out"] = getattr(args, "out", None)
@@ -57,10 +60,13 @@ def config_from_args(args):
 
 def cmd_run_in_process(args) -> int:
     """`spon run --in-process`: the method's chain (spon.stages.run) without Prefect, MLflow or a store."""
+    from spon import inputs
     from spon.stages import run
 
     cfg = config_from_args(args)
-    summary = run(cfg, progress=not args.quiet)
+    inputs.check_run(cfg, args.config)
+    with inputs.new_out_dir(cfg.out):
+        summary = run(cfg, progress=not args.quiet)
     print(json.dumps({k: summary[k] for k in ("model", "sparsity", "protocol", "realized_sparsity", "perplexity", "gap_closed", "fused_model_dir") if k in summary}, indent=2))
     print(f"summary: {Path(cfg.out) / 'summary.json'}")
     return 0
@@ -72,15 +78,28 @@ def _model(cfg) -> str:
     return cfg.model or default_model_path()
 
 
+def _check_stage(cfg, args, *inputs_, calib_len: int | None = None) -> None:
+    """What every stage command takes: device, dtype, model, the out dir against the inputs."""
+    from spon import inputs
+
+    inputs.check_device(cfg.device)
+    model = inputs.check_model(cfg, calib_len=calib_len)
+    inputs.check_out_dir(cfg.out, [("the model directory", model), ("the config file", args.config), *inputs_])
+
+
 def cmd_calibrate(args) -> int:
     """spon.stages.calibrate + spon.stages.thresholds -> DIR/calibration.safetensors, DIR/thresholds.json."""
     from spon import stages
 
+    from spon.inputs import check_calibration, new_out_dir
+
     cfg = config_from_args(args)
+    files = check_calibration(cfg.calibration)
+    _check_stage(cfg, args, *(("the calibration file", f) for f in files), calib_len=cfg.calibration.block_len)
     out = Path(cfg.out)
-    out.mkdir(parents=True, exist_ok=True)
-    stages.calibrate(_model(cfg), cfg.calibration, cfg.device, cfg.dtype, out)
-    stages.thresholds(_model(cfg), out, cfg.sparsity, cfg.device, cfg.dtype, out)
+    with new_out_dir(out):
+        stages.calibrate(_model(cfg), cfg.calibration, cfg.device, cfg.dtype, out)
+        stages.thresholds(_model(cfg), out, cfg.sparsity, cfg.device, cfg.dtype, out)
     train, heldout = stages.calibration_blocks(out)
     print(f"{len(train)} training + {len(heldout)} held-out blocks x {train.shape[1]} tokens, thresholds -> {out}")
     return 0
@@ -90,11 +109,14 @@ def cmd_distill(args) -> int:
     """spon.stages.distill on a calibrated directory -> DIR/alpha.safetensors, DIR/distill.json."""
     from spon import stages
 
+    from spon.inputs import check_calib_dir, new_out_dir
+
     cfg = config_from_args(args)
+    _check_stage(cfg, args, ("the --calib directory", check_calib_dir(args.calib)))
     out = Path(cfg.out)
-    out.mkdir(parents=True, exist_ok=True)
-    stages.distill(_model(cfg), args.calib, args.calib, cfg.distill, cfg.protocol, cfg.device, cfg.dtype, out,
-                   checkpoint_dir=out / "alpha_checkpoints", progress=not args.quiet)
+    with new_out_dir(out):
+        stages.distill(_model(cfg), args.calib, args.calib, cfg.distill, cfg.protocol, cfg.device, cfg.dtype, out,
+                       checkpoint_dir=out / "alpha_checkpoints", progress=not args.quiet)
     d = stages.read_json(out / stages.DISTILL_FILE)
     print(f"held-out KL: teal {d['heldout_kl_before']:.4f} -> spon {d['heldout_kl_after']:.4f} ({d['selection']}); "
           f"alpha -> {out / stages.ALPHA_FILE}")
@@ -105,26 +127,39 @@ def cmd_fuse(args) -> int:
     """spon.stages.fuse -> a fused checkpoint directory."""
     from spon import stages
 
+    from spon.inputs import check_alpha, check_calib_dir, new_out_dir
+
     cfg = config_from_args(args)
-    alpha = Path(args.alpha)
-    if not alpha.is_file():
-        raise SponError(f"alpha file does not exist: {alpha}")
-    if not (alpha.parent / stages.DISTILL_FILE).is_file():
-        raise SponError(f"{alpha.parent} has no {stages.DISTILL_FILE}: pass the alpha file `spon distill` wrote")
+    calib = check_calib_dir(args.calib)
+    alpha = check_alpha(args.alpha)
+    _check_stage(cfg, args, ("the --calib directory", calib), ("the alpha directory", alpha.parent))
     out = Path(cfg.out)
-    out.mkdir(parents=True, exist_ok=True)
-    stages.fuse(_model(cfg), args.calib, args.calib, alpha.parent, cfg.protocol, cfg.device, cfg.dtype, out, source=_model(cfg))
+    with new_out_dir(out):
+        stages.fuse(_model(cfg), args.calib, args.calib, alpha.parent, cfg.protocol, cfg.device, cfg.dtype, out,
+                    source=_model(cfg))
     print(f"fused checkpoint -> {out}")
     return 0
 
 
 def cmd_ppl(args) -> int:
+    from spon import inputs
+
+    if not args.eval_text:
+        raise SponError("ppl needs at least one --eval-text FILE")
+    inputs.check_window(args.window, args.stride)
+    inputs.check_device(args.device)
+    inputs.check_dtype(args.dtype)
+    for f in args.eval_text:
+        inputs.check_text_file(f, "eval text")
+    inputs.check_model_dir(args.model_dir)
+    if (Path(args.model_dir) / inputs.SIDECAR).is_file():
+        inputs.check_fused_dir(args.model_dir)
+    inputs.check_context(inputs.model_config(args.model_dir), args.model_dir, window=args.window, window_flag="--window")
+
     from spon.fuse import SIDECAR, load_sparse_model
     from spon.model import load_model
     from spon.perplexity import perplexities
 
-    if not args.eval_text:
-        raise SponError("ppl needs at least one --eval-text FILE")
     if (Path(args.model_dir) / SIDECAR).is_file():
         model, tok, meta = load_sparse_model(args.model_dir, args.device, args.dtype)
         modes, protocol = ("dense", "teal", "spon"), meta.get("protocol", "all")
@@ -137,6 +172,14 @@ def cmd_ppl(args) -> int:
 
 
 def cmd_generate(args) -> int:
+    from spon import inputs
+
+    inputs.check_int(args.max_new_tokens, "--max-new-tokens", 1)
+    inputs.check_device(args.device)
+    inputs.check_dtype(args.dtype)
+    inputs.check_fused_dir(args.model_dir)
+    inputs.check_context(inputs.model_config(args.model_dir), args.model_dir, new_tokens=args.max_new_tokens)
+
     import torch
 
     from spon.fuse import load_sparse_model

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from spon.calibration import blocks_from_stream, sample_blocks, text_blocks
-from spon.config import load_config
+from spon.config import DistillConfig, SparsityConfig, load_config
 from spon.distill import distill
 from spon.errors import SponError
 from spon.model import load_model
@@ -53,11 +53,11 @@ def test_nan_loss_stops_distillation(stories_path):
     model, tok = load_model(str(stories_path))
     sparsify(model)
     blocks = sample_blocks(model, tok, num_blocks=8, block_len=32, seed=0)
-    compute_thresholds(model, blocks, 0.5)
+    compute_thresholds(model, blocks, SparsityConfig(sparsity=0.5))
     with torch.no_grad():
         next(iter(by_name(model).values())).linear.weight[0, 0] = float("nan")
     with pytest.raises(SponError, match="distillation diverged: KL is nan at step 0"):
-        distill(model, blocks[:6], blocks[6:], steps=3, init="zeros", progress=False)
+        distill(model, blocks[:6], blocks[6:], DistillConfig(steps=3, init="zeros"), progress=False)
 
 
 @pytest.mark.parametrize(
@@ -94,6 +94,14 @@ def test_spon_run_end_to_end(stories_path, sample_txt, tmp_path):
     assert abs(s["realized_sparsity"] - 0.5) <= 0.02
     ppl = s["perplexity"]
     assert ppl["dense"] == pytest.approx(3.548, abs=0.005)
-    assert ppl["dense"] < ppl["spon"] < ppl["teal"]
-    assert s["heldout_kl"]["spon"] < s["heldout_kl"]["teal"]
+    # What the product guarantees: alpha is selected on the held-out calibration blocks, so SPON's
+    # held-out KL is never above TEAL's (alpha = 0 when no checkpoint beats TEAL) ...
+    assert s["heldout_kl"]["spon"] <= s["heldout_kl"]["teal"]
+    assert s["alpha_selection"]["selected_step"] in (None, *map(int, s["heldout_kl_by_step"]))
+    # ... and a SPON worse than TEAL on the evaluation text is said and never made champion.
+    worse = ppl["spon"] > ppl["teal"]
+    assert bool(s["quality_warnings"]) == worse
+    assert s["champion"] == (not worse)
+    # On this small run (both CPUs it was measured on) the selected alpha does beat TEAL.
+    assert ppl["dense"] < ppl["spon"] <= ppl["teal"]
     assert (out / "fused" / "model.safetensors").is_file()

@@ -30,8 +30,8 @@ import pytest
 
 from cli_helpers import TINY, cli_env
 
-STAGES = ["calibration", "thresholds", "distill", "fuse", "evaluate"]
-STAGE_KILLS = ["calibration", "thresholds", "fuse", "evaluate"]  # mid-distillation: test_resume_sigkill.py
+STAGES = ["calibrate", "thresholds", "distill", "fuse", "evaluate"]
+STAGE_KILLS = ["calibrate", "thresholds", "fuse", "evaluate"]  # mid-distillation: test_resume_sigkill.py
 PUBLISH_KILLS = ["tracked", "stored"]
 KILL_POINTS = STAGE_KILLS + PUBLISH_KILLS
 

@@ -56,7 +56,7 @@ def test_sigkill_during_distillation_then_resume(tmp_path, sample_txt):
     assert not (killed / "out" / "summary.json").exists()
     work = killed / "out" / "work"
     finished = {st: [(f, f.stat().st_ino, f.stat().st_mtime_ns) for f in sorted((work / st).rglob("*.*"))]
-                for st in ("calibration", "thresholds") if (work / st).is_dir()}
+                for st in ("calibrate", "thresholds") if (work / st).is_dir()}
     assert finished, sorted(p.name for p in work.iterdir())
 
     r = subprocess.run(command(killed, sample_txt), env=cli_env(), cwd=killed, capture_output=True, text=True, timeout=600)

@@ -11,7 +11,7 @@ import pytest
 
 from pipeline_helpers import BUCKET, tiny_config
 
-STAGES = ("build_calibration", "compute_thresholds", "distill_spon", "fuse", "evaluate")
+STAGES = ("calibrate", "thresholds", "distill", "fuse", "evaluate")
 
 
 @pytest.fixture(scope="module")
@@ -23,7 +23,7 @@ def settings(mlflow_server, s3_endpoint, work_dir):
 
 @pytest.fixture(scope="module")
 def cfg(tmp_path_factory, sample_txt):
-    return tiny_config(tmp_path_factory.mktemp("run"), sample_txt)
+    return tiny_config(tmp_path_factory.mktemp("run"), sample_txt, quality=True)
 
 
 @pytest.fixture(scope="module")
@@ -48,8 +48,9 @@ def test_run_tracked_registered_and_stored(first, settings, cfg):
     for k in ("perplexity_dense", "perplexity_teal", "perplexity_spon", "realized_sparsity", "heldout_kl_spon", "wall_s_distill"):
         assert k in m, k
     assert abs(m["perplexity_spon"] - first["perplexity"]["spon"]) < 1e-9
-    assert [x.step for x in c.get_metric_history(run.info.run_id, "kl")] == [0, 1]
-    assert run.data.params["sparsity.sparsity"] == "0.5" and run.data.params["distill.steps"] == "2"
+    assert [x.step for x in c.get_metric_history(run.info.run_id, "kl")] == list(range(40))
+    assert run.data.params["sparsity.sparsity"] == "0.5" and run.data.params["distill.steps"] == "40"
+    assert first["perplexity"]["spon"] < first["perplexity"]["teal"] and not first["quality_warnings"]
     top = {a.path for a in c.list_artifacts(run.info.run_id)}
     assert {"summary.json", "thresholds", "alpha", "distill", "fused_model"} <= top
     s3 = boto3.client("s3")
@@ -70,7 +71,7 @@ def test_run_tracked_registered_and_stored(first, settings, cfg):
 def test_pull_by_alias_generates_identically(first, settings, tmp_path, monkeypatch, capsys):
     from spon.cli import main
     from spon.fuse import load_sparse_model
-    from spon.tasks.fuse import greedy
+    from spon.stages import greedy
 
     monkeypatch.setenv("MLFLOW_TRACKING_URI", settings.tracking_uri)
     dest = tmp_path / "pulled"
