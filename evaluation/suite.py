@@ -90,6 +90,17 @@ def evaluate_unit(model_dir: str, variant: Variant, unit: str, task_dirs: list[s
     return done
 
 
+def _data_digest(task) -> str | None:
+    """What a task reads, by content (its data files and its config); the name of a built-in."""
+    from spon.digest import sha256_file
+
+    if isinstance(task, str):
+        return task
+    config = getattr(task, "config", None)
+    return json.dumps({"data": [sha256_file(p) for p in _data_files(task)],
+                       "config": str(config.to_dict() if hasattr(config, "to_dict") else config)}, sort_keys=True)
+
+
 def _resumed(out_dir, variant: Variant, unit: str, key: dict) -> dict | None:
     path = _checkpoint(out_dir, variant, unit)
     if not path.is_file():
@@ -108,12 +119,16 @@ def _init_worker():
         logging.getLogger(name).setLevel(logging.WARNING)
 
 
-def _data_bytes(task) -> int:
-    """Size of a built task's data files: the proxy for its cost used to start the big units
-    first (0 for lm-eval built-ins, given by name)."""
+def _data_files(task) -> list[Path]:
+    """A built task's local data files (none for lm-eval built-ins, given by name)."""
     files = (getattr(getattr(task, "config", None), "dataset_kwargs", None) or {}).get("data_files") or {}
     paths = [p for f in (files.values() if isinstance(files, dict) else [files]) for p in ([f] if isinstance(f, str) else f)]
-    return sum(Path(p).stat().st_size for p in paths if Path(p).is_file())
+    return [Path(p) for p in paths if Path(p).is_file()]
+
+
+def _data_bytes(task) -> int:
+    """Size of a built task's data files: the proxy for its cost used to start the big units first."""
+    return sum(p.stat().st_size for p in _data_files(task))
 
 
 def _variant_entry(variant: Variant, units: dict[str, dict]) -> dict:
@@ -165,7 +180,16 @@ def run_suite(
     meta = read_sidecar(model_dir)
     fid_path = Path(fidelity_text or FIDELITY_TEXT)
     units = [(v, u) for v in variants for u in [*task_names, *([FIDELITY] if fid_path.is_file() else [])]]
-    keys = {(v.name, u): {"model_dir": str(model_dir), "variant": v.name, "unit": u, "limit": limit} for v, u in units}
+    # A unit's checkpoint is reused only for the same model content and every option that changes
+    # its numbers: re-fusing into the same directory, another group size or task data recomputes.
+    from spon.digest import digest_dir, digest_path
+
+    common = {"model_digest": digest_dir(model_dir), "limit": limit, "batch_size": batch_size, "device": device,
+              "bootstrap_iters": bootstrap_iters, "group_size": group_size,
+              "task_dirs": [digest_path(d) for d in task_dirs if Path(d).exists()],
+              "tasks_data": {u: _data_digest(t) for u, t in tasks.items()},
+              "fidelity_text": digest_path(fid_path) if fid_path.is_file() else None}
+    keys = {(v.name, u): {**common, "variant": v.name, "unit": u} for v, u in units}
     done = {(v.name, u): d for v, u in units if resume and (d := _resumed(out_dir, v, u, keys[v.name, u])) is not None}
     # Biggest tasks first (data size as the proxy), so the last units to finish are short ones.
     size = {u: _data_bytes(t) for u, t in tasks.items()}

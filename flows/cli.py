@@ -65,7 +65,7 @@ def _comma(text: str | None) -> list[str] | None:
 
 
 @contextmanager
-def embedded_env(work_dir: Path, refresh: bool = False) -> Iterator[None]:
+def embedded_env(work_dir: Path, refresh: bool = False, verbose: bool = False) -> Iterator[None]:
     """Defaults for running without any service; explicit environment always wins.
 
     The environment is for subprocesses (the temporary Prefect server). Prefect itself read its
@@ -80,12 +80,20 @@ def embedded_env(work_dir: Path, refresh: bool = False) -> Iterator[None]:
         # Cache records live beside the stage outputs they point to: delete the work dir, lose both.
         # A path every Dask worker of a sweep sees too (the work dir has to be shared anyway).
         "PREFECT_LOCAL_STORAGE_PATH": str(work_dir / RESULTS_SUBDIR),
-        "PREFECT_LOGGING_LEVEL": "INFO",
+        # Prefect narrates every state change at INFO; spon prints one line per stage instead (-v: all).
+        "PREFECT_LOGGING_LEVEL": "INFO" if verbose else "WARNING",
     }
     for k, v in defaults.items():
         os.environ.setdefault(k, v)
     if refresh:
         os.environ["PREFECT_TASKS_REFRESH_CACHE"] = "true"
+    if not verbose:
+        os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")  # read when mlflow configures its logger
+        # Prefect set its loggers' levels from its logging config when it was imported; lower them now.
+        import logging
+
+        for name in ("prefect", "prefect.flow_runs", "prefect.task_runs", "prefect.server", "mlflow"):
+            logging.getLogger(name).setLevel(logging.WARNING)
     names = [*defaults, "PREFECT_TASKS_REFRESH_CACHE"]
     updates = {getattr(ps, k): os.environ[k] for k in names if k in os.environ and hasattr(ps, k)}
     with ps.temporary_settings(updates=updates):
@@ -124,9 +132,11 @@ def cmd_run(args) -> int:
     cfg, settings = _prepare(args)
     from spon.flows.pipeline import spon_pipeline
 
-    with embedded_env(settings.resolved_work_dir(cfg.out), args.refresh):
+    with embedded_env(settings.resolved_work_dir(cfg.out), args.refresh, args.verbose):
         summary = spon_pipeline(cfg, settings)
-    print(json.dumps({k: summary[k] for k in SHOWN if k in summary}, indent=2))
+    from spon.console import result_lines
+
+    print("\n".join(result_lines(summary)))
     print(f"summary:      {Path(cfg.out) / 'summary.json'}\n{where_to_look(settings)}")
     return 0
 
@@ -154,7 +164,7 @@ def cmd_sweep(args) -> int:
     check_dask_address(settings.resolved_dask_address())
     from spon.flows.sweep import sparsity_sweep
 
-    with embedded_env(settings.resolved_work_dir(cfg.out), args.refresh):
+    with embedded_env(settings.resolved_work_dir(cfg.out), args.refresh, args.verbose):
         summaries = sparsity_sweep(levels, cfg, settings)
     for s in summaries:
         print(json.dumps({k: s[k] for k in ("sparsity", "perplexity", "version", "store_uri") if k in s}))

@@ -399,34 +399,91 @@ def plot(result: dict, path: Path) -> bool:
 
 
 # ----------------------------------------------------------------------------- main
+class _Parser(argparse.ArgumentParser):
+    """A bad argument is one line, `spon: error: bench: ...`, and exit status 2, like every other
+    spon command (spon.errors is not imported here: kernels/ depends on torch and triton only)."""
+
+    def error(self, message):
+        self.exit(2, f"spon: error: bench: {message}\n")
+
+
+def _shape(s: str) -> str:
+    try:
+        k, n = _parse_shape(s)
+    except ValueError:
+        k = n = 0
+    if k < 1 or n < 1:
+        raise argparse.ArgumentTypeError(f"invalid shape {s!r}: expected INxOUT with positive sizes, e.g. 4096x14336")
+    return s
+
+
+def _sparsity(s: str) -> float:
+    try:
+        v = float(s)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{s!r} is not a number") from None
+    if not (math.isfinite(v) and 0.0 <= v < 1.0):
+        raise argparse.ArgumentTypeError(f"sparsity {s} is not in [0, 1)")
+    return v
+
+
+def _choice(*names: str):
+    def check(s: str) -> str:
+        if s not in names:
+            raise argparse.ArgumentTypeError(f"unknown dtype {s!r}: choose from {', '.join(names)}")
+        return s
+
+    return check
+
+
+def _at_least(minimum, kind=int, strict: bool = False):
+    """An int (or float) >= minimum (> minimum when strict)."""
+    def check(s: str):
+        try:
+            v = kind(s)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{s!r} is not {'an integer' if kind is int else 'a number'}") from None
+        if not math.isfinite(v) or v < minimum or (strict and v == minimum):
+            raise argparse.ArgumentTypeError(f"{s} must be {'>' if strict else '>='} {minimum}")
+        return v
+
+    return check
+
+
 def _csv(kind):
-    return lambda s: [kind(v) for v in s.split(",") if v]
+    def items(s: str) -> list:
+        out = [kind(v.strip()) for v in s.split(",") if v.strip()]
+        if not out:
+            raise argparse.ArgumentTypeError(f"empty list {s!r}")
+        return out
+
+    return items
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="spon bench", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = _Parser(prog="spon bench", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
-    p.add_argument("--shapes", type=_csv(str), default=LLAMA3_8B_SHAPES, help="in x out, comma separated")
-    p.add_argument("--dtypes", type=_csv(str), default=None, help="fp32,fp16,bf16,int8 (int8 = bf16 x, int8 Wᵀ); "
-                   "default fp16,bf16,int8 on cuda, fp32,bf16 on cpu")
-    p.add_argument("--batches", type=_csv(int), default=None, help="default 1,4,8 (cuda) / 1 (cpu)")
-    p.add_argument("--sparsities", type=_csv(float), default=SPARSITIES)
-    p.add_argument("--reps", type=int, default=15, help="CPU: minimum timed repetitions per point")
-    p.add_argument("--min-time", type=float, default=0.5, help="CPU: seconds per point (upper bound 20*reps)")
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    p.add_argument("--shapes", type=_csv(_shape), default=LLAMA3_8B_SHAPES, help="in x out, comma separated")
+    p.add_argument("--dtypes", type=_csv(_choice(*DTYPES, "int8")), default=None,
+                   help="fp32,fp16,bf16,int8 (int8 = bf16 x, int8 Wᵀ); default fp16,bf16,int8 on cuda, fp32,bf16 on cpu")
+    p.add_argument("--batches", type=_csv(_at_least(1)), default=None, help="default 1,4,8 (cuda) / 1 (cpu)")
+    p.add_argument("--sparsities", type=_csv(_sparsity), default=SPARSITIES, help="comma list in [0, 1)")
+    p.add_argument("--reps", type=_at_least(1), default=15, help="CPU: minimum timed repetitions per point")
+    p.add_argument("--min-time", type=_at_least(0, float, strict=True), default=0.5, help="CPU: seconds per point (upper bound 20*reps)")
+    p.add_argument("--threads", type=_at_least(1), default=None, help="torch CPU threads")
     p.add_argument("--cpu-path", default="native", choices=["native", "embedding_bag"],
                    help="CPU decode path: the native op (falls back to embedding_bag if it cannot be built) "
                    "or embedding_bag")
-    p.add_argument("--bag-rows", type=int, default=None, help="CPU path: surviving rows per embedding bag")
+    p.add_argument("--bag-rows", type=_at_least(1), default=None, help="CPU path: surviving rows per embedding bag")
     p.add_argument("--no-kernel", action="store_true", help="skip kernel-level benchmark")
     p.add_argument("--no-e2e", action="store_true", help="skip end-to-end decode benchmark")
-    p.add_argument("--e2e-dtypes", type=_csv(str), default=None, help="default bf16")
-    p.add_argument("--e2e-layers", type=int, default=None, help="decoder layers (default: all 16)")
-    p.add_argument("--e2e-tokens", type=int, default=None, help="decode steps (default 128 cuda / 16 cpu)")
-    p.add_argument("--e2e-prompt", type=int, default=8)
-    p.add_argument("--e2e-batch", type=int, default=1)
-    p.add_argument("--e2e-sparsity", type=float, default=0.5)
-    p.add_argument("--e2e-repeats", type=int, default=3)
+    p.add_argument("--e2e-dtypes", type=_csv(_choice(*DTYPES)), default=None, help="default bf16")
+    p.add_argument("--e2e-layers", type=_at_least(1), default=None, help="decoder layers (default: all 16)")
+    p.add_argument("--e2e-tokens", type=_at_least(1), default=None, help="decode steps (default 128 cuda / 16 cpu)")
+    p.add_argument("--e2e-prompt", type=_at_least(1), default=8)
+    p.add_argument("--e2e-batch", type=_at_least(1), default=1)
+    p.add_argument("--e2e-sparsity", type=_sparsity, default=0.5)
+    p.add_argument("--e2e-repeats", type=_at_least(1), default=3)
     p.add_argument("--out", default=None, help="output dir (default $OUT or runs/bench)")
     p.add_argument("--no-plot", action="store_true")
     return p
@@ -438,7 +495,7 @@ def main(argv: list[str] | None = None) -> int:
         args.device = "cuda" if torch.cuda.is_available() else "cpu"
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
-        print("--device cuda but no CUDA device", file=sys.stderr)
+        print("spon: error: bench: --device cuda but no CUDA device", file=sys.stderr)
         return 2
     gpu = device.type == "cuda"
     args.dtypes = args.dtypes or (["fp16", "bf16", "int8"] if gpu else ["fp32", "bf16"])

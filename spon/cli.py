@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
 import sys
 from pathlib import Path
 
@@ -61,14 +60,15 @@ def config_from_args(args):
 def cmd_run_in_process(args) -> int:
     """`spon run --in-process`: the method's chain (spon.stages.run) without Prefect, MLflow or a store."""
     from spon import inputs
+    from spon.console import result_lines, say, stage_line
     from spon.stages import run
 
     cfg = config_from_args(args)
-    inputs.check_run(cfg, args.config)
+    inputs.check_run(cfg, args.config)  # every input, before the first stage writes anything
     with inputs.new_out_dir(cfg.out):
-        summary = run(cfg, progress=not args.quiet)
-    print(json.dumps({k: summary[k] for k in ("model", "sparsity", "protocol", "realized_sparsity", "perplexity", "gap_closed", "fused_model_dir") if k in summary}, indent=2))
-    print(f"summary: {Path(cfg.out) / 'summary.json'}")
+        summary = run(cfg, progress=not args.quiet, on_stage=lambda name, s: say(stage_line(name, s)))
+    print("\n".join(result_lines(summary)))
+    print(f"summary:      {Path(cfg.out) / 'summary.json'}")
     return 0
 
 
@@ -79,7 +79,7 @@ def _model(cfg) -> str:
 
 
 def _check_stage(cfg, args, *inputs_, calib_len: int | None = None) -> None:
-    """What every stage command takes: device, dtype, model, the out dir against the inputs."""
+    """What every stage command takes: device, model, the out dir against the inputs."""
     from spon import inputs
 
     inputs.check_device(cfg.device)
@@ -270,7 +270,9 @@ def main(argv: list[str] | None = None) -> int:
         args.passthrough = extra
     elif extra:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
-    logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    from spon.console import configure
+
+    configure(verbose=args.verbose, quiet=args.quiet)
     try:
         return args.func(args)
     except SponError as e:  # every user-caused failure is a SponError (or a subclass)

@@ -9,6 +9,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from spon.calibration import sample_blocks
+from spon.config import DistillConfig, SparsityConfig
 from spon.distill import distill
 from spon.errors import SponError
 from spon.fuse import ALPHA_FILE, SIDECAR, load_sparse_model, save_fused
@@ -32,9 +33,11 @@ def test_whole_chain(arch, tiny_models, tmp_path):
     mods = sparsify(model)
     assert len(mods) == 2 * 7
     blocks = sample_blocks(model, tok, num_blocks=24, block_len=32, seed=0)
-    compute_thresholds(model, blocks[:16], 0.5)
-    r = distill(model, blocks[:16], blocks[16:], steps=16, lr=5e-3, warmup=2, batch_size=8, init="zeros", progress=False)
+    compute_thresholds(model, blocks[:16], SparsityConfig(sparsity=0.5))
+    cfg = DistillConfig(steps=16, lr=5e-3, warmup=2, batch_size=8, init="zeros")
+    r = distill(model, blocks[:16], blocks[16:], cfg, progress=False)
     assert r.heldout_kl_after < r.heldout_kl_before
+    assert r.selected_step is not None and r.heldout_kl_after == min(r.heldout_kl_by_step.values())
 
     set_mode(model, "spon")
     out = save_fused(model, tok, tmp_path / arch, {"sparsity": 0.5, "protocol": "all"})

@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 
 from spon.calibration import sample_blocks
+from spon.config import SparsityConfig
 from spon.fuse import fuse_alpha
 from spon.model import load_model
 from spon.sparse import by_name, load_alphas, set_mode, sparsify, use_kernels
@@ -16,7 +17,7 @@ def test_cpu_kernel_path_matches_torch_and_generates_the_same_text(stories_path)
     model, tok = load_model(str(stories_path))
     sparsify(model)
     blocks = sample_blocks(model, tok, num_blocks=16, block_len=64, seed=0)
-    compute_thresholds(model, blocks, 0.5)
+    compute_thresholds(model, blocks, SparsityConfig(sparsity=0.5))
     g = torch.Generator().manual_seed(0)
     load_alphas(model, {m.name: torch.randn(m.linear.in_features, generator=g) * 0.05 for m in by_name(model).values()})
     fuse_alpha(model)

@@ -65,6 +65,7 @@ def fused_dir(tmp_path_factory, stories_path) -> Path:
     """stories260K at 50% uniform sparsity with the closed-form alpha (spon's distillation init:
     a real, cheap alpha; no training steps), fused and saved."""
     from spon.calibration import sample_blocks
+    from spon.config import SparsityConfig
     from spon.fuse import save_fused
     from spon.model import load_model
     from spon.distill import closed_form_alpha
@@ -75,7 +76,7 @@ def fused_dir(tmp_path_factory, stories_path) -> Path:
     model, tok = load_model(str(stories_path))
     sparsify(model)
     blocks = sample_blocks(model, tok, num_blocks=16, block_len=64, seed=0)
-    taus, _ = compute_thresholds(model, blocks, 0.5)
+    taus, _ = compute_thresholds(model, blocks, SparsityConfig(sparsity=0.5))
     set_thresholds(model, taus)
     load_alphas(model, closed_form_alpha(model, blocks))
     return save_fused(model, tok, tmp_path_factory.mktemp("fused") / "fused", {"sparsity": 0.5, "protocol": "all"})

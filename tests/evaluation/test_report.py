@@ -78,11 +78,14 @@ def test_hellaswag_conversion_is_deterministic(tmp_path):
     assert prepare(spec).read_bytes() == first
 
 
-def test_cli_rejects_bad_input_with_exit_2(tmp_path, capsys):
+def test_cli_rejects_bad_input_with_exit_2(tmp_path, capsys, stories_path):
     from spon.cli import main
 
     assert main(["eval", str(tmp_path), "--variants", "dense"]) == 2
-    assert "not a fused spon model" in capsys.readouterr().err
+    assert "is not a model directory" in capsys.readouterr().err
+    # A real model directory that was never fused (no spon.json) is refused by name.
+    assert main(["eval", str(stories_path), "--variants", "dense"]) == 2
+    assert "is not a spon model" in capsys.readouterr().err
     assert main(["eval", str(tmp_path), "--variants", "spon-fp3"]) == 2
 
 

@@ -4,6 +4,7 @@ Cases run concurrently (a few processes at a time) in one module fixture."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import subprocess
@@ -12,6 +13,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
+import torch
 
 from pipeline_helpers import free_port
 from spon.assets import assets_root
@@ -19,12 +21,17 @@ from spon.assets import assets_root
 REPO = Path(__file__).resolve().parents[2]
 ASSETS = assets_root()
 STORIES = ASSETS / "models" / "stories260K"
+SAMPLE = str(ASSETS / "data" / "tinystories" / "sample.txt")
 
 # (id, argv with {T} = case's tmp dir and {OUT} = the out dir that must stay absent, expected substring)
 RUN = ["run", "--out", "{OUT}", "--work-dir", "{OUT}/work", "--tracking-uri", "sqlite:///{T}/mlflow.db", "--store", "{T}/store"]
 CAL = ["calibrate", "--out", "{OUT}"]
 SWEEP = ["sweep", "--sparsities", "0.3,0.5", "--out", "{OUT}", "--work-dir", "{OUT}/work", "--tracking-uri", "sqlite:///{T}/sweep.db",
          "--store", "{T}/store"]
+# A sweep whose registry and store would lie in the out dir: out staying absent shows nothing was run, registered or stored.
+SWEEP_IN_OUT = ["sweep", "--out", "{OUT}", "--work-dir", "{OUT}/work", "--tracking-uri", "sqlite:///{OUT}/sweep.db", "--store", "{OUT}/store"]
+PPL = ["ppl", str(STORIES), "--eval-text", SAMPLE]
+FUSE = ["fuse", "--calib", "{T}/fakecal", "--alpha", "{T}/goodalpha/alpha.safetensors"]
 CASES = [
     ("unknown-key", RUN + ["--config", "{T}/unknown.json"], "bogus: Extra inputs are not permitted"),
     ("unknown-nested-key", RUN + ["--config", "{T}/nested.json"], "distill.stepz: Extra inputs"),
@@ -74,6 +81,79 @@ CASES = [
     ("publish-not-a-result", ["publish", "{T}/store-empty"], "has no summary.json"),
     ("sweep-dask-workers-zero", SWEEP + ["--dask-workers", "0"], "dask_workers"),
     ("sweep-dask-unreachable", SWEEP + ["--dask-address", "tcp://127.0.0.1:{DEAD}"], "cannot reach the Dask scheduler at tcp://127.0.0.1:"),
+    # item 9: non-UTF-8 or binary text files, at every entry point that reads one
+    ("eval-text-binary", RUN + ["--eval-text", "{T}/binary.txt"], "binary.txt is binary, not text (NUL byte at offset 2)"),
+    ("eval-text-latin1", RUN + ["--eval-text", "{T}/latin1.txt"], "latin1.txt is not UTF-8 text (invalid byte 0xe9 at offset 3)"),
+    ("eval-text-latin1-in-process", RUN + ["--in-process", "--eval-text", "{T}/latin1.txt"], "latin1.txt is not UTF-8"),
+    ("calib-file-binary", CAL + ["--calib-source", "text", "--calib-files", "{T}/binary.txt"], "calibration data file"),
+    ("calib-file-latin1-run", RUN + ["--calib-source", "text", "--calib-files", "{T}/latin1.txt"], "latin1.txt is not UTF-8"),
+    ("config-binary", RUN + ["--config", "{T}/binary.yaml"], "config file"),
+    ("ppl-eval-text-latin1", ["ppl", str(STORIES), "--eval-text", "{T}/latin1.txt"], "latin1.txt is not UTF-8"),
+    ("ppl-eval-text-empty", ["ppl", str(STORIES), "--eval-text", "{T}/empty.txt"], "eval text is empty"),
+    # item 9: numbers that crashed deep inside
+    ("ppl-window-one", PPL + ["--window", "1"], "--window must be >= 2"),
+    ("ppl-stride-over-window", PPL + ["--window", "64", "--stride", "128"], "--stride must be in [1, --window 64]"),
+    ("run-stride-over-window", RUN + ["--eval-text", SAMPLE, "--window", "64", "--stride", "128"], "--stride must be in"),
+    ("generate-zero-tokens", ["generate", "{T}/fakefused", "--prompt", "hi", "--max-new-tokens", "0"], "--max-new-tokens must be >= 1, got 0"),
+    ("generate-negative-tokens", ["generate", "{T}/fakefused", "--prompt", "hi", "--max-new-tokens", "-5"], "--max-new-tokens must be >= 1, got -5"),
+    ("generate-not-fused", ["generate", str(STORIES), "--prompt", "hi"], "is not a spon model: no spon.json"),
+    # item 9: directories that are not models, broken weights
+    ("ppl-not-a-model-empty-dir", ["ppl", "{T}/store-empty", "--eval-text", SAMPLE], "store-empty is not a model directory: it has no config.json"),
+    ("ppl-not-a-model-config", ["ppl", "{T}/badconfig", "--eval-text", SAMPLE], "is not a usable model config"),
+    ("model-truncated", CAL + ["--model", "{T}/truncated"], "model.safetensors: truncated"),
+    ("model-zero-byte", CAL + ["--model", "{T}/zerobyte"], "model.safetensors: the file is empty (0 bytes)"),
+    ("model-is-weights-file", CAL + ["--model", "{T}/zerobyte/model.safetensors"], "is a file, not a model directory"),
+    ("run-model-truncated", RUN + ["--model", "{T}/truncated"], "model.safetensors: truncated"),
+    ("ppl-model-truncated", ["ppl", "{T}/truncated", "--eval-text", SAMPLE], "model.safetensors: truncated"),
+    ("fuse-corrupt-alpha", FUSE[:3] + ["--alpha", "{T}/badalpha/alpha.safetensors", "--out", "{OUT}"], "cannot read alpha file"),
+    ("fuse-calib-not-calibrated", ["fuse", "--calib", "{T}/store-empty", "--alpha", "{T}/goodalpha/alpha.safetensors", "--out", "{OUT}"],
+     "has no calibration.safetensors"),
+    ("distill-calib-not-calibrated", ["distill", "--calib", "{T}/store-empty", "--out", "{OUT}"], "has no calibration.safetensors"),
+    # item 9: --out that is an existing file or read-only
+    ("eval-out-file", ["eval", "{T}/fakefused", "--out", "{T}/file.out"], "file.out is an existing file, not a directory"),
+    ("fuse-out-file", FUSE + ["--out", "{T}/file.out"], "file.out is an existing file, not a directory"),
+    ("run-out-file", RUN + ["--out", "{T}/file.out"], "file.out is an existing file, not a directory"),
+    ("run-in-process-out-file", ["run", "--in-process", "--out", "{T}/file.out"], "file.out is an existing file"),
+    ("calibrate-out-read-only", CAL + ["--out", "{T}/readonly/out"], "readonly is read-only"),
+    ("run-out-read-only", RUN + ["--out", "{T}/readonly/out"], "readonly is read-only"),
+    ("eval-out-read-only", ["eval", "{T}/fakefused", "--out", "{T}/readonly/out"], "readonly is read-only"),
+    # item 9: devices
+    ("device-gpu", RUN + ["--device", "gpu"], "unknown device 'gpu'"),
+    ("calibrate-device-gpu", CAL + ["--device", "gpu"], "unknown device 'gpu'"),
+    ("ppl-device-gpu", PPL + ["--device", "gpu"], "unknown device 'gpu'"),
+    ("eval-device-gpu", ["eval", "{T}/fakefused", "--out", "{OUT}", "--device", "gpu"], "unknown device 'gpu'"),
+    *([("device-cuda-cpu-torch", CAL + ["--device", "cuda"], "--device cuda:"),
+       ("run-device-cuda-cpu-torch", RUN + ["--device", "cuda"], "--device cuda:")] if not torch.cuda.is_available() else []),
+    # item 9: kernels/bench.py arguments
+    ("bench-shapes", ["bench", "--shapes", "abc"], "invalid shape 'abc'"),
+    ("bench-sparsities", ["bench", "--sparsities", "1.5"], "sparsity 1.5 is not in [0, 1)"),
+    ("bench-batches-zero", ["bench", "--batches", "0"], "--batches: 0 must be >= 1"),
+    # 8(d): every input checked before the first stage
+    ("run-model-no-config", RUN + ["--model", "{T}/store-empty"], "is not a model directory"),
+    ("run-in-process-model-no-config", RUN + ["--in-process", "--model", "{T}/store-empty"], "is not a model directory"),
+    # 8(e): sequence lengths beyond the model's context
+    ("run-window-over-context", RUN + ["--eval-text", SAMPLE, "--window", "2048", "--stride", "256"],
+     "2048 exceeds the model's max_position_embeddings 512"),
+    ("run-window-over-context-no-eval-text", RUN + ["--window", "2048"], "2048 exceeds the model's max_position_embeddings 512"),
+    ("calib-len-over-context", CAL + ["--calib-len", "700"], "--calib-len (calibration.block_len) 700 exceeds the model's max_position_embeddings 512"),
+    ("run-calib-len-over-context", RUN + ["--calib-len", "700"], "700 exceeds the model's max_position_embeddings 512"),
+    ("run-in-process-calib-len-over-context", RUN + ["--in-process", "--calib-len", "700"], "700 exceeds"),
+    ("ppl-window-over-context", PPL + ["--window", "2048"], "--window 2048 exceeds the model's max_position_embeddings 512"),
+    ("generate-beyond-context", ["generate", "{T}/fakefused", "--prompt", "hi", "--max-new-tokens", "5000"], "--max-new-tokens 5000 exceeds"),
+    # 8(f): an empty model name is not the embedded default
+    ("model-empty-run", RUN + ["--model", ""], "empty model name"),
+    ("model-empty-calibrate", CAL + ["--model", ""], "empty model name"),
+    ("model-empty-config", RUN + ["--config", "{T}/model_empty.json"], "empty model name"),
+    ("model-empty-sweep", SWEEP_IN_OUT + ["--model", ""], "empty model name"),
+    # 8(g): every sweep level before any level runs (registry and store would be created in OUT)
+    ("sweep-level-out-of-range", SWEEP_IN_OUT + ["--sparsities", "0.5,1.5"], "--sparsities: 1.5 is not a sparsity in [0, 1)"),
+    ("sweep-level-negative", SWEEP_IN_OUT + ["--sparsities", "-0.1,0.5"], "-0.1 is not a sparsity"),
+    ("sweep-level-nan", SWEEP_IN_OUT + ["--sparsities", "0.5,nan"], "nan is not a sparsity"),
+    ("sweep-level-duplicate", SWEEP_IN_OUT + ["--sparsities", "0.5,0.3,0.5"], "0.5 and 0.5 are the same level (s0.50)"),
+    ("sweep-level-same-dir", SWEEP_IN_OUT + ["--sparsities", "0.501,0.502"], "0.501 and 0.502 are the same level (s0.50)"),
+    ("sweep-levels-empty", SWEEP_IN_OUT + ["--sparsities", ""], "no sparsity levels"),
+    ("sweep-level-empty-item", SWEEP_IN_OUT + ["--sparsities", "0.3,,0.5"], "empty item"),
+    ("sweep-level-not-number", SWEEP_IN_OUT + ["--sparsities", "0.3,abc"], "'abc' is not a number"),
 ]
 
 
@@ -88,9 +168,37 @@ def _tiny_models(t: Path) -> None:
     tok.save_pretrained(t / "gpt2")
     small = AutoModelForCausalLM.from_config(AutoConfig.for_model(
         "llama", vocab_size=100, hidden_size=16, intermediate_size=24, num_hidden_layers=1, num_attention_heads=2,
-        num_key_value_heads=1, max_position_embeddings=64))
+        num_key_value_heads=1, max_position_embeddings=256))  # holds the default calibration.block_len (128)
     small.save_pretrained(t / "tokmismatch")
     tok.save_pretrained(t / "tokmismatch")
+
+
+def _model_copies(t: Path) -> None:
+    """Copies of stories260K with broken parts, a fake calibration dir, alpha dirs and a fused-looking dir."""
+    import shutil
+
+    from safetensors.torch import save_file
+
+    def copy(name):
+        shutil.copytree(STORIES, t / name, copy_function=shutil.copyfile)  # the assets are read-only
+        return t / name
+
+    w = copy("truncated") / "model.safetensors"
+    w.write_bytes(w.read_bytes()[: w.stat().st_size // 2])
+    (copy("zerobyte") / "model.safetensors").write_bytes(b"")
+    (copy("badconfig") / "config.json").write_text(json.dumps({"hidden_size": 64}))
+    fused = copy("fakefused")
+    (fused / "spon.json").write_text(json.dumps({"format": "spon/1", "thresholds": {}, "targets": []}))
+    save_file({"0.q": torch.zeros(64)}, str(fused / "spon_alpha.safetensors"))
+    (t / "fakecal").mkdir()
+    save_file({"train": torch.zeros(4, 8, dtype=torch.long), "heldout": torch.zeros(1, 8, dtype=torch.long)},
+              str(t / "fakecal" / "calibration.safetensors"))
+    (t / "fakecal" / "thresholds.json").write_text(json.dumps({"thresholds": {}, "sparsities": {}, "targets": ["q"], "config": {}}))
+    for name in ("goodalpha", "badalpha"):
+        (t / name).mkdir()
+        (t / name / "distill.json").write_text("{}")
+    save_file({"0.q": torch.zeros(64)}, str(t / "goodalpha" / "alpha.safetensors"))
+    (t / "badalpha" / "alpha.safetensors").write_bytes(b"this is not a safetensors file at all" * 4)
 
 
 def _inputs(t: Path) -> None:
@@ -102,6 +210,13 @@ def _inputs(t: Path) -> None:
     (t / "bad.yaml").write_text("distill: [unclosed\n")
     (t / "bad.json").write_text("{not json")
     (t / "empty.txt").write_text("")
+    (t / "binary.txt").write_bytes(b"PK\x00\x03\x04 binary")
+    (t / "latin1.txt").write_bytes("Caf\u00e9 au lait, once upon a time.".encode("latin-1"))
+    (t / "binary.yaml").write_bytes(b"\xff\xfed\x00i\x00")
+    (t / "model_empty.json").write_text(json.dumps({"model": ""}))
+    (t / "file.out").write_text("an existing file, not a directory\n")
+    (t / "readonly").mkdir()
+    (t / "readonly").chmod(0o555)
     (t / "short.txt").write_text("Once upon a time.")
     for name, path in (("store-dotdot", "../x"), ("store-abs", "/abs")):
         (t / name).mkdir()
@@ -115,6 +230,8 @@ def outcomes(tmp_path_factory):
     shared = root / "shared"
     _inputs(shared)
     _tiny_models(shared)
+    _model_copies(shared)
+    hashes = _hashes(shared)
     env = {**os.environ, "PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
     dead = str(free_port())  # nothing listens there
     env.pop("MLFLOW_TRACKING_URI", None)
@@ -131,9 +248,21 @@ def outcomes(tmp_path_factory):
         return cid, (p.returncode, p.stderr, out.exists(), written, list((root / cid).iterdir()))
 
     with ThreadPoolExecutor(4) as ex:
-        return dict(ex.map(one, CASES))
+        results = dict(ex.map(one, CASES))
+    results["_shared_unchanged"] = (hashes, _hashes(shared))
+    return results
 
 
+def _hashes(root: Path) -> dict[str, tuple[str, int]]:
+    """Content hash and mtime of every input file (a registry lookup may add sqlite files: not inputs)."""
+    return {str(f.relative_to(root)): (hashlib.sha256(f.read_bytes()).hexdigest(), f.stat().st_mtime_ns)
+            for f in sorted(root.rglob("*")) if f.is_file() and not f.name.endswith((".db", ".db-journal"))}
+
+
+def test_inputs_unchanged(outcomes):
+    """No refused command changed any input (an existing --out file included)."""
+    before, after = outcomes["_shared_unchanged"]
+    assert {k: v for k, v in after.items() if k in before} == before
 @pytest.mark.parametrize("cid,argv,expected", CASES, ids=[c[0] for c in CASES])
 def test_bad_input(outcomes, cid, argv, expected):
     rc, stderr, out_exists, written, in_cwd = outcomes[cid]

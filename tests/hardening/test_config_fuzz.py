@@ -1,10 +1,15 @@
-"""Fuzz spon.config: random (nested) dicts and dotted overrides -> a RunConfig or a SponError,
+"""Fuzz spon.config: random (nested) dicts and dotted overrides -> a RunConfig that holds exactly the
+values given (and survives a round trip), or a one-line SponError naming a key that was given;
 never any other exception."""
 
 from __future__ import annotations
 
+import json
+
+import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from pydantic import BaseModel
 
 from spon.config import RunConfig, load_config, validate
 from spon.errors import SponError
@@ -22,25 +27,178 @@ structured = st.fixed_dictionaries({}, optional={s: st.dictionaries(st.sampled_f
                                    | {k: values for k in ("model", "device", "dtype", "protocol", "out", "bogus")})
 
 
-def _check(fn, *a):
-    try:
-        assert isinstance(fn(*a), RunConfig)
-    except SponError as e:
-        assert str(e) and "\n" not in str(e)
+def _same(given, got) -> bool:
+    """`got` is what pydantic (lax mode) makes of `given`: numbers equal as numbers (a numeric
+    string as its number), lists element by element, everything else equal."""
+    if isinstance(got, float) or (isinstance(got, int) and not isinstance(got, bool)):
+        if isinstance(given, str):
+            return float(given.strip()) == got
+        return isinstance(given, (int, float)) and given == got
+    if isinstance(got, list):
+        return isinstance(given, (list, tuple)) and len(given) == len(got) and all(map(_same, given, got))
+    return type(given) is type(got) and given == got
+
+
+def _check_fields(data: dict, cfg: RunConfig) -> None:
+    """Every key that was given holds the given value; every key that was not keeps its default."""
+    defaults = RunConfig()
+    for name in RunConfig.model_fields:
+        got = getattr(cfg, name)
+        if name not in data:
+            assert got == getattr(defaults, name), name
+        elif isinstance(got, BaseModel):  # a section
+            section = data[name]
+            assert isinstance(section, dict), (name, section)
+            for field in type(got).model_fields:
+                value = getattr(got, field)
+                if field not in section:
+                    assert value == getattr(getattr(defaults, name), field), (name, field)
+                elif field == "targets":  # deduplicated, order kept
+                    assert value == list(dict.fromkeys(section[field])), (name, field, section[field], value)
+                else:
+                    assert _same(section[field], value), (name, field, section[field], value)
+        else:
+            assert _same(data[name], got), (name, data[name], got)
+
+
+def _round_trips(cfg: RunConfig) -> None:
+    assert validate(cfg.model_dump()) == cfg
+    assert validate(json.loads(cfg.model_dump_json())) == cfg
+
+
+def _names_a_given_key(message: str, data: dict) -> bool:
+    assert message.startswith("invalid config: ") and "\n" not in message, message
+    where = message[len("invalid config: "):].split(": ")[0]
+    if where == "config":  # pydantic's location for the empty key
+        return "" in data
+    return any(k and (where == k or where.startswith(k + ".")) for k in data)
 
 
 @settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(st.one_of(st.dictionaries(st.sampled_from(KEYS), values, max_size=6), structured))
 def test_validate_fuzz(data):
-    _check(validate, data)
+    try:
+        cfg = validate(data)
+    except SponError as e:
+        assert _names_a_given_key(str(e), data), (str(e), data)
+        return
+    assert isinstance(cfg, RunConfig)
+    _check_fields(data, cfg)
+    _round_trips(cfg)
+
+
+# Configs that are valid field by field (each field optional, drawn from its documented domain):
+# validate must accept every one and hold exactly what was drawn.
+names = st.text(max_size=8)
+opt_names = st.none() | names
+ints = lambda lo: st.integers(lo, 10**6)  # noqa: E731
+positive = st.floats(min_value=0, exclude_min=True, allow_infinity=False, allow_nan=False)
+valid_sections = {
+    "calibration": {"source": st.sampled_from(["samples", "text", "dataset"]), "files": st.lists(names, max_size=3),
+                    "dataset": opt_names, "dataset_config": opt_names, "data_files": st.none() | st.lists(names, max_size=3),
+                    "split": names, "text_field": names, "num_blocks": ints(1), "block_len": ints(2),
+                    "heldout_blocks": ints(0), "seed": st.integers(-10**6, 10**6), "temperature": positive},
+    "sparsity": {"sparsity": st.floats(0.0, 1.0, exclude_max=True), "allocation": st.sampled_from(["uniform", "greedy"]),
+                 "targets": st.lists(st.sampled_from(["q", "k", "v", "o", "gate", "up", "down"]), min_size=1, max_size=9),
+                 "greedy_step": st.floats(0.0, 1.0, exclude_min=True, exclude_max=True), "greedy_blocks": ints(1)},
+    "distill": {"steps": ints(0), "lr": positive, "schedule": st.sampled_from(["cosine", "constant"]), "warmup": ints(0),
+                "batch_size": ints(1), "grad_accum": ints(1), "weight_decay": st.floats(0.0, 10.0),
+                "init": st.sampled_from(["zeros", "closed_form"]), "seed": st.integers(-10**6, 10**6), "checkpoint_every": ints(1)},
+    "eval": {"files": st.lists(names, max_size=3), "window": ints(2), "stride": ints(1)},
+}
+valid_top = {"model": opt_names, "device": names, "dtype": st.sampled_from(["fp32", "bf16", "fp16"]), "device_map": opt_names,
+             "protocol": st.sampled_from(["all", "last_half"]), "out": names}
+valid_configs = st.fixed_dictionaries({}, optional={**valid_top, **{s: st.fixed_dictionaries({}, optional=f) for s, f in valid_sections.items()}})
+
+# One field out of its domain (the rest valid): a SponError that names exactly that field.
+BAD = [("sparsity", "sparsity", [1.0, -0.1, "half", None]), ("sparsity", "targets", [[], ["lm_head"], "q"]),
+       ("sparsity", "allocation", ["random"]), ("sparsity", "greedy_step", [0.0, 1.0]), ("sparsity", "greedy_blocks", [0]),
+       ("calibration", "num_blocks", [0, -3, 1.5]), ("calibration", "block_len", [1]), ("calibration", "heldout_blocks", [-1]),
+       ("calibration", "temperature", [0.0, -1.0, float("nan")]), ("calibration", "source", ["web"]),
+       ("distill", "lr", [0.0, -1e-3, float("nan")]), ("distill", "steps", [-1, "many"]), ("distill", "checkpoint_every", [0]),
+       ("distill", "batch_size", [0]), ("distill", "init", ["ones"]), ("distill", "bogus", [1]),
+       ("eval", "window", [1]), ("eval", "stride", [0]), (None, "dtype", ["fp8", 32]), (None, "protocol", ["first_half"]),
+       (None, "model", [5]), (None, "bogus", [True])]
+broken = st.tuples(valid_configs, st.sampled_from(BAD).flatmap(lambda b: st.tuples(st.just(b[:2]), st.sampled_from(b[2]))))
+
+
+@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(valid_configs)
+def test_valid_configs_hold_what_was_given(data):
+    cfg = validate(data)
+    _check_fields(data, cfg)
+    _round_trips(cfg)
+
+
+@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(broken)
+def test_one_bad_field_is_named(case):
+    data, ((section, field), bad) = case
+    data = {k: dict(v) if isinstance(v, dict) else v for k, v in data.items()}
+    if section is None:
+        data[field] = bad
+    else:
+        data.setdefault(section, {})[field] = bad
+    where = field if section is None else f"{section}.{field}"
+    with pytest.raises(SponError) as e:
+        validate(data)
+    msg = str(e.value)
+    assert msg.startswith(f"invalid config: {where}") and "\n" not in msg, (msg, where)
+
+
+def _nest(overrides: dict) -> dict | None:
+    """What dotted overrides mean, spelled out independently of load_config: None when a dotted
+    key walks through a value that is not a section."""
+    data: dict = {}
+    for key, value in overrides.items():
+        if value is None:
+            continue
+        *parents, leaf = key.split(".")
+        node = data
+        for part in parents:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                return None
+        node[leaf] = value
+    return data
 
 
 @settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(st.dictionaries(st.sampled_from(["sparsity.sparsity", "sparsity.sparsity", "sparsity", "distill.steps", "calibration.files", "eval.window", "dtype",
                                         "model", "sparsity", "distill.bogus.deep", "out"]), values, max_size=5))
 def test_load_config_overrides_fuzz(overrides):
-    _check(load_config, None, overrides)
+    nested = _nest(overrides)
+    try:
+        cfg = load_config(None, overrides)
+    except SponError as e:
+        msg = str(e)
+        if nested is None:
+            assert msg.startswith("invalid config: ") and "is not a section" in msg and "\n" not in msg, msg
+        else:
+            assert _names_a_given_key(msg, nested), (msg, nested)
+            with pytest.raises(SponError):
+                validate(nested)
+        return
+    assert nested is not None, overrides
+    assert cfg == validate(nested)
+    _check_fields(nested, cfg)
+    _round_trips(cfg)
 
 
 def test_override_into_a_scalar_is_a_spon_error():
-    _check(load_config, None, {"sparsity": 5, "sparsity.sparsity": 0.5})
+    with pytest.raises(SponError, match=r"^invalid config: sparsity\.sparsity: sparsity is not a section$"):
+        load_config(None, {"sparsity": 5, "sparsity.sparsity": 0.5})
+    with pytest.raises(SponError, match=r"^invalid config: sparsity: "):  # the later scalar replaces the section
+        load_config(None, {"sparsity.sparsity": 0.5, "sparsity": 5})
+    assert load_config(None, {"sparsity": {"allocation": "greedy"}, "sparsity.sparsity": 0.3}).sparsity.model_dump() == {
+        **RunConfig().sparsity.model_dump(), "allocation": "greedy", "sparsity": 0.3}
+
+
+def test_config_file_and_overrides_give_the_given_values(tmp_path):
+    p = tmp_path / "run.yaml"
+    p.write_text("model: some/model\nsparsity:\n  sparsity: 0.4\n  targets: [down, up, down]\ndistill:\n  steps: 7\n")
+    cfg = load_config(p, {"distill.lr": "0.5", "dtype": "bf16", "out": None})
+    assert (cfg.model, cfg.dtype, cfg.out) == ("some/model", "bf16", RunConfig().out)
+    assert (cfg.sparsity.sparsity, cfg.sparsity.targets) == (0.4, ["down", "up"])
+    assert (cfg.distill.steps, cfg.distill.lr) == (7, 0.5)
+    _round_trips(cfg)
