@@ -2,7 +2,7 @@
 
     .venv/bin/python benchmarks/perplexity_table.py --sparsities 0.25,0.4,0.5,0.6 --out out/table
 
-Runs the method in-process (spon.run.run, no Prefect/MLflow) with the default configuration
+Runs the method in-process (spon.stages.run, no Prefect/MLflow) with the default configuration
 (calibration on 512 self-sampled blocks of 128 tokens, 600 alpha steps), evaluates on the
 TinyStories sample, and prints a markdown table plus the wall and CPU time of each level.
 """
@@ -17,7 +17,7 @@ from pathlib import Path
 
 from spon.assets import assets_root
 from spon.config import load_config
-from spon.run import run
+from spon.stages import run
 
 SAMPLE = assets_root() / "data" / "tinystories" / "sample.txt"
 
@@ -44,15 +44,18 @@ def main() -> None:
         summary = run(cfg, progress=False)
         rows.append((s, summary, time.perf_counter() - wall, cpu_seconds() - cpu))
     print(f"\nperplexity on {', '.join(files)} (protocol: all tokens sparse; allocation: {args.allocation})\n")
-    print("| target | realized | dense | TEAL | SPON | gap closed | held-out KL TEAL -> SPON | wall s | CPU s |")
-    print("|---|---|---|---|---|---|---|---|---|")
+    print("| target | realized | dense | TEAL | SPON | gap closed | held-out KL TEAL -> SPON | alpha selected | wall s | CPU s |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for s, r, wall, cpu in rows:
         p, kl = r["perplexity"], r["heldout_kl"]
+        step = r["alpha_selection"]["selected_step"]
         print(f"| {s:.2f} | {r['realized_sparsity']:.3f} | {p['dense']:.3f} | {p['teal']:.3f} | {p['spon']:.3f} "
-              f"| {100 * r['gap_closed']:.1f}% | {kl['teal']:.4f} -> {kl['spon']:.4f} | {wall:.0f} | {cpu:.0f} |")
+              f"| {100 * r['gap_closed']:.1f}% | {kl['teal']:.4f} -> {kl['spon']:.4f} "
+              f"| {'zeros' if step is None else f'step {step}'} | {wall:.0f} | {cpu:.0f} |")
     Path(args.out).mkdir(parents=True, exist_ok=True)
     (Path(args.out) / "table.json").write_text(json.dumps([{"sparsity": s, "summary": {k: r[k] for k in (
-        "realized_sparsity", "perplexity", "gap_closed", "heldout_kl", "wall_time_s")}, "wall_s": w, "cpu_s": c}
+        "realized_sparsity", "perplexity", "gap_closed", "heldout_kl", "alpha_selection", "quality_warnings",
+        "wall_time_s")}, "wall_s": w, "cpu_s": c}
         for s, r, w, c in rows], indent=2))
 
 

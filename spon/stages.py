@@ -197,12 +197,26 @@ def summarize(cfg: RunConfig, source: str, calib_dir, thresholds_dir, distill_di
         "smoke_generation": sidecar.get("smoke"),
         "fused_model_dir": str(fused_dir),
         "wall_time_s": walls,
+        "host": host(),
         "config": cfg.model_dump(mode="json"),
     }
     if first:
         dn, t, s = (summary["perplexity"][m] for m in ("dense", "teal", "spon"))
         summary["gap_closed"] = (t - s) / (t - dn) if t != dn else 0.0
     return summary
+
+
+def host() -> dict:
+    """What the numbers depend on beyond the config: float reductions differ between CPU kinds
+    and thread counts (the same kind and count reproduce a run bit for bit)."""
+    import platform
+
+    cpu = platform.processor() or platform.machine()
+    try:
+        cpu = next(ln.split(":", 1)[1].strip() for ln in open("/proc/cpuinfo") if ln.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    return {"cpu": cpu, "torch_threads": torch.get_num_threads(), "torch": torch.__version__}
 
 
 def quality_warnings(ppl: dict) -> list[str]:

@@ -30,3 +30,15 @@ def spon(args: list[str], env: dict, timeout: float = 600) -> subprocess.Complet
 
 def error_lines(p: subprocess.CompletedProcess) -> list[str]:
     return [ln for ln in p.stderr.splitlines() if ln.startswith("spon: error:")]
+
+
+def tree_state(root) -> dict[str, tuple[str, int, int]]:
+    """(sha256, size, mtime_ns) of every file under root (or of root itself, a file): equal
+    states before and after a command mean it changed nothing there."""
+    import hashlib
+    from pathlib import Path
+
+    root = Path(root)
+    files = [root] if root.is_file() else sorted(p for p in root.rglob("*") if p.is_file()) if root.exists() else []
+    return {str(f.relative_to(root) if f != root else f.name): (hashlib.sha256(f.read_bytes()).hexdigest(), f.stat().st_size,
+                                                                f.stat().st_mtime_ns) for f in files}

@@ -1,0 +1,69 @@
+"""One chain: `spon run --in-process`, the stage commands chained by hand and the Prefect flow
+are adapters over spon.stages, so they produce the same thresholds, alpha and perplexities."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from spon.cli import main
+
+REPO = Path(__file__).resolve().parents[1]
+SMALL = ["--sparsity", "0.5", "--steps", "12", "--calib-blocks", "32", "--calib-len", "48", "--batch-size", "8",
+         "--checkpoint-every", "4"]
+
+
+@pytest.fixture(scope="module")
+def chains(tmp_path_factory, stories_path, sample_txt):
+    root = tmp_path_factory.mktemp("chains")
+    common = ["--model", str(stories_path), *SMALL]
+    assert main(["-q", "run", "--in-process", *common, "--out", str(root / "run"), "--eval-text", str(sample_txt)]) == 0
+    assert main(["-q", "calibrate", *common, "--out", str(root / "cal")]) == 0
+    assert main(["-q", "distill", *common, "--calib", str(root / "cal"), "--out", str(root / "alpha")]) == 0
+    assert main(["-q", "fuse", *common, "--calib", str(root / "cal"), "--alpha", str(root / "alpha" / "alpha.safetensors"),
+                 "--out", str(root / "fused")]) == 0
+    return root
+
+
+def test_stage_commands_equal_run(chains, sample_txt, capsys):
+    run, root = chains / "run", chains
+    assert json.loads((run / "thresholds" / "thresholds.json").read_text())["thresholds"] == \
+        json.loads((root / "cal" / "thresholds.json").read_text())["thresholds"]
+    a, b = load_file(str(run / "distill" / "alpha.safetensors")), load_file(str(root / "alpha" / "alpha.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    side_run = json.loads((run / "fused" / "spon.json").read_text())
+    side_cli = json.loads((root / "fused" / "spon.json").read_text())
+    assert side_run == side_cli  # the same sidecar: thresholds, selection, provenance, realized sparsity, smoke text
+    capsys.readouterr()
+    assert main(["ppl", str(root / "fused"), "--eval-text", str(sample_txt)]) == 0
+    ppl_cli = json.loads(capsys.readouterr().out)["perplexity"][str(sample_txt)]
+    summary = json.loads((run / "summary.json").read_text())
+    assert {m: ppl_cli[m]["perplexity"] for m in ("dense", "teal", "spon")} == summary["perplexity"]
+
+
+def test_calibration_split_is_made_once(chains):
+    """Thresholds use the training blocks only; the held-out blocks judge alpha (every entry point)."""
+    t = load_file(str(chains / "cal" / "calibration.safetensors"))
+    assert t["train"].shape == (24, 48) and t["heldout"].shape == (8, 48)
+
+
+def test_one_place_chains_load_sparsify_thresholds_alpha():
+    """Only spon.stages.sparse_model loads a base model and applies the calibrated sparsity; loaders
+    of fused or quantized checkpoints build a SparsifyConfig from the sidecar and call sparsify_."""
+    hits = []
+    for path in [*REPO.glob("spon/*.py"), *REPO.glob("tasks/*.py"), *REPO.glob("flows/*.py"),
+                 *REPO.glob("evaluation/*.py"), *REPO.glob("runtime/*.py")]:
+        for i, line in enumerate(path.read_text().splitlines(), 1):
+            if re.search(r"\b(set_thresholds|load_alphas|set_protocol)\(", line) and "def " not in line:
+                hits.append(f"{path.relative_to(REPO)}:{i}")
+    # the verb itself, and the method modules that set what they compute
+    allowed = ("spon/sparse.py", "spon/thresholds.py", "spon/distill.py")
+    assert [h for h in hits if not h.startswith(allowed)] == []
+    packages = ("spon", "tasks", "flows", "evaluation", "runtime", "kernels")
+    callers = [str(p.relative_to(REPO)) for d in packages for p in (REPO / d).glob("*.py") if "sparsify_(" in p.read_text()]
+    assert sorted(callers) == ["spon/fuse.py", "spon/quantize.py", "spon/sparse.py", "spon/stages.py"]
