@@ -135,7 +135,7 @@ def test_torch_sparse_linear_and_kernels_keep_the_same_elements(dtype, ti, rows)
     keep = oracle(x, tau)
 
     torch_path = method_linear(dtype, tau, kernels=False)
-    assert torch.equal(torch_path.keep(x), keep)
+    assert torch.equal(torch_path.keep(x), keep), "SparseLinear.keep is not |x| > tau with the fp32 tau"
     assert_same_elements(torch_path(x), x, keep, "SparseLinear (torch)")
     assert_same_elements(torch_path.S(x), x, keep, "SparseLinear.S")
     x3 = x.view(1, rows, WIDTH)  # [batch, tokens, features], as in the model

@@ -111,3 +111,28 @@ def test_units_spread_over_workers_and_resume_one_unit(fused_dir, tiny_task_dir,
     assert sorted(again["resumed"]) == ["dense/_fidelity", "dense/tiny_mc", "teal/_fidelity"]
     assert again["variants"]["teal"]["tasks"]["tiny_mc"]["metrics"] == par["variants"]["teal"]["tasks"]["tiny_mc"]["metrics"]
     assert (out / "variants" / "teal" / "tiny_mc.json").is_file()
+
+
+def test_resume_never_reuses_results_of_a_replaced_model_or_other_options(fused_dir, tiny_task_dir, tmp_path, sample_txt):
+    """The resume key is the model's content digest plus every option: re-fusing into the same
+    directory, another int4 group size or another batch size recomputes instead of reusing."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    model = tmp_path / "model"
+    shutil.copytree(fused_dir, model)
+    args = dict(task_dirs=[tiny_task_dir], batch_size=8, fidelity_text=sample_txt)
+    variants = parse_variants("teal")
+    out = tmp_path / "out"
+    run_suite(str(model), variants, ["tiny_mc"], out, **args)
+    same = run_suite(str(model), variants, ["tiny_mc"], out, resume=True, **args)
+    assert sorted(same["resumed"]) == ["teal/_fidelity", "teal/tiny_mc"]
+    assert run_suite(str(model), variants, ["tiny_mc"], out, resume=True, group_size=64, **args)["resumed"] == []
+    assert run_suite(str(model), variants, ["tiny_mc"], out, resume=True, **{**args, "batch_size": 4})["resumed"] == []
+    # the same directory, another model in it (one weight changed, as a re-fuse would)
+    w = load_file(str(model / "model.safetensors"))
+    name = next(k for k in w if k.endswith("down_proj.weight"))
+    w[name] = w[name] * 1.01
+    save_file(w, str(model / "model.safetensors"), metadata={"format": "pt"})
+    assert run_suite(str(model), variants, ["tiny_mc"], out, resume=True, **args)["resumed"] == []

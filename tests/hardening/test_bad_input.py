@@ -18,6 +18,8 @@ import torch
 from pipeline_helpers import free_port
 from spon.assets import assets_root
 
+pytestmark = pytest.mark.slow  # services / subprocesses: not in the fast tier
+
 REPO = Path(__file__).resolve().parents[2]
 ASSETS = assets_root()
 STORIES = ASSETS / "models" / "stories260K"

@@ -11,6 +11,10 @@ import time
 from cli_helpers import TINY, cli_env, spon
 from pipeline_helpers import BUCKET, free_port
 
+import pytest
+
+pytestmark = pytest.mark.slow  # services / subprocesses: not in the fast tier
+
 SECRETS = {"AWS_ACCESS_KEY_ID": "AKIAFAKEHARDENING1234", "AWS_SECRET_ACCESS_KEY": "fakeSecretHardening/0123456789abcdefXYZ",
            "HF_TOKEN": "hf_fakeHardeningToken0123456789"}
 

@@ -30,6 +30,8 @@ import pytest
 
 from cli_helpers import TINY, cli_env
 
+pytestmark = pytest.mark.slow  # services / subprocesses: not in the fast tier
+
 STAGES = ["calibrate", "thresholds", "distill", "fuse", "evaluate"]
 STAGE_KILLS = ["calibrate", "thresholds", "fuse", "evaluate"]  # mid-distillation: test_resume_sigkill.py
 PUBLISH_KILLS = ["tracked", "stored"]

@@ -23,6 +23,8 @@ from safetensors.torch import load_file
 from cli_helpers import TINY, cli_env, error_lines, spon, tree_state
 from spon.assets import assets_root
 
+pytestmark = pytest.mark.slow  # services / subprocesses: not in the fast tier
+
 STORIES = assets_root() / "models" / "stories260K"
 SAMPLE = assets_root() / "data" / "tinystories" / "sample.txt"
 ENV = cli_env(HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", HF_DATASETS_OFFLINE="1")

@@ -14,6 +14,10 @@ from pathlib import Path
 
 from cli_helpers import cli_env
 
+import pytest
+
+pytestmark = pytest.mark.slow  # services / subprocesses: not in the fast tier
+
 ARGS = ["--steps", "40", "--checkpoint-every", "10", "--calib-blocks", "48", "--calib-len", "64", "--batch-size", "8",
         "--window", "128", "--stride", "128"]
 

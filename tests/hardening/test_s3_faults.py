@@ -16,6 +16,10 @@ from cli_helpers import TINY, cli_env, error_lines, spon
 from faulty_proxy import FaultyProxy
 from pipeline_helpers import BUCKET
 
+import pytest
+
+pytestmark = pytest.mark.slow  # services / subprocesses: not in the fast tier
+
 BOTO_ATTEMPTS = 3  # AWS_MAX_ATTEMPTS for the CLI runs: bounded, and keeps the persistent cases short
 PREFECT_ATTEMPTS = 4  # the publish task: 1 + IO_RETRIES["retries"]
 

@@ -7,6 +7,10 @@ from pathlib import Path
 
 from pipeline_helpers import tiny_config
 
+import pytest
+
+pytestmark = pytest.mark.slow  # services / subprocesses: not in the fast tier
+
 
 def closure(stage: str) -> set[str]:
     """Module names whose source is part of a stage's code digest."""

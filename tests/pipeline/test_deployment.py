@@ -10,6 +10,10 @@ from pathlib import Path
 
 from pipeline_helpers import BIN, REPO, free_port, stop, tiny_config, wait_http
 
+import pytest
+
+pytestmark = pytest.mark.slow  # services / subprocesses: not in the fast tier
+
 
 def test_deploy_worker_run(tmp_path, work_dir, sample_txt):
     port = free_port()

@@ -9,6 +9,10 @@ from pathlib import Path
 
 from pipeline_helpers import BUCKET, tiny_config
 
+import pytest
+
+pytestmark = pytest.mark.slow  # services / subprocesses: not in the fast tier
+
 
 def test_quantize_and_lm_eval_stages_logged(prefect_harness, mlflow_server, s3_endpoint, work_dir, tmp_path, sample_txt):
     from mlflow import MlflowClient

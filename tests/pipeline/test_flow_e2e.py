@@ -11,6 +11,8 @@ import pytest
 
 from pipeline_helpers import BUCKET, tiny_config
 
+pytestmark = pytest.mark.slow  # services / subprocesses: not in the fast tier
+
 STAGES = ("calibrate", "thresholds", "distill", "fuse", "evaluate")
 
 

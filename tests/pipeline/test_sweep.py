@@ -10,6 +10,10 @@ from pathlib import Path
 
 from pipeline_helpers import tiny_config
 
+import pytest
+
+pytestmark = pytest.mark.slow  # services / subprocesses: not in the fast tier
+
 LEVELS = [0.3, 0.5, 0.7]
 
 
