@@ -55,6 +55,8 @@ def check_args(args) -> None:
 
 
 def cmd_eval(args) -> int:
+    import lm_eval  # noqa: F401 - the eval extra: missing, it is named before any work (spon.cli)
+
     from spon.evaluation.variants import parse_variants
     from spon.errors import SponError
 

@@ -105,3 +105,22 @@ def test_spon_run_end_to_end(stories_path, sample_txt, tmp_path):
     # On this small run (both CPUs it was measured on) the selected alpha does beat TEAL.
     assert ppl["dense"] < ppl["spon"] <= ppl["teal"]
     assert (out / "fused" / "model.safetensors").is_file()
+
+
+@pytest.mark.parametrize("blocked, argv, extra", [
+    ("prefect", ["run", "--out", "{T}/o"], "pipeline"),
+    ("mlflow", ["pull", "models:/x@candidate", "--out", "{T}/o"], "pipeline"),
+    ("lm_eval", ["eval", "{STORIES}", "--variants", "dense", "--out", "{T}/o"], "eval"),
+])
+def test_missing_optional_dependency_names_the_extra(blocked, argv, extra, tmp_path, stories_path):
+    """No silent fallback: `spon run` without Prefect is an error naming the extra, not an
+    in-process run without MLflow and store."""
+    argv = [a.replace("{T}", str(tmp_path)).replace("{STORIES}", str(stories_path)) for a in argv]
+    code = (f"import sys; sys.modules[{blocked!r}] = None\n"
+            f"from spon.cli import main\nsys.exit(main({argv!r}))")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 2, r.stderr[-2000:]
+    lines = r.stderr.strip().splitlines()
+    assert lines and lines[-1].startswith("spon: error:") and f"pip install 'spon[{extra}]'" in lines[-1], lines[-3:]
+    assert "Traceback" not in r.stderr
+    assert not (tmp_path / "o" / "summary.json").exists()

@@ -1,0 +1,291 @@
+"""`spon` command line: every subcommand, registered here explicitly. Every failure a user can
+cause prints one line and exits 2; a missing optional dependency names the extra to install."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from spon.errors import SponError
+
+# flag -> dotted config key; one table shared by `run` and the stage commands.
+CONFIG_FLAGS = {
+    "--model": ("model", str, "hub id or local directory (default: embedded stories260K)"),
+    "--device": ("device", str, "cpu or cuda[:N]"),
+    "--dtype": ("dtype", str, "fp32, bf16 or fp16"),
+    "--device-map": ("device_map", str, "e.g. 'auto' for a model larger than one GPU"),
+    "--protocol": ("protocol", str, "all (every token sparse) or last_half (TEAL's prefill protocol)"),
+    "--sparsity": ("sparsity.sparsity", float, "target sparsity in [0, 1)"),
+    "--allocation": ("sparsity.allocation", str, "uniform or greedy"),
+    "--targets": ("sparsity.targets", lambda s: s.split(","), "comma list of q,k,v,o,gate,up,down"),
+    "--calib-source": ("calibration.source", str, "samples (model's own), text or dataset"),
+    "--calib-files": ("calibration.files", lambda s: s.split(","), "comma list of text files"),
+    "--calib-dataset": ("calibration.dataset", str, "datasets name or builder"),
+    "--calib-blocks": ("calibration.num_blocks", int, "number of calibration blocks"),
+    "--calib-len": ("calibration.block_len", int, "tokens per block"),
+    "--calib-seed": ("calibration.seed", int, "sampling seed"),
+    "--steps": ("distill.steps", int, "optimizer steps for alpha"),
+    "--lr": ("distill.lr", float, "AdamW learning rate"),
+    "--batch-size": ("distill.batch_size", int, "blocks per step"),
+    "--grad-accum": ("distill.grad_accum", int, "micro-batches per step"),
+    "--init": ("distill.init", str, "zeros or closed_form"),
+    "--seed": ("distill.seed", int, "batch-order seed"),
+    "--checkpoint-every": ("distill.checkpoint_every", int, "alpha checkpoint interval (steps)"),
+    "--window": ("eval.window", int, "perplexity window"),
+    "--stride": ("eval.stride", int, "perplexity stride"),
+}
+
+
+def add_config_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", help="JSON or YAML RunConfig; flags override it")
+    for flag, (_, typ, help_) in CONFIG_FLAGS.items():
+        p.add_argument(flag, type=typ, default=None, help=help_)
+    p.add_argument("--eval-text", action="append", default=None, help="text file for perplexity (repeatable)")
+
+
+def config_from_args(args):
+    from spon.config import load_config
+    from spon.inputs import check_text_file
+
+    if args.config is not None:  # load_config parses it; a binary or non-UTF-8 file is refused first
+        check_text_file(args.config, "config", allow_empty=True)
+    overrides = {key: getattr(args, flag[2:].replace("-", "_")) for flag, (key, _, _) in CONFIG_FLAGS.items()}
+    overrides["eval.files"] = args.eval_text
+    overrides["out"] = getattr(args, "out", None)
+    return load_config(args.config, overrides)
+
+
+def cmd_run_in_process(args) -> int:
+    """`spon run --in-process`: the method's chain (spon.stages.run) without Prefect, MLflow or a store."""
+    from spon import inputs
+    from spon.console import result_lines, say, stage_line
+    from spon.stages import run
+
+    cfg = config_from_args(args)
+    inputs.check_run(cfg, args.config)  # every input, before the first stage writes anything
+    with inputs.new_out_dir(cfg.out):
+        summary = run(cfg, progress=not args.quiet, on_stage=lambda name, s: say(stage_line(name, s)))
+    print("\n".join(result_lines(summary)))
+    print(f"summary:      {Path(cfg.out) / 'summary.json'}")
+    return 0
+
+
+def _model(cfg) -> str:
+    from spon.model import default_model_path
+
+    return cfg.model or default_model_path()
+
+
+def _check_stage(cfg, args, *inputs_, calib_len: int | None = None) -> None:
+    """What every stage command takes: device, model, the out dir against the inputs."""
+    from spon import inputs
+
+    inputs.check_device(cfg.device)
+    model = inputs.check_model(cfg, calib_len=calib_len)
+    inputs.check_out_dir(cfg.out, [("the model directory", model), ("the config file", args.config), *inputs_])
+
+
+def cmd_calibrate(args) -> int:
+    """spon.stages.calibrate + spon.stages.thresholds -> DIR/calibration.safetensors, DIR/thresholds.json."""
+    from spon import stages
+
+    from spon.inputs import check_calibration, new_out_dir
+
+    cfg = config_from_args(args)
+    files = check_calibration(cfg.calibration)
+    _check_stage(cfg, args, *(("the calibration file", f) for f in files), calib_len=cfg.calibration.block_len)
+    out = Path(cfg.out)
+    with new_out_dir(out):
+        stages.calibrate(_model(cfg), cfg.calibration, cfg.device, cfg.dtype, out)
+        stages.thresholds(_model(cfg), out, cfg.sparsity, cfg.device, cfg.dtype, out)
+    train, heldout = stages.calibration_blocks(out)
+    print(f"{len(train)} training + {len(heldout)} held-out blocks x {train.shape[1]} tokens, thresholds -> {out}")
+    return 0
+
+
+def cmd_distill(args) -> int:
+    """spon.stages.distill on a calibrated directory -> DIR/alpha.safetensors, DIR/distill.json."""
+    from spon import stages
+
+    from spon.inputs import check_calib_dir, new_out_dir
+
+    cfg = config_from_args(args)
+    _check_stage(cfg, args, ("the --calib directory", check_calib_dir(args.calib)))
+    out = Path(cfg.out)
+    with new_out_dir(out):
+        stages.distill(_model(cfg), args.calib, args.calib, cfg.distill, cfg.protocol, cfg.device, cfg.dtype, out,
+                       checkpoint_dir=out / "alpha_checkpoints", progress=not args.quiet)
+    d = stages.read_json(out / stages.DISTILL_FILE)
+    print(f"held-out KL: teal {d['heldout_kl_before']:.4f} -> spon {d['heldout_kl_after']:.4f} ({d['selection']}); "
+          f"alpha -> {out / stages.ALPHA_FILE}")
+    return 0
+
+
+def cmd_fuse(args) -> int:
+    """spon.stages.fuse -> a fused checkpoint directory."""
+    from spon import stages
+
+    from spon.inputs import check_alpha, check_calib_dir, new_out_dir
+
+    cfg = config_from_args(args)
+    calib = check_calib_dir(args.calib)
+    alpha = check_alpha(args.alpha)
+    _check_stage(cfg, args, ("the --calib directory", calib), ("the alpha directory", alpha.parent))
+    out = Path(cfg.out)
+    with new_out_dir(out):
+        stages.fuse(_model(cfg), args.calib, args.calib, alpha.parent, cfg.protocol, cfg.device, cfg.dtype, out,
+                    source=_model(cfg))
+    print(f"fused checkpoint -> {out}")
+    return 0
+
+
+def cmd_ppl(args) -> int:
+    from spon import inputs
+
+    if not args.eval_text:
+        raise SponError("ppl needs at least one --eval-text FILE")
+    inputs.check_window(args.window, args.stride)
+    inputs.check_device(args.device)
+    inputs.check_dtype(args.dtype)
+    for f in args.eval_text:
+        inputs.check_text_file(f, "eval text")
+    inputs.check_model_dir(args.model_dir)
+    if (Path(args.model_dir) / inputs.SIDECAR).is_file():
+        inputs.check_fused_dir(args.model_dir)
+    inputs.check_context(inputs.model_config(args.model_dir), args.model_dir, window=args.window, window_flag="--window")
+
+    from spon.fuse import SIDECAR, load_sparse_model
+    from spon.model import load_model
+    from spon.perplexity import perplexities
+
+    if (Path(args.model_dir) / SIDECAR).is_file():
+        model, tok, meta = load_sparse_model(args.model_dir, args.device, args.dtype)
+        modes, protocol = ("dense", "teal", "spon"), meta.get("protocol", "all")
+    else:
+        model, tok = load_model(args.model_dir, args.device, args.dtype)
+        modes, protocol = ("dense",), "dense"
+    res = perplexities(model, tok, args.eval_text, modes, args.window, args.stride)
+    print(json.dumps({"protocol": protocol, "perplexity": res}, indent=2))
+    return 0
+
+
+def cmd_generate(args) -> int:
+    from spon import inputs
+
+    inputs.check_int(args.max_new_tokens, "--max-new-tokens", 1)
+    inputs.check_device(args.device)
+    inputs.check_dtype(args.dtype)
+    inputs.check_fused_dir(args.model_dir)
+    inputs.check_context(inputs.model_config(args.model_dir), args.model_dir, new_tokens=args.max_new_tokens)
+
+    import torch
+
+    from spon.fuse import load_sparse_model
+
+    model, tok, _ = load_sparse_model(args.model_dir, args.device, args.dtype)
+    ids = tok(args.prompt, return_tensors="pt").input_ids.to(model.device)
+    with torch.no_grad():
+        out = model.generate(ids, max_new_tokens=args.max_new_tokens, do_sample=False)
+    print(tok.decode(out[0], skip_special_tokens=True))
+    return 0
+
+
+def _add_model_dir_command(sub, name, func, helptext):
+    q = sub.add_parser(name, help=helptext)
+    q.add_argument("model_dir")
+    q.add_argument("--device", default="cpu")
+    q.add_argument("--dtype", default="fp32")
+    if name == "ppl":
+        q.add_argument("--eval-text", action="append", default=None)
+        q.add_argument("--window", type=int, default=512)
+        q.add_argument("--stride", type=int, default=256)
+    else:
+        q.add_argument("--prompt", required=True)
+        q.add_argument("--max-new-tokens", type=int, default=64)
+    q.set_defaults(func=func)
+
+
+def register_method_commands(sub) -> None:
+    c = sub.add_parser("calibrate", help="calibration blocks and thresholds")
+    add_config_args(c)
+    c.add_argument("--out", required=True)
+    c.set_defaults(func=cmd_calibrate)
+
+    d = sub.add_parser("distill", help="train alpha on a calibrated directory")
+    add_config_args(d)
+    d.add_argument("--calib", required=True, help="directory written by `spon calibrate`")
+    d.add_argument("--out", required=True)
+    d.set_defaults(func=cmd_distill)
+
+    f = sub.add_parser("fuse", help="fuse alpha into biases and write the checkpoint")
+    add_config_args(f)
+    f.add_argument("--calib", required=True)
+    f.add_argument("--alpha", required=True, help="alpha.safetensors written by `spon distill`")
+    f.add_argument("--out", required=True)
+    f.set_defaults(func=cmd_fuse)
+
+    _add_model_dir_command(sub, "ppl", cmd_ppl, "perplexity of a (fused) model directory")
+    _add_model_dir_command(sub, "generate", cmd_generate, "greedy generation from a fused model directory")
+
+
+def register_bench(sub) -> None:
+    """`spon bench ...` forwards its arguments to spon.kernels.bench (torch + triton only)."""
+    b = sub.add_parser("bench", help="kernel and decode benchmarks (kernels/bench.py; --help there)", add_help=False)
+
+    def run_bench(args) -> int:
+        from spon.kernels.bench import main as bench_main
+
+        return bench_main(args.passthrough)
+
+    b.set_defaults(func=run_bench)
+
+
+# Optional dependencies -> the extra that installs them (pyproject.toml), for a one-line error.
+EXTRAS = {"prefect": "pipeline", "prefect_dask": "pipeline", "dask": "pipeline", "distributed": "pipeline",
+          "mlflow": "pipeline", "boto3": "pipeline", "botocore": "pipeline", "matplotlib": "pipeline",
+          "lm_eval": "eval", "torchao": "eval", "triton": "kernels", "bitsandbytes": "nf4"}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from spon.evaluation.cli import register as register_eval
+    from spon.flows.cli import register as register_pipeline
+
+    p = argparse.ArgumentParser(prog="spon", description="TEAL activation sparsity + spontaneous neurons")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
+    p.add_argument("-v", "--verbose", action="store_true", help="every log line (HTTP requests, library warnings)")
+    sub = p.add_subparsers(dest="command", required=True)
+    register_pipeline(sub)  # run, sweep, pull, publish, deploy
+    register_method_commands(sub)
+    register_eval(sub)
+    register_bench(sub)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    if args.command == "bench":  # everything after `bench` belongs to kernels.bench
+        args.passthrough = extra
+    elif extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    from spon.console import configure
+
+    configure(verbose=args.verbose, quiet=args.quiet)
+    try:
+        return args.func(args)
+    except SponError as e:  # every user-caused failure is a SponError (or a subclass)
+        print(f"spon: error: {e}", file=sys.stderr)
+        return 2
+    except ModuleNotFoundError as e:
+        extra = EXTRAS.get((e.name or "").split(".")[0])
+        if extra is None:
+            raise
+        print(f"spon: error: `spon {args.command}` needs {e.name}, which is not installed: "
+              f"pip install 'spon[{extra}]'", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,119 @@
+"""Typed, strict configuration for a spon run (pydantic). Unknown keys and wrong types fail."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from spon.errors import SponError
+from spon.model import PROJECTIONS
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=False, validate_assignment=True)
+
+
+class CalibrationConfig(_Strict):
+    source: Literal["samples", "text", "dataset"] = "samples"
+    files: list[str] = Field(default_factory=list, description="text files for source='text'")
+    dataset: str | None = Field(None, description="datasets name or builder ('json', 'text') for source='dataset'")
+    dataset_config: str | None = None
+    data_files: list[str] | None = None
+    split: str = "train"
+    text_field: str = "text"
+    num_blocks: int = Field(512, ge=1)
+    block_len: int = Field(128, ge=2)
+    heldout_blocks: int = Field(32, ge=0, description="blocks kept out of training for the held-out KL")
+    seed: int = 0
+    temperature: float = Field(1.0, gt=0)
+
+
+class SparsityConfig(_Strict):
+    sparsity: float = Field(0.5, ge=0.0, lt=1.0)
+    allocation: Literal["uniform", "greedy"] = "uniform"
+    targets: list[Literal["q", "k", "v", "o", "gate", "up", "down"]] = Field(default_factory=lambda: list(PROJECTIONS))
+    greedy_step: float = Field(0.05, gt=0, lt=1)
+    greedy_blocks: int = Field(16, ge=1)
+
+    @field_validator("targets")
+    @classmethod
+    def _nonempty_unique(cls, v):
+        if not v:
+            raise ValueError("at least one projection")
+        return list(dict.fromkeys(v))
+
+
+class DistillConfig(_Strict):
+    steps: int = Field(600, ge=0)
+    lr: float = Field(1e-2, gt=0)
+    schedule: Literal["cosine", "constant"] = "cosine"
+    warmup: int = Field(10, ge=0)
+    batch_size: int = Field(16, ge=1)
+    grad_accum: int = Field(1, ge=1)
+    weight_decay: float = Field(0.0, ge=0)
+    init: Literal["zeros", "closed_form"] = "zeros"
+    seed: int = 0
+    checkpoint_every: int = Field(50, ge=1)
+
+
+class EvalConfig(_Strict):
+    files: list[str] = Field(default_factory=list, description="text files for perplexity")
+    window: int = Field(512, ge=2)
+    stride: int = Field(256, ge=1)
+
+
+class RunConfig(_Strict):
+    model: str | None = Field(None, description="hub id or local dir; None = embedded stories260K")
+    device: str = "cpu"
+    dtype: Literal["fp32", "bf16", "fp16"] = "fp32"
+    device_map: str | None = None
+    protocol: Literal["all", "last_half"] = "all"
+    out: str = "out/run"
+    calibration: CalibrationConfig = Field(default_factory=CalibrationConfig)
+    sparsity: SparsityConfig = Field(default_factory=SparsityConfig)
+    distill: DistillConfig = Field(default_factory=DistillConfig)
+    eval: EvalConfig = Field(default_factory=EvalConfig)
+
+
+def load_config(path: str | Path | None = None, overrides: dict | None = None) -> RunConfig:
+    """A RunConfig from an optional JSON/YAML file plus dotted overrides ({"sparsity.sparsity": 0.4})."""
+    data: dict = {}
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise SponError(f"config file does not exist: {p}")
+        text = p.read_text()
+        try:
+            if p.suffix in (".yaml", ".yml"):
+                import yaml
+
+                data = yaml.safe_load(text) or {}
+            else:
+                data = json.loads(text)
+        except Exception as e:
+            raise SponError(f"cannot parse config {p}: {str(e).splitlines()[0]}") from e
+        if not isinstance(data, dict):
+            raise SponError(f"config {p} must be a mapping, got {type(data).__name__}")
+    for key, value in (overrides or {}).items():
+        if value is None:
+            continue
+        node = data
+        *parents, leaf = key.split(".")
+        for part in parents:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise SponError(f"invalid config: {key}: {part} is not a section")
+        node[leaf] = value
+    return validate(data)
+
+
+def validate(data: dict) -> RunConfig:
+    try:
+        return RunConfig.model_validate(data)
+    except ValidationError as e:
+        err = e.errors()[0]
+        where = ".".join(str(x) for x in err["loc"]) or "config"
+        raise SponError(f"invalid config: {where}: {err['msg']}") from e

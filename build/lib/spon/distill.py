@@ -1,0 +1,254 @@
+"""Distilling alpha: minimise KL(p_dense || p_sparse) over next-token distributions.
+
+The teacher is the same model with sparsity switched off; only the alpha vectors train.
+Training is deterministic given the seed: the batch order of step k depends only on (seed, k),
+so resuming from a checkpoint replays exactly the uninterrupted trajectory.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+
+from spon.config import DistillConfig
+from spon.errors import SponError
+from spon.sparse import alphas, load_alphas, mode, sparse_linears
+
+
+@dataclass
+class DistillResult:
+    alphas: dict[str, torch.Tensor]  # the selected alpha
+    kl_history: list[float] = field(default_factory=list)  # training KL per optimizer step
+    heldout_kl_before: float = float("nan")  # TEAL vs dense (alpha = 0)
+    heldout_kl_init: float = float("nan")  # after initialisation, before training
+    heldout_kl_after: float = float("nan")  # SPON (the selected alpha) vs dense
+    heldout_kl_last: float = float("nan")  # the alpha of the last step
+    heldout_kl_by_step: dict[int, float] = field(default_factory=dict)  # at every checkpoint
+    selected_step: int | None = None  # None: alpha = 0 (no step beat TEAL); 0: the initialisation
+    selection: str = ""
+    resumed_from: int = 0
+
+    def record(self) -> dict:
+        """Everything but the tensors, as JSON (distill.json, the summary, the sidecar)."""
+        return {"kl_history": self.kl_history, "heldout_kl_before": self.heldout_kl_before,
+                "heldout_kl_init": self.heldout_kl_init, "heldout_kl_after": self.heldout_kl_after,
+                "heldout_kl_last": self.heldout_kl_last,
+                "heldout_kl_by_step": {str(k): v for k, v in self.heldout_kl_by_step.items()},
+                "selected_step": self.selected_step, "selection": self.selection, "resumed_from": self.resumed_from}
+
+
+def kl_dense_sparse(model, ids: torch.Tensor) -> torch.Tensor:
+    """Mean per-token KL(p_dense || p_sparse); gradients flow into alpha only."""
+    with torch.no_grad(), mode(model, "dense"):
+        teacher = F.log_softmax(model(ids, use_cache=False).logits.float(), dim=-1)
+    student = F.log_softmax(model(ids, use_cache=False).logits.float(), dim=-1)
+    v = teacher.shape[-1]
+    return F.kl_div(student.view(-1, v), teacher.view(-1, v), log_target=True, reduction="batchmean")
+
+
+@torch.no_grad()
+def heldout_kl(model, blocks: torch.Tensor, batch_size: int = 16) -> float:
+    if len(blocks) == 0:
+        return float("nan")
+    device = next(model.parameters()).device
+    total = 0.0
+    for i in range(0, len(blocks), batch_size):
+        b = blocks[i : i + batch_size].to(device)
+        total += kl_dense_sparse(model, b).item() * len(b)
+    return total / len(blocks)
+
+
+@torch.no_grad()
+def closed_form_alpha(model, blocks: torch.Tensor, batch_size: int = 16) -> dict[str, torch.Tensor]:
+    """alpha = E[x - S(x)]: the constant that best replaces what sparsification removed (least
+    squares), measured with every layer sparse so upstream drift is included."""
+    sums = {m.name: torch.zeros(m.linear.in_features, dtype=torch.float64) for m in sparse_linears(model)}
+    count = {"tokens": 0}
+
+    def hook(m, args):
+        x = args[0].detach().float()
+        dropped = x * (x.abs() <= m.threshold)
+        sums[m.name] += dropped.reshape(-1, x.shape[-1]).sum(0).double().cpu()
+
+    handles = [m.register_forward_pre_hook(hook) for m in sparse_linears(model)]
+    device = next(model.parameters()).device
+    try:
+        with mode(model, "teal"):
+            for i in range(0, len(blocks), batch_size):
+                b = blocks[i : i + batch_size]
+                model(b.to(device), use_cache=False)
+                count["tokens"] += b.numel()
+    finally:
+        for h in handles:
+            h.remove()
+    return {n: (s / count["tokens"]).float() for n, s in sums.items()}
+
+
+def batch_indices(n_blocks: int, batch_size: int, seed: int, step: int) -> torch.Tensor:
+    """Blocks for optimizer step `step`: a seeded permutation per epoch, a function of step only."""
+    per_epoch = max(n_blocks // batch_size, 1)
+    epoch, k = divmod(step, per_epoch)
+    perm = torch.randperm(n_blocks, generator=torch.Generator().manual_seed(seed * 100_003 + epoch))
+    return perm[k * batch_size : (k + 1) * batch_size]
+
+
+def distill(
+    model,
+    train_blocks: torch.Tensor,
+    heldout_blocks: torch.Tensor,
+    cfg: DistillConfig,
+    *,
+    checkpoint_dir: str | Path | None = None,
+    checkpoint_key: str | None = None,
+    progress: bool = True,
+    on_step: Callable[[int, float], None] | None = None,
+) -> DistillResult:
+    """Train alpha for every SparseLinear in `model` (thresholds must already be set), then keep
+    the alpha that is best on the held-out blocks: the checkpoint with the lowest held-out KL, or
+    alpha = 0 (TEAL itself) when none beats TEAL. A run never ships an alpha that is worse than
+    TEAL on data it did not train on.
+
+    checkpoint_key names what produced the checkpoints (model, calibration, thresholds, config):
+    checkpoints with another key are refused, never resumed.
+    """
+    mods = sparse_linears(model)
+    if not mods:
+        raise SponError("no sparse linears: sparsify the model and set thresholds first")
+    if len(train_blocks) == 0:
+        raise SponError("calibration data is empty: no training blocks for distillation")
+    device = next(model.parameters()).device
+    params = [m.alpha for m in mods]
+    for p in params:
+        p.requires_grad_(True)
+    result = DistillResult(alphas={})
+    zeros = {m.name: torch.zeros_like(m.alpha) for m in mods}
+
+    with mode(model, "teal"):
+        result.heldout_kl_before = heldout_kl(model, heldout_blocks)
+
+    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg.schedule, cfg.warmup, cfg.steps))
+    start = 0
+    ckpt = _latest_checkpoint(checkpoint_dir)
+    if ckpt is not None:
+        state = torch.load(ckpt, map_location="cpu", weights_only=True)
+        if state.get("key") != checkpoint_key:
+            raise SponError(
+                f"{checkpoint_dir} holds alpha checkpoints of another distillation (key {state.get('key')}, "
+                f"this one {checkpoint_key}): use another --out, or delete that directory to start over"
+            )
+        load_alphas(model, state["alphas"])
+        opt.load_state_dict(state["optimizer"])
+        sched.load_state_dict(state["scheduler"])
+        result.kl_history = list(state["kl_history"])
+        result.heldout_kl_by_step = {int(k): v for k, v in state["heldout_kl_by_step"].items()}
+        best = (state["best"]["kl"], state["best"]["step"], state["best"]["alphas"])
+        start = result.resumed_from = int(state["step"])
+    else:
+        if cfg.init == "closed_form":
+            load_alphas(model, closed_form_alpha(model, train_blocks))
+        else:
+            load_alphas(model, zeros)
+        best = (result.heldout_kl_before, None, zeros)  # alpha = 0 is TEAL: what every step must beat
+
+    with mode(model, "spon"):
+        if start == 0:
+            result.heldout_kl_init = heldout_kl(model, heldout_blocks)
+            best = _better(best, result.heldout_kl_init, 0, model)
+        bar = _progress(range(start, cfg.steps), cfg.steps, start, progress)
+        micro = max(cfg.batch_size // cfg.grad_accum, 1)
+        for step in bar:
+            idx = batch_indices(len(train_blocks), cfg.batch_size, cfg.seed, step)
+            opt.zero_grad(set_to_none=True)
+            loss_sum = 0.0
+            for j in range(0, len(idx), micro):
+                ids = train_blocks[idx[j : j + micro]].to(device)
+                loss = kl_dense_sparse(model, ids) * (len(ids) / len(idx))
+                loss.backward()
+                loss_sum += loss.item()
+            if not math.isfinite(loss_sum):
+                raise SponError(f"distillation diverged: KL is {loss_sum} at step {step} (lower --lr)")
+            opt.step()
+            sched.step()
+            result.kl_history.append(loss_sum)
+            if hasattr(bar, "set_postfix"):
+                bar.set_postfix(kl=f"{loss_sum:.4f}")
+            if on_step is not None:
+                on_step(step, loss_sum)
+            done = step + 1
+            if done % cfg.checkpoint_every == 0 or done == cfg.steps:
+                kl = heldout_kl(model, heldout_blocks)
+                result.heldout_kl_by_step[done] = kl
+                best = _better(best, kl, done, model)
+                if checkpoint_dir is not None:
+                    _save_checkpoint(checkpoint_dir, done, model, opt, sched, result, best, checkpoint_key)
+        result.heldout_kl_last = result.heldout_kl_by_step.get(cfg.steps, result.heldout_kl_init)
+
+    for p in params:
+        p.requires_grad_(False)
+    result.heldout_kl_after, result.selected_step, chosen = best
+    if len(heldout_blocks) == 0:  # nothing to select on: the last alpha, and the summary says so
+        result.selected_step, chosen = cfg.steps, alphas(model)
+        result.selection = "last step (no held-out blocks to select on)"
+    elif result.selected_step is None:
+        result.selection = "zeros: no checkpoint beat TEAL on the held-out blocks"
+    else:
+        result.selection = f"step {result.selected_step}: lowest held-out KL"
+    load_alphas(model, chosen)
+    result.alphas = alphas(model)
+    return result
+
+
+def _better(best, kl: float, step: int, model):
+    """Keep (kl, step, alphas) of the lowest held-out KL; ties keep the earlier (simpler) one."""
+    if math.isfinite(kl) and (not math.isfinite(best[0]) or kl < best[0]):
+        return (kl, step, alphas(model))
+    return best
+
+
+def lr_lambda(schedule: str, warmup: int, steps: int) -> Callable[[int], float]:
+    """Linear warm-up, then constant or cosine decay to zero: late steps refine instead of bouncing
+    (alpha moves the sparsity masks downstream, so a large constant lr keeps the loss noisy)."""
+    if schedule not in ("constant", "cosine"):
+        raise SponError(f"unknown lr schedule {schedule!r}; choose 'constant' or 'cosine'")
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        if schedule == "constant":
+            return 1.0
+        progress = (step - warmup) / max(steps - warmup, 1)
+        return 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
+
+    return factor
+
+
+def _progress(it, total, initial, enabled):
+    if not enabled:
+        return it
+    from tqdm.auto import tqdm
+
+    return tqdm(it, total=total, initial=initial, desc="distill alpha", leave=False)
+
+
+def _save_checkpoint(directory, step, model, opt, sched, result: DistillResult, best, key):
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    tmp = directory / f".alpha_step{step:07d}.pt.tmp"
+    torch.save({"step": step, "key": key, "alphas": alphas(model), "optimizer": opt.state_dict(),
+                "scheduler": sched.state_dict(), "kl_history": result.kl_history,
+                "heldout_kl_by_step": {str(k): v for k, v in result.heldout_kl_by_step.items()},
+                "best": {"kl": best[0], "step": best[1], "alphas": best[2]}}, tmp)
+    tmp.replace(directory / f"alpha_step{step:07d}.pt")  # atomic: a kill never leaves half a checkpoint
+
+
+def _latest_checkpoint(directory) -> Path | None:
+    if directory is None or not Path(directory).is_dir():
+        return None
+    found = sorted(Path(directory).glob("alpha_step*.pt"))
+    return found[-1] if found else None

@@ -1,0 +1,108 @@
+"""Score an in-memory sparse model with lm-eval: one HFLM over the model object itself.
+
+The model is switched to each variant's mode before scoring and every SparseLinear counts the
+activations it zeroes, so the results carry the sparsity realized on the task's own text.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+
+from lm_eval.models.huggingface import HFLM
+from tqdm import tqdm
+
+from spon.evaluation import shared_context
+from spon.sparse import counting_zeros, mode
+
+log = logging.getLogger(__name__)
+
+
+class SponLM(HFLM):
+    """HFLM that runs each multiple-choice context once for all its choices (see
+    evaluation/shared_context.py) and memoises tokenization: every variant scores the same
+    strings, and the slow sentencepiece tokenizer would otherwise dominate a tiny model's
+    evaluation time."""
+
+    def __init__(self, *args, share_context: bool = True, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._tok_cache: dict = {}
+        self.truncated_continuations = 0
+        self.share_context = share_context
+
+    def _loglikelihood_tokens(self, requests, disable_tqdm: bool = False, override_bs=None):
+        if not self.share_context or self.backend != "causal":
+            return super()._loglikelihood_tokens(requests, disable_tqdm, override_bs)
+        groups, rest = shared_context.group_by_context(requests, self.max_length)
+        if not groups:
+            return super()._loglikelihood_tokens(requests, disable_tqdm, override_bs)
+        scores: dict[int, tuple[float, bool]] = {}
+        if rest:
+            scores.update(zip(rest, super()._loglikelihood_tokens([requests[i] for i in rest], True, override_bs)))
+        pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.eot_token_id
+        # As many sequences per pass as HFLM would run (batch_size x max_length padded tokens).
+        batch_size = self.batch_size if isinstance(self.batch_size, int) else 64
+        budget = batch_size * self.max_length
+        with tqdm(total=sum(map(len, groups)), disable=disable_tqdm or self.rank != 0,
+                  desc="Running loglikelihood requests (shared contexts)") as bar:
+            for batch in shared_context.batches(groups, requests, self.max_length, batch_size, budget):
+                scores.update(shared_context.score_batch(self.model, requests, batch, pad, self.max_length))
+                bar.update(sum(map(len, batch)))
+        for i, (strings, _, _) in enumerate(requests):
+            if strings is not None and i not in rest:
+                self.cache_hook.add_partial("loglikelihood", strings, scores[i])
+        return [scores[i] for i in range(len(requests))]
+
+    def tok_encode(self, string, add_special_tokens=None, left_truncate_len=None, **kwargs):
+        key = (string, add_special_tokens, left_truncate_len, tuple(sorted(kwargs.items())))
+        hit = self._tok_cache.get(key)
+        if hit is None:
+            hit = self._tok_cache[key] = super().tok_encode(string, add_special_tokens, left_truncate_len, **kwargs)
+        return list(hit)  # callers may mutate
+
+    def _encode_pair(self, context, continuation):
+        """lm-eval asserts a continuation fits the context window; a few PIQA solutions (4 of
+        3676) are longer than stories260K's 512 tokens. Score their first max_length tokens
+        instead of aborting the whole suite, and count how often that happened."""
+        ctx, cont = super()._encode_pair(context, continuation)
+        if len(cont) > self.max_length:
+            self.truncated_continuations += 1
+            cont = cont[: self.max_length]
+        return ctx, cont
+
+
+def make_lm(model, tokenizer, batch_size: int = 64, max_length: int | None = None, share_context: bool = True) -> SponLM:
+    return SponLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, max_length=max_length,
+                  share_context=share_context)
+
+
+def evaluate_tasks(lm: SponLM, model, run_mode: str, tasks: dict, limit=None, bootstrap_iters: int = 1000,
+                   task_manager=None) -> dict[str, dict]:
+    """{task: {"results": metrics, "n": samples, "realized_sparsity", "wall_s"}} for one mode."""
+    from lm_eval import simple_evaluate
+    from lm_eval.tasks import TaskManager
+
+    task_manager = task_manager or TaskManager(include_defaults=False)  # see suite.run_suite
+    out = {}
+    for name, task in tasks.items():
+        t0 = time.perf_counter()
+        lm.truncated_continuations = 0
+        with mode(model, run_mode), counting_zeros(model) as zeros:
+            res = simple_evaluate(
+                model=lm, tasks=[task], limit=limit, bootstrap_iters=bootstrap_iters, log_samples=False,
+                task_manager=task_manager, verbosity="WARNING",
+            )
+        wall = time.perf_counter() - t0
+        task_results = {k: v for k, v in res["results"].items()}
+        n = {k: v.get("effective", v.get("original")) for k, v in res.get("n-samples", {}).items()}
+        for tname, metrics in task_results.items():
+            out[tname] = {
+                "metrics": {k: v for k, v in metrics.items() if k != "alias" and isinstance(v, (int, float))},
+                "n": n.get(tname),
+                "realized_sparsity": zeros["weighted"] if run_mode != "dense" else 0.0,
+                "wall_s": round(wall, 2),
+                "truncated_continuations": lm.truncated_continuations,
+            }
+        log.info("%-8s %-16s sparsity %.3f  %.1fs  %s", run_mode, name, out[name]["realized_sparsity"] if name in out else -1,
+                 wall, {k: round(v, 4) for k, v in out.get(name, {}).get("metrics", {}).items() if "stderr" not in k})
+    return out

@@ -1,0 +1,136 @@
+"""Multiple-choice loglikelihoods with each shared context run through the model once.
+
+lm-eval's HFLM scores every (context, choice) pair as its own sequence, so a 4-choice
+question runs its context 4 times (it only shares the context when every choice is a single
+token). Here the requests with identical context tokens form a group; the contexts of a batch
+of groups are left-padded and run once with a KV cache, and each choice then runs only its
+own tokens on a copy of its context's cache:
+
+    log p(cont | ctx) = log p(c_1 | ctx) + sum_k log p(c_k | ctx, c_<k)
+                        `-- last context logit   `-- second pass over cont[:-1]
+
+The numbers equal HFLM's up to float rounding (tests/evaluation/test_shared_context.py);
+the context tokens saved are (choices - 1) per question: about half of BoolQ, COPA and PIQA,
+three quarters of MMLU, HellaSwag and ARC. Requests that HFLM would truncate (context +
+continuation longer than the window) and contexts with a single request keep HFLM's path.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+from transformers import DynamicCache
+
+Request = tuple[tuple[str, str] | None, list[int], list[int]]  # (strings, context ids, continuation ids)
+
+
+def effective_context(ctx: list[int], cont: list[int], max_length: int) -> tuple[int, ...]:
+    """The context HFLM actually conditions on: it keeps the last max_length + 1 tokens of
+    context + continuation, so a long context is cut from the left by the continuation's length."""
+    keep = max_length + 1 - len(cont)
+    return tuple(ctx[-keep:]) if len(ctx) > keep else tuple(ctx)
+
+
+def group_by_context(requests: Sequence[Request], max_length: int) -> tuple[list[list[int]], list[int]]:
+    """(groups of request indices sharing an effective context, indices left to the plain path).
+    Choices of equal length share a truncated context too (BoolQ's long passages)."""
+    by_ctx: dict[tuple[int, ...], list[int]] = {}
+    for i, (_, ctx, cont) in enumerate(requests):
+        by_ctx.setdefault(effective_context(ctx, cont, max_length), []).append(i)
+    groups, rest = [], []
+    for ctx, idx in by_ctx.items():
+        longest = max(len(requests[i][2]) for i in idx)
+        # Positions used: the context, then cont[:-1]; past max_length + 1 HFLM would truncate.
+        if len(idx) > 1 and len(ctx) + longest <= max_length + 1:
+            groups.append(idx)
+        else:
+            rest.extend(idx)
+    return groups, rest
+
+
+def batches(groups: list[list[int]], requests: Sequence[Request], max_length: int, max_groups: int,
+            token_budget: int, min_fill: float = 0.75):
+    """Groups sorted longest first, cut so that each pass stays within token_budget padded
+    tokens (contexts x widest context; choices x longest continuation) and max_groups groups,
+    and a new batch starts when a context would be padded by more than 1/min_fill: attention
+    cost grows with the square of the padded width, so one long outlier must not set the
+    width of 63 short contexts."""
+    def ctx_len(g):
+        return len(effective_context(requests[g[0]][1], requests[g[0]][2], max_length))
+
+    def cont_len(g):
+        return max(len(requests[i][2]) for i in g)
+
+    groups = sorted(groups, key=lambda g: (-(ctx_len(g) + cont_len(g)), -ctx_len(g)))
+    batch: list[list[int]] = []
+    narrowest = width = tail = rows = 0
+    for g in groups:
+        c = ctx_len(g)
+        n, w, t, r = min(narrowest, c) if batch else c, max(width, c), max(tail, cont_len(g)), rows + len(g)
+        if batch and (len(batch) >= max_groups or (len(batch) + 1) * w > token_budget or r * t > token_budget
+                      or n < min_fill * w):
+            yield batch
+            batch, n, w, t, r = [], c, c, cont_len(g), len(g)
+        batch.append(g)
+        narrowest, width, tail, rows = n, w, t, r
+    if batch:
+        yield batch
+
+
+@torch.no_grad()
+def score_batch(model, requests: Sequence[Request], batch: list[list[int]], pad_id: int,
+                max_length: int) -> dict[int, tuple[float, bool]]:
+    """{request index: (sum log p(continuation), continuation is the greedy output)} for one batch."""
+    device = model.device
+    ctxs = [effective_context(requests[g[0]][1], requests[g[0]][2], max_length) for g in batch]
+    width = max(len(c) for c in ctxs)
+    ids = torch.full((len(ctxs), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(ctxs), width), dtype=torch.long)
+    for r, c in enumerate(ctxs):
+        ids[r, width - len(c):] = torch.tensor(list(c))
+        mask[r, width - len(c):] = 1
+    ids, mask = ids.to(device), mask.to(device)
+    positions = (mask.cumsum(1) - 1).clamp(min=0)
+    out = model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True)
+    first = F.log_softmax(out.logits[:, -1].float(), dim=-1)  # [groups, vocab]: p(c_1 | ctx)
+
+    # Second pass: each choice's own tokens on a copy of its context's cache. Rows are taken
+    # in order of continuation length so a short choice is not padded to the longest one.
+    rows = sorted(((gi, i) for gi, g in enumerate(batch) for i in g), key=lambda row: len(requests[row[1]][2]))
+    kv = [(layer.keys, layer.values) for layer in out.past_key_values.layers]
+    lengths = mask.sum(1)
+    rest_logp: dict[int, torch.Tensor] = {}
+    chunk_rows = max(1, len(batch))  # as many sequences per pass as the first
+    for c0 in range(0, len(rows), chunk_rows):
+        chunk = [r for r in rows[c0:c0 + chunk_rows] if len(requests[r[1]][2]) > 1]
+        if not chunk:
+            continue
+        tail = max(len(requests[i][2]) for _, i in chunk) - 1
+        owner = torch.tensor([gi for gi, _ in chunk], device=device)
+        ids2 = torch.full((len(chunk), tail), pad_id, dtype=torch.long)
+        mask2 = torch.zeros((len(chunk), tail), dtype=torch.long)
+        for r, (_, i) in enumerate(chunk):
+            c = requests[i][2]
+            ids2[r, : len(c) - 1] = torch.tensor(c[:-1])
+            mask2[r, : len(c) - 1] = 1
+        cache = DynamicCache(ddp_cache_data=[(k[owner], v[owner]) for k, v in kv])
+        pos2 = lengths[owner][:, None] + torch.arange(tail, device=device)[None, :]
+        out2 = model(input_ids=ids2.to(device), attention_mask=torch.cat([mask[owner], mask2.to(device)], dim=1),
+                     position_ids=pos2, past_key_values=cache, use_cache=True)
+        logp = F.log_softmax(out2.logits.float(), dim=-1)  # [chunk, tail, vocab]
+        rest_logp.update({i: logp[r] for r, (_, i) in enumerate(chunk)})
+
+    scores = {}
+    for gi, i in rows:
+        c = requests[i][2]
+        lp = first[gi, c[0]]
+        greedy = bool(first[gi].argmax() == c[0])
+        if len(c) > 1:
+            target = torch.tensor(c[1:], device=device)
+            step = rest_logp[i][: len(c) - 1]
+            lp = lp + step.gather(1, target[:, None]).sum()
+            greedy = greedy and bool((step.argmax(-1) == target).all())
+        scores[i] = (float(lp), greedy)
+    return scores

@@ -1,0 +1,455 @@
+"""Every check on what a user passes in, made once where each entry point takes its inputs and
+before anything is written: a refused command leaves its out dir absent (or unchanged) and the
+inputs untouched, and says in one line which value or file is wrong.
+
+Pure functions over paths and configs: nothing here loads a model's weights (a safetensors
+header and config.json are read, nothing more) or imports prefect, mlflow or lm_eval.
+"""
+
+from __future__ import annotations
+
+import codecs
+import json
+import math
+import os
+import re
+import shutil
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Iterable, Iterator
+
+from spon.errors import SponError
+
+HUB_ID = re.compile(r"[\w.-]+(/[\w.-]+)?")
+REMOTE = ("models:/", "s3://")  # resolved by the pipeline (fetch_model), never a local path
+SIDECAR = "spon.json"  # = spon.fuse.SIDECAR
+FUSED_ALPHA = "spon_alpha.safetensors"  # = spon.fuse.ALPHA_FILE
+Inputs = Iterable["tuple[str, str | Path] | str | Path | None"]
+
+
+def _first_line(e: BaseException) -> str:
+    return (str(e).strip().splitlines() or [type(e).__name__])[0]
+
+
+# ----------------------------------------------------------------------------- files
+
+def check_text_file(path: str | Path, role: str = "text", allow_empty: bool = False) -> Path:
+    """A file that exists, is UTF-8 text (no NUL bytes) and, unless allow_empty, holds some text.
+    `role` names it in messages: "eval text", "calibration data", "config"."""
+    kind = "config file" if role == "config" else "text file"
+    if path is None or not str(path).strip():
+        raise SponError(f"empty {role} file name")
+    p = Path(path).expanduser()
+    if not p.exists():
+        raise SponError(f"{kind} does not exist: {path}")
+    if not p.is_file():
+        raise SponError(f"{role} file {path} is not a file")
+    has_text, offset = False, 0
+    dec = codecs.getincrementaldecoder("utf-8")()
+    try:
+        with open(p, "rb") as f:
+            while chunk := f.read(1 << 20):
+                nul = chunk.find(b"\0")
+                if nul >= 0:
+                    raise SponError(f"{role} file {path} is binary, not text (NUL byte at offset {offset + nul})")
+                try:
+                    has_text = bool(dec.decode(chunk).strip()) or has_text
+                except UnicodeDecodeError as e:
+                    raise SponError(f"{role} file {path} is not UTF-8 text "
+                                    f"(invalid byte 0x{chunk[e.start]:02x} at offset {offset + e.start})") from e
+                offset += len(chunk)
+            try:
+                dec.decode(b"", final=True)
+            except UnicodeDecodeError as e:
+                raise SponError(f"{role} file {path} is not UTF-8 text (truncated character at its end)") from e
+    except OSError as e:
+        raise SponError(f"cannot read {role} file {path}: {e.strerror or _first_line(e)}") from e
+    if not has_text and not allow_empty:
+        raise SponError(f"{role} is empty: {path} has no text")
+    return p
+
+
+def check_json_file(path: str | Path, what: str) -> dict:
+    """A JSON object in a file (a sidecar, thresholds.json, distill.json)."""
+    p = Path(path)
+    if not p.is_file():
+        raise SponError(f"{what} does not exist: {p}")
+    try:
+        data = json.loads(p.read_text(encoding="utf-8"))
+    except UnicodeDecodeError as e:
+        raise SponError(f"{what} {p} is not UTF-8 text (invalid byte at offset {e.start})") from e
+    except ValueError as e:
+        raise SponError(f"{what} {p} is not valid JSON: {_first_line(e)}") from e
+    except OSError as e:
+        raise SponError(f"cannot read {what} {p}: {e.strerror or _first_line(e)}") from e
+    if not isinstance(data, dict):
+        raise SponError(f"{what} {p} must hold a JSON object, got {type(data).__name__}")
+    return data
+
+
+def check_safetensors(path: str | Path, what: str, keys: Iterable[str] = ()) -> dict:
+    """The header of a safetensors file, checked against the file's size: an empty, truncated or
+    foreign file is refused here without reading (or loading) any tensor data."""
+    p = Path(path)
+    if not p.exists():
+        raise SponError(f"{what} does not exist: {p}")
+    if not p.is_file():
+        raise SponError(f"{what} {p} is not a file")
+    bad = f"cannot read {what} {p}"
+    try:
+        size = p.stat().st_size
+        if size == 0:
+            raise SponError(f"{bad}: the file is empty (0 bytes)")
+        if size < 8:
+            raise SponError(f"{bad}: truncated ({size} bytes), not a safetensors file")
+        with open(p, "rb") as f:
+            n = int.from_bytes(f.read(8), "little")
+            if n < 2 or 8 + n > size:
+                raise SponError(f"{bad}: not a safetensors file, or truncated (header of {n} bytes in a file of {size})")
+            raw = f.read(n)
+    except OSError as e:
+        raise SponError(f"{bad}: {e.strerror or _first_line(e)}") from e
+    try:
+        header = json.loads(raw.decode("utf-8"))
+    except ValueError as e:  # UnicodeDecodeError is one
+        raise SponError(f"{bad}: not a safetensors file (its header is not JSON)") from e
+    if not isinstance(header, dict):
+        raise SponError(f"{bad}: not a safetensors file (its header is not a mapping)")
+    try:
+        end = max((int(v["data_offsets"][1]) for k, v in header.items() if k != "__metadata__"), default=0)
+    except (TypeError, KeyError, IndexError, ValueError) as e:
+        raise SponError(f"{bad}: not a safetensors file (malformed tensor entry)") from e
+    if 8 + n + end > size:
+        raise SponError(f"{bad}: truncated: its header describes {8 + n + end} bytes, the file has {size}")
+    missing = [k for k in keys if k not in header]
+    if missing:
+        raise SponError(f"{bad}: it has no tensor(s) {', '.join(missing)}")
+    return header
+
+
+# ----------------------------------------------------------------------------- models
+
+def check_model_dir(path: str | Path, what: str = "model") -> dict:
+    """A transformers model directory: a config.json that is a JSON object and weights whose
+    safetensors headers match their files (sharded: every shard of the index). Returns config.json."""
+    p = Path(path).expanduser()
+    if not p.exists():
+        raise SponError(f"model path does not exist: {path}")
+    if not p.is_dir():
+        raise SponError(f"{what} {path} is a file, not a model directory (pass the directory that holds config.json)")
+    if not (p / "config.json").is_file():
+        raise SponError(f"{path} is not a model directory: it has no config.json")
+    config = check_json_file(p / "config.json", "model config")
+    st, idx = p / "model.safetensors", p / "model.safetensors.index.json"
+    if st.exists():
+        check_safetensors(st, "model weights")
+    elif idx.is_file():
+        index = check_json_file(idx, "model weights index")
+        shards = sorted(set((index.get("weight_map") or {}).values()))
+        if not shards:
+            raise SponError(f"model weights index {idx} lists no shards")
+        for shard in shards:
+            check_safetensors(p / shard, "model weights shard")
+    elif (p / "pytorch_model.bin").is_file() or (p / "pytorch_model.bin.index.json").is_file():
+        b = p / "pytorch_model.bin"
+        if b.is_file() and b.stat().st_size == 0:
+            raise SponError(f"cannot read model weights {b}: the file is empty (0 bytes)")
+    else:
+        raise SponError(f"{path} has no model weights (model.safetensors)")
+    return config
+
+
+def check_fused_dir(path: str | Path) -> dict:
+    """A fused checkpoint written by `spon fuse` / `spon run`: a model directory plus its sidecar
+    and alpha file. Returns the sidecar."""
+    check_model_dir(path, "fused model")
+    p = Path(path)
+    if not (p / SIDECAR).is_file():
+        raise SponError(f"{path} is not a spon model: no {SIDECAR}")
+    meta = check_json_file(p / SIDECAR, "sidecar")
+    if meta.get("format") != "spon/1":
+        raise SponError(f"{p / SIDECAR}: unknown format {meta.get('format')!r}, expected spon/1")
+    check_safetensors(p / FUSED_ALPHA, "alpha file")
+    return meta
+
+
+def check_model_source(model: str | None, pipeline: bool = False) -> Path | None:
+    """--model / config `model`: None is the embedded default; '' is refused. Returns the local
+    directory to check further, or None for a hub id (or, in the pipeline, a models:/ or s3://
+    reference or a model-store copy, which fetch_model resolves and verifies)."""
+    from spon.model import default_model_path
+
+    if model is not None and not model.strip():
+        raise SponError("empty model name (--model ''): pass a model directory or hub id, "
+                        "or leave --model out for the embedded default")
+    src = model or default_model_path()
+    if src.startswith(REMOTE):
+        if not pipeline:
+            raise SponError(f"model {src}: registry and store references need the pipeline "
+                            f"(`spon run` without --in-process), or `spon pull` it to a directory first")
+        return None
+    p = Path(src).expanduser()
+    if p.exists():
+        if pipeline and p.is_dir() and (p / "manifest.json").is_file():
+            return None  # a model-store copy: pulled and checksum-verified by fetch_model
+        check_model_dir(p)
+        return p
+    if not HUB_ID.fullmatch(src) or src.startswith((".", "~", "/")):
+        raise SponError(f"model path does not exist: {src}")
+    return None  # a hub id: nothing local to check
+
+
+def model_config(path: str | Path):
+    """transformers' config of a local model directory (config.json only, no weights)."""
+    from spon.model import _offline_for_local_assets
+
+    _offline_for_local_assets()
+    try:
+        from transformers import AutoConfig
+
+        return AutoConfig.from_pretrained(str(path))
+    except Exception as e:  # transformers raises ValueError, OSError, KeyError, ... for a bad config
+        raise SponError(f"{Path(path) / 'config.json'} is not a usable model config: {_first_line(e)}") from e
+
+
+def max_context(config) -> int | None:
+    for key in ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length"):
+        v = getattr(config, key, None)
+        if isinstance(v, int) and not isinstance(v, bool) and v > 0:
+            return v
+    return None
+
+
+def check_architecture(config, source) -> None:
+    from spon.model import SUPPORTED
+
+    arch = getattr(config, "model_type", None)
+    if arch not in SUPPORTED:
+        raise SponError(f"unsupported architecture: {source} is model_type {arch!r}; supported: {', '.join(SUPPORTED)}")
+
+
+def check_context(config, source, window: int | None = None, calib_len: int | None = None,
+                  window_flag: str = "--window (eval.window)", calib_flag: str = "--calib-len (calibration.block_len)",
+                  new_tokens: int | None = None) -> None:
+    """Sequence lengths a command would feed the model, against its max_position_embeddings."""
+    n = max_context(config)
+    if n is None:
+        return
+    for flag, value in ((window_flag, window), (calib_flag, calib_len), ("--max-new-tokens", new_tokens)):
+        if value is not None and value > n:
+            raise SponError(f"{flag} {value} exceeds the model's max_position_embeddings {n} ({source})")
+
+
+# ----------------------------------------------------------------------------- values
+
+def check_device(device: str | None, flag: str = "--device") -> str:
+    """cpu, cuda[:N] or mps, and present in this torch build / on this machine."""
+    import torch
+
+    d = (device or "").strip()
+    try:
+        dev = torch.device(d)
+    except (RuntimeError, ValueError, TypeError) as e:
+        raise SponError(f"unknown device {device!r} ({flag}): use cpu, cuda or cuda:N") from e
+    if dev.type == "cpu":
+        return d
+    if dev.type == "cuda":
+        if torch.version.cuda is None and getattr(torch.version, "hip", None) is None:
+            raise SponError(f"{flag} {device}: this torch {torch.__version__} is a CPU-only build (no CUDA); use --device cpu")
+        if not torch.cuda.is_available():
+            raise SponError(f"{flag} {device}: no CUDA device is available; use --device cpu")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise SponError(f"{flag} {device}: only {torch.cuda.device_count()} CUDA device(s)")
+        return d
+    if dev.type == "mps":
+        if not torch.backends.mps.is_available():
+            raise SponError(f"{flag} {device}: MPS is not available on this machine")
+        return d
+    raise SponError(f"unsupported device {device!r} ({flag}): use cpu, cuda or cuda:N")
+
+
+def check_dtype(dtype: str, flag: str = "--dtype") -> str:
+    from spon.model import DTYPES
+
+    if dtype not in DTYPES:
+        raise SponError(f"unknown dtype {dtype!r} ({flag}); choose one of {sorted(DTYPES)}")
+    return dtype
+
+
+def check_int(value: int | None, flag: str, minimum: int) -> None:
+    if value is not None and value < minimum:
+        raise SponError(f"{flag} must be >= {minimum}, got {value}")
+
+
+def check_window(window: int, stride: int, window_flag: str = "--window", stride_flag: str = "--stride") -> None:
+    if window < 2:
+        raise SponError(f"{window_flag} must be >= 2 (a window predicts window - 1 tokens), got {window}")
+    if not 1 <= stride <= window:
+        raise SponError(f"{stride_flag} must be in [1, {window_flag} {window}], got {stride}")
+
+
+def check_sparsities(text: str) -> list[float]:
+    """`spon sweep --sparsities`: every level a number in [0, 1), no two the same (levels sharing
+    an output directory s<0.xx> count as the same), at least one."""
+    items = [s.strip() for s in (text or "").split(",")]
+    if not any(items):
+        raise SponError(f"--sparsities {text!r}: no sparsity levels given")
+    levels: list[float] = []
+    seen: dict[str, str] = {}
+    for s in items:
+        if not s:
+            raise SponError(f"--sparsities {text!r}: empty item")
+        try:
+            v = float(s)
+        except ValueError:
+            raise SponError(f"--sparsities: {s!r} is not a number") from None
+        if not math.isfinite(v) or not 0.0 <= v < 1.0:
+            raise SponError(f"--sparsities: {s} is not a sparsity in [0, 1)")
+        name = f"s{v:.2f}"  # the level's output directory (flows/sweep.py run_level)
+        if name in seen:
+            raise SponError(f"--sparsities: {seen[name]} and {s} are the same level ({name})")
+        seen[name] = s
+        levels.append(v)
+    return levels
+
+
+# ----------------------------------------------------------------------------- out dirs
+
+def _labelled(inputs: Inputs) -> list[tuple[str, Path]]:
+    out = []
+    for item in inputs:
+        if item is None:
+            continue
+        label, path = item if isinstance(item, tuple) else ("the input", item)
+        if path is None or not str(path).strip():
+            continue
+        out.append((label, Path(path).expanduser().resolve()))
+    return out
+
+
+def check_out_dir(out: str | Path | None, inputs: Inputs = (), flag: str = "--out") -> Path:
+    """A directory a command may write: not an existing file, not an input, not inside one, not
+    containing one (model dir, calibration dir, alpha dir, text files, config), and writable
+    (a directory with no write permission bits counts as read-only, also for root)."""
+    if out is None or not str(out).strip():
+        raise SponError(f"{flag}: empty path")
+    p = Path(out).expanduser().resolve()
+    if p.exists() and not p.is_dir():
+        raise SponError(f"{flag} {out} is an existing file, not a directory")
+    existing = next(a for a in (p, *p.parents) if a.exists())
+    if not existing.is_dir():
+        raise SponError(f"{flag} {out}: {existing} is a file, not a directory")
+    for label, inp in _labelled(inputs):
+        if p == inp:
+            raise SponError(f"{flag} {out} is {label} {inp}: refusing to write over an input")
+        if inp in p.parents:
+            raise SponError(f"{flag} {out} lies inside {label} {inp}: refusing to write into an input")
+        if p in inp.parents:
+            raise SponError(f"{flag} {out} contains {label} {inp}: refusing to write over an input")
+    if not os.access(existing, os.W_OK | os.X_OK) or not existing.stat().st_mode & 0o222:
+        raise SponError(f"{flag} {out}: {existing} is read-only")
+    return p
+
+
+@contextmanager
+def new_out_dir(out: str | Path) -> Iterator[Path]:
+    """Create `out` (and missing parents) for a command; if the command then fails with a
+    SponError, remove what this created, so a refused command leaves no half-made out dir.
+    A directory that already existed is never removed (it may hold checkpoints to resume), and
+    neither is anything on an interrupt or a crash."""
+    p = Path(out).expanduser().resolve()
+    created = next((a for a in reversed((p, *p.parents)) if not a.exists()), None)
+    p.mkdir(parents=True, exist_ok=True)
+    try:
+        yield p
+    except SponError:
+        if created is not None:
+            shutil.rmtree(created, ignore_errors=True)
+        raise
+
+
+# ----------------------------------------------------------------------------- entry points
+
+def check_calibration(c) -> list[Path]:
+    """CalibrationConfig: its files exist and are UTF-8 text. Returns the local input files."""
+    files: list[Path] = []
+    if c.source == "text":
+        if not c.files:
+            raise SponError("calibration source 'text' needs at least one file (--calib-files)")
+        files = [check_text_file(f, "calibration data") for f in c.files]
+    elif c.source == "dataset":
+        if not c.dataset:
+            raise SponError("calibration source 'dataset' needs calibration.dataset (--calib-dataset)")
+        for f in c.data_files or []:
+            if "://" not in f and not Path(f).expanduser().exists():
+                raise SponError(f"calibration data file does not exist: {f}")
+            if "://" not in f:
+                files.append(Path(f))
+    return files
+
+
+def check_calib_dir(calib: str | Path, flag: str = "--calib") -> Path:
+    """A directory written by `spon calibrate`: calibration blocks and thresholds."""
+    from spon.stages import CALIBRATION_FILE, THRESHOLDS_FILE
+
+    p = Path(calib).expanduser()
+    if not p.is_dir():
+        raise SponError(f"{flag} {calib} is not a directory written by `spon calibrate`")
+    if not (p / CALIBRATION_FILE).is_file():
+        raise SponError(f"{calib} has no {CALIBRATION_FILE}: run `spon calibrate --out {calib}` first")
+    check_safetensors(p / CALIBRATION_FILE, "calibration file", keys=("train", "heldout"))
+    t = check_json_file(p / THRESHOLDS_FILE, "thresholds file")
+    if not isinstance(t.get("thresholds"), dict) or not isinstance(t.get("targets"), list):
+        raise SponError(f"thresholds file {p / THRESHOLDS_FILE} was not written by `spon calibrate`")
+    return p
+
+
+def check_alpha(alpha: str | Path) -> Path:
+    """`spon fuse --alpha`: a readable alpha file beside the distill.json that `spon distill` wrote."""
+    from spon.stages import DISTILL_FILE
+
+    p = Path(alpha).expanduser()
+    if not p.is_file():
+        raise SponError(f"alpha file does not exist: {alpha}")
+    if not (p.parent / DISTILL_FILE).is_file():
+        raise SponError(f"{p.parent} has no {DISTILL_FILE}: pass the alpha file `spon distill` wrote")
+    check_safetensors(p, "alpha file")
+    check_json_file(p.parent / DISTILL_FILE, "distillation record")
+    return p
+
+
+def check_model(cfg, pipeline: bool = False, calib_len: int | None = None, window: int | None = None) -> Path | None:
+    """cfg.model (a RunConfig's): exists, is a loadable supported model whose context holds the
+    sequence lengths given. Returns its local directory (None: hub id or remote reference)."""
+    local = check_model_source(cfg.model, pipeline)
+    if local is not None:
+        conf = model_config(local)
+        check_architecture(conf, local)
+        check_context(conf, local, window=window, calib_len=calib_len)
+    elif cfg.model and not cfg.model.startswith(REMOTE):  # a hub id: its config only if cached
+        try:
+            from transformers import AutoConfig
+
+            conf = AutoConfig.from_pretrained(cfg.model, local_files_only=True)
+        except Exception:
+            conf = None
+        if conf is not None:
+            check_context(conf, cfg.model, window=window, calib_len=calib_len)
+    return local
+
+
+def check_run(cfg, config_path: str | None = None, pipeline: bool = False, work_dir: str | Path | None = None) -> None:
+    """Everything `spon run` / `spon sweep` take, checked before the first stage runs."""
+    check_device(cfg.device)
+    calib_files = check_calibration(cfg.calibration)
+    eval_files = [check_text_file(f, "eval text") for f in cfg.eval.files]
+    window = None
+    if cfg.eval.files or "window" in cfg.eval.model_fields_set:  # the window is used (or was asked for)
+        check_window(cfg.eval.window, cfg.eval.stride)
+        window = cfg.eval.window
+    model = check_model(cfg, pipeline, calib_len=cfg.calibration.block_len, window=window)
+    inputs = [("the model directory", model), ("the config file", config_path),
+              *(("the calibration file", f) for f in calib_files), *(("the eval text file", f) for f in eval_files)]
+    check_out_dir(cfg.out, inputs)
+    if work_dir is not None:
+        check_out_dir(work_dir, inputs, "--work-dir")

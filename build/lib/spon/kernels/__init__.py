@@ -1,0 +1,167 @@
+"""Activation-sparse linear kernels (TEAL-style) for spon.
+
+Stable API (all take ``weight_t`` = Wᵀ ``[in, out]`` from ``prepare_weight``):
+
+    prepare_weight(weight[out, in]) -> weight_t[in, out]
+    sparse_linear(x[..., in], weight_t, bias=None, threshold=0.0) -> y[..., out]
+    sparse_linear_reference(x, weight_t, bias, threshold) -> y
+    quantize_weight_int8(weight[out, in]) -> (qweight_t[in, out] int8, scales[out] fp32)
+    sparse_linear_int8(x, qweight_t, scales, bias=None, threshold=0.0) -> y
+    prepare_weight_fused([W_q, W_k, W_v]) -> weight_t_cat[in, sum(out_i)]
+    sparse_linear_fused(x, weight_t_cat, out_features, biases=None, thresholds=0.0,
+                        scales=None) -> tuple of y_i
+    SparseLinear  (nn.Module wrapper, SparseLinear.from_linear(linear, threshold))
+
+``threshold`` is a float or a 0-d/1-element tensor; S(x) = x * 1{|x| > threshold}.
+Dispatch: CUDA -> Triton; CPU with <= 8 rows -> embedding_bag decode path;
+otherwise (or when autograd needs gradients) -> torch reference.
+
+Only torch (and, optionally, triton) are imported.
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+from torch import Tensor, nn
+
+from . import ops as _ops  # registers torch.ops.spon_kernels.sparse_gemv
+from .reference import (
+    dequantize_weight_t,
+    quantize_weight_int8,
+    sparse_linear_fused_reference,
+    sparse_linear_int8_reference,
+    sparse_linear_reference,
+    sparsify,
+)
+from .triton_sparse_gemv import HAS_TRITON, MAX_BATCH
+
+__all__ = [
+    "HAS_TRITON",
+    "MAX_BATCH",
+    "SparseLinear",
+    "dequantize_weight_t",
+    "prepare_weight",
+    "prepare_weight_fused",
+    "quantize_weight_int8",
+    "sparse_linear",
+    "sparse_linear_fused",
+    "sparse_linear_fused_reference",
+    "sparse_linear_int8",
+    "sparse_linear_int8_reference",
+    "sparse_linear_reference",
+    "sparsify",
+]
+
+
+def prepare_weight(weight: Tensor) -> Tensor:
+    """nn.Linear weight [out, in] -> Wᵀ [in, out] contiguous (the kernels' layout)."""
+    return weight.detach().t().contiguous()
+
+
+def prepare_weight_fused(weights: Sequence[Tensor]) -> Tensor:
+    """Projections sharing one input ([out_i, in] each) -> concatenated Wᵀ [in, sum(out_i)]."""
+    return torch.cat([w.detach() for w in weights], dim=0).t().contiguous()
+
+
+def _needs_grad(*ts) -> bool:
+    return torch.is_grad_enabled() and any(isinstance(t, Tensor) and t.requires_grad for t in ts)
+
+
+def _call(x, weight_t, bias, threshold, seg_sizes, scales):
+    K, N = weight_t.shape
+    lead = x.shape[:-1]
+    x2 = x.reshape(-1, K)
+    if torch.compiler.is_compiling():
+        # One opaque node in the graph (schema + fake impl registered in ops.py).
+        taus = _ops.thresholds_tensor(threshold, len(seg_sizes), x.device)
+        y = torch.ops.spon_kernels.sparse_gemv(x2, weight_t, bias, taus, list(seg_sizes), scales)
+    else:
+        y = _ops.dispatch(x2, weight_t, bias, threshold, list(seg_sizes), scales)
+    return y.reshape(*lead, N)
+
+
+def sparse_linear(
+    x: Tensor, weight_t: Tensor, bias: Tensor | None = None, threshold: float | Tensor = 0.0
+) -> Tensor:
+    """y = (x * 1{|x| > threshold}) @ weight_t + bias, reading only needed rows of weight_t."""
+    if _needs_grad(x, weight_t, bias):
+        return sparse_linear_reference(x, weight_t, bias, threshold)
+    return _call(x, weight_t, bias, threshold, [weight_t.shape[1]], None)
+
+
+def sparse_linear_int8(
+    x: Tensor,
+    qweight_t: Tensor,
+    scales: Tensor,
+    bias: Tensor | None = None,
+    threshold: float | Tensor = 0.0,
+) -> Tensor:
+    """Sparse x times int8 Wᵀ with per-output-channel scales (from quantize_weight_int8)."""
+    if _needs_grad(x, bias):
+        return sparse_linear_int8_reference(x, qweight_t, scales, bias, threshold)
+    return _call(x, qweight_t, bias, threshold, [qweight_t.shape[1]], scales)
+
+
+def sparse_linear_fused(
+    x: Tensor,
+    weight_t: Tensor,
+    out_features: Sequence[int],
+    biases: Tensor | Sequence[Tensor | None] | None = None,
+    thresholds: float | Sequence[float] | Tensor = 0.0,
+    scales: Tensor | None = None,
+) -> tuple[Tensor, ...]:
+    """Projections sharing input x (q/k/v, gate/up) in one launch.
+
+    weight_t: from ``prepare_weight_fused`` (or the int8 quantization of the
+    concatenated weight, with ``scales``).  thresholds: one per projection
+    (or one shared).  biases: concatenated bias, per-projection list (None
+    entries allowed), or None.  Returns one output per projection (views).
+    """
+    out_features = [int(n) for n in out_features]
+    bias = _concat_bias(biases, out_features, weight_t, x)
+    if _needs_grad(x, weight_t, bias):
+        taus = thresholds if isinstance(thresholds, (list, tuple)) else [thresholds] * len(out_features)
+        y = sparse_linear_fused_reference(x, weight_t, out_features, bias, list(taus), scales)
+    else:
+        y = _call(x, weight_t, bias, thresholds, out_features, scales)
+    return tuple(torch.split(y, out_features, dim=-1))
+
+
+def _concat_bias(biases, out_features, weight_t, x):
+    if biases is None or isinstance(biases, Tensor):
+        return biases
+    if all(b is None for b in biases):
+        return None
+    dtype = x.dtype
+    return torch.cat(
+        [b if b is not None else torch.zeros(n, dtype=dtype, device=x.device) for b, n in zip(biases, out_features)]
+    )
+
+
+class SparseLinear(nn.Module):
+    """Drop-in for nn.Linear at inference: y = sparse_linear(x, Wᵀ, b, threshold)."""
+
+    def __init__(self, weight: Tensor, bias: Tensor | None = None, threshold: float = 0.0):
+        super().__init__()
+        self.register_buffer("weight_t", prepare_weight(weight))
+        self.register_buffer("bias", None if bias is None else bias.detach().clone())
+        self.threshold = float(threshold)
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, threshold: float = 0.0) -> "SparseLinear":
+        return cls(linear.weight, linear.bias, threshold)
+
+    @property
+    def in_features(self) -> int:
+        return self.weight_t.shape[0]
+
+    @property
+    def out_features(self) -> int:
+        return self.weight_t.shape[1]
+
+    def forward(self, x: Tensor) -> Tensor:
+        return sparse_linear(x, self.weight_t, self.bias, self.threshold)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, threshold={self.threshold}"

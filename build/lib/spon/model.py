@@ -1,0 +1,156 @@
+"""Model loading and the architecture adapter that finds the seven sparsifiable projections.
+
+Llama, Mistral, Qwen2 and Qwen3 share one layout: `model.layers[i].self_attn.{q,k,v,o}_proj`
+and `model.layers[i].mlp.{gate,up,down}_proj`. They differ only in which projections can carry
+a bias, which matters for fusion (b' = b + W alpha needs a bias slot).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from spon.errors import SponError
+
+PROJECTIONS = ("q", "k", "v", "o", "gate", "up", "down")
+_ATTN = ("q", "k", "v", "o")
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+# Which config flag turns on the bias of each projection, per architecture. "always" means the
+# architecture builds that projection with a bias regardless of config; None means it never has
+# one, so alpha cannot be fused into a vanilla checkpoint there (it goes to the sidecar instead).
+BIAS_FLAGS: dict[str, dict[str, str | None]] = {
+    "llama": {**{p: "attention_bias" for p in _ATTN}, **{p: "mlp_bias" for p in ("gate", "up", "down")}},
+    "mistral": {p: None for p in PROJECTIONS},
+    "qwen2": {"q": "always", "k": "always", "v": "always", "o": None, "gate": None, "up": None, "down": None},
+    "qwen3": {**{p: "attention_bias" for p in _ATTN}, "gate": None, "up": None, "down": None},
+}
+SUPPORTED = tuple(BIAS_FLAGS)
+# from_pretrained initialises on the meta device through process-global state: two threads loading
+# at once (a sweep's fanned-out tasks) can leave one model's parameters on meta. Load one at a time.
+_LOAD_LOCK = threading.Lock()
+
+def default_model_path() -> str:
+    """The embedded default: the real trained stories260K Llama shipped beside the repo."""
+    env = os.environ.get("SPON_DEFAULT_MODEL")
+    if env:
+        return env
+    from spon.assets import assets_root
+
+    return str(assets_root() / "models" / "stories260K")
+
+
+def load_model(
+    name_or_path: str | None = None,
+    device: str = "cpu",
+    dtype: str = "fp32",
+    device_map: str | None = None,
+):
+    """Load any causal LM by hub id or local directory. Returns (model, tokenizer)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    name_or_path = name_or_path or default_model_path()
+    if dtype not in DTYPES:
+        raise SponError(f"unknown dtype {dtype!r}; choose one of {sorted(DTYPES)}")
+    path = Path(name_or_path).expanduser()
+    hub_id = re.fullmatch(r"[\w.-]+(/[\w.-]+)?", name_or_path) and not name_or_path.startswith(".")
+    if not path.exists() and not hub_id:
+        raise SponError(f"model path does not exist: {name_or_path}")
+    if path.is_dir():
+        _offline_for_local_assets()
+        name_or_path = str(path)
+    kwargs = {"dtype": DTYPES[dtype]}
+    if device_map:
+        kwargs["device_map"] = device_map
+    try:
+        with _LOAD_LOCK:
+            model = AutoModelForCausalLM.from_pretrained(name_or_path, **kwargs)
+            tokenizer = AutoTokenizer.from_pretrained(name_or_path)
+    except OSError as e:
+        raise SponError(f"cannot load model {name_or_path!r}: {str(e).splitlines()[0]}") from e
+    if not device_map:
+        model.to(device)
+    model.eval()
+    model.requires_grad_(False)
+    check_tokenizer(model, tokenizer)
+    return model, tokenizer
+
+
+def _offline_for_local_assets() -> None:
+    # A local directory never needs the hub; stay offline so no call hangs on a closed network.
+    for var in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE"):
+        os.environ.setdefault(var, "1")
+
+
+def check_tokenizer(model, tokenizer) -> None:
+    vocab = model.get_input_embeddings().num_embeddings
+    if len(tokenizer) > vocab:
+        raise SponError(
+            f"tokenizer/model mismatch: tokenizer has {len(tokenizer)} tokens, model embeds {vocab}"
+        )
+
+
+@dataclass(frozen=True)
+class Projection:
+    """One sparsifiable linear: where it lives and what kind it is."""
+
+    layer: int
+    kind: str  # one of PROJECTIONS
+    parent: nn.Module
+    attr: str  # attribute name on parent, e.g. "q_proj"
+
+    @property
+    def name(self) -> str:
+        return f"{self.layer}.{self.kind}"
+
+    @property
+    def module(self) -> nn.Module:
+        return getattr(self.parent, self.attr)
+
+
+def decoder_layers(model) -> nn.ModuleList:
+    base = getattr(model, "model", model)
+    layers = getattr(base, "layers", None)
+    if layers is None:
+        raise SponError(_unsupported(model, "no `model.layers`"))
+    return layers
+
+
+def find_projections(model, kinds=PROJECTIONS) -> list[Projection]:
+    """All (layer, projection) linears of a Llama/Mistral/Qwen2/Qwen3-layout model."""
+    arch = getattr(model.config, "model_type", "?")
+    if arch not in SUPPORTED:
+        raise SponError(_unsupported(model, f"model_type {arch!r}"))
+    unknown = set(kinds) - set(PROJECTIONS)
+    if unknown:
+        raise SponError(f"unknown projection(s) {sorted(unknown)}; choose from {list(PROJECTIONS)}")
+    found = []
+    for i, layer in enumerate(decoder_layers(model)):
+        for kind in PROJECTIONS:
+            if kind not in kinds:
+                continue
+            parent = layer.self_attn if kind in _ATTN else layer.mlp
+            attr = f"{kind}_proj"
+            if not hasattr(parent, attr):
+                raise SponError(_unsupported(model, f"layer {i} has no {attr}"))
+            found.append(Projection(i, kind, parent, attr))
+    return found
+
+
+def bias_slot(model, kind: str) -> str | None:
+    """The config flag that gives projection `kind` a bias ("always" if built-in), or None."""
+    return BIAS_FLAGS[model.config.model_type][kind]
+
+
+def _unsupported(model, why: str) -> str:
+    names = sorted({n.split(".")[-1] for n, m in model.named_modules() if isinstance(m, nn.Linear)})
+    return (
+        f"unsupported architecture ({why}); supported: {', '.join(SUPPORTED)}; "
+        f"linear modules found: {', '.join(names) or 'none'}"
+    )

@@ -1,0 +1,73 @@
+"""Sliding-window perplexity over documents, for any mode of the sparse model.
+
+Each document is scored on its own, BOS first, with windows of `window` tokens advanced by
+`stride`: every token is predicted once, with up to window - stride tokens of extra context.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+from spon.calibration import read_documents
+from spon.errors import SponError
+from spon.sparse import counting_zeros, mode, sparse_linears
+
+
+@torch.no_grad()
+def document_nll(model, ids: torch.Tensor, window: int, stride: int) -> tuple[float, int]:
+    """Sum of negative log-likelihoods and count of predicted tokens for one token sequence."""
+    if stride < 1 or stride > window:
+        raise SponError(f"need 1 <= stride <= window, got stride={stride}, window={window}")
+    device = next(model.parameters()).device
+    n = ids.numel()
+    nll, count, prev_end = 0.0, 0, 0
+    for begin in range(0, max(n - 1, 1), stride):
+        end = min(begin + window, n)
+        chunk = ids[begin:end].unsqueeze(0).to(device)
+        logits = model(chunk, use_cache=False).logits[0, :-1].float()
+        targets = chunk[0, 1:]
+        # Only score targets not scored by the previous window.
+        first = max(prev_end - begin - 1, 0)
+        losses = F.cross_entropy(logits[first:], targets[first:], reduction="none")
+        nll += losses.sum().item()
+        count += losses.numel()
+        prev_end = end
+        if end == n:
+            break
+    return nll, count
+
+
+def perplexity(model, tokenizer, documents: list[str], window: int = 512, stride: int = 256) -> dict:
+    """Perplexity of `model` in its current mode; also the realized sparsity while scoring."""
+    if not documents:
+        raise SponError("no documents to score")
+    total, count = 0.0, 0
+    with counting_zeros(model) as zeros:
+        for doc in documents:
+            ids = tokenizer(doc, add_special_tokens=False)["input_ids"]
+            if tokenizer.bos_token_id is not None:
+                ids = [tokenizer.bos_token_id] + ids
+            nll, c = document_nll(model, torch.tensor(ids), window, stride)
+            total += nll
+            count += c
+    out = {"perplexity": math.exp(total / count), "tokens": count}
+    if sparse_linears(model):
+        out["realized_sparsity"] = zeros["weighted"]
+    return out
+
+
+def perplexities(
+    model, tokenizer, files: list[str], modes=("dense", "teal", "spon"), window: int = 512, stride: int = 256
+) -> dict[str, dict[str, dict]]:
+    """{file: {mode: {"perplexity", "tokens", "realized_sparsity"}}} in one call."""
+    result: dict[str, dict[str, dict]] = {}
+    for f in files:
+        docs = read_documents(f)
+        result[str(f)] = {}
+        for m in modes:
+            with mode(model, m):
+                result[str(f)][m] = perplexity(model, tokenizer, docs, window, stride)
+    return result

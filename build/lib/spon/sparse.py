@@ -1,0 +1,254 @@
+"""The sparse linear: y = W (S(x) + alpha) + b with S(x) = x * 1{|x| > tau}.
+
+One module, three modes over the same frozen weights:
+  dense  W x + b                  (the teacher; never a second copy of the weights)
+  teal   W S(x) + b               (TEAL)
+  spon   W (S(x) + alpha) + b     (spontaneous neurons; after fusion W S(x) + b' with b' = b + W alpha)
+
+We wrap the model's nn.Linear modules rather than touching transformers' source.
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Iterator
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from spon.errors import SponError
+from spon.kernels.reference import keep_mask
+from spon.model import PROJECTIONS, find_projections
+
+MODES = ("dense", "teal", "spon")
+PROTOCOLS = ("all", "last_half")
+
+
+class SparseLinear(nn.Module):
+    def __init__(self, linear: nn.Linear, name: str, kind: str):
+        super().__init__()
+        self.linear = linear
+        self.name = name  # "layer.kind", e.g. "3.down"
+        self.kind = kind
+        self.register_buffer("threshold", torch.zeros((), dtype=torch.float32))
+        # alpha lives in the linear's input space; fp32 even for a bf16 model so small updates survive.
+        self.alpha = nn.Parameter(torch.zeros(linear.in_features, dtype=torch.float32, device=linear.weight.device))
+        # After fusion linear.bias holds b + W alpha; fused_delta = W alpha lets dense/teal modes undo it.
+        self.register_buffer("fused_delta", None)
+        self.mode = "dense"
+        self.protocol = "all"
+        self.count_zeros = False
+        self.zeros = 0
+        self.seen = 0
+        # Inference backend: Wt = W^T in the kernels' layout (Triton on CUDA, the fused
+        # gather-reduce on CPU for decode). Costs a second copy of this weight; None = torch.
+        self.register_buffer("weight_t", None, persistent=False)
+
+    @property
+    def fused(self) -> bool:
+        return self.fused_delta is not None
+
+    def extra_repr(self) -> str:
+        return f"name={self.name}, mode={self.mode}, tau={self.threshold.item():.4g}, fused={self.fused}"
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.mode == "dense":
+            return self._dense(x)
+        # TEAL's published prefill protocol: the first half of each sequence stays dense.
+        if self.protocol == "last_half" and x.dim() == 3 and x.shape[1] > 1:
+            h = x.shape[1] // 2
+            return torch.cat([self._dense(x[:, :h]), self._sparse(x[:, h:])], dim=1)
+        return self._sparse(x)
+
+    def _original_bias(self) -> torch.Tensor | None:
+        b = self.linear.bias
+        if self.fused:
+            return b - self.fused_delta
+        return b
+
+    def _dense(self, x):
+        return F.linear(x, self.linear.weight, self._original_bias())
+
+    def _sparse(self, x):
+        bias = self.linear.bias if self.mode == "spon" else self._original_bias()
+        if self.weight_t is not None and not torch.is_grad_enabled() and (self.mode == "teal" or self.fused):
+            if self.count_zeros:
+                self._count(self.keep(x))
+            from spon.kernels import sparse_linear  # reads only the rows of W^T whose input survives
+
+            return sparse_linear(x, self.weight_t, bias, self.threshold)
+        # One mask per call, shared by the sparsifier and the zero counter (an elementwise pass
+        # over the activations costs as much as this tiny model's matmuls).
+        keep = self.keep(x)
+        if self.count_zeros:
+            self._count(keep)
+        sx = x * keep
+        if self.mode == "spon" and not self.fused:
+            return F.linear(sx + self.alpha.to(x.dtype), self.linear.weight, self.linear.bias)
+        # teal, or spon after fusion (b' = b + W alpha already in the bias: exactly TEAL's cost)
+        return F.linear(sx, self.linear.weight, bias)
+
+    def _count(self, keep: torch.Tensor) -> None:
+        self.zeros += keep.numel() - int(keep.sum())
+        self.seen += keep.numel()
+
+    def keep(self, x: torch.Tensor) -> torch.Tensor:
+        """1{|x| > tau}: the kernels' own test (compared in fp32, as calibration measured |x|), so
+        the torch path, the CPU op and the Triton kernel keep the same elements in bf16/fp16 too."""
+        return keep_mask(x, self.threshold)
+
+    def S(self, x: torch.Tensor) -> torch.Tensor:
+        """TEAL's sparsifier: x * 1{|x| > tau}."""
+        return x * self.keep(x)
+
+
+@dataclass
+class SparsifyConfig:
+    """Everything that turns a loaded dense model into the sparse model: the one object every
+    loader builds (from a sidecar, a stage's files or a calibration in progress) and hands to
+    `sparsify_`.
+
+    thresholds: tau per "layer.kind" (None: leave them, e.g. before calibration).
+    alpha: the spontaneous-neuron vectors (None: leave them; zeros for a fresh model).
+    alpha_in_bias: names whose checkpoint bias already holds b + W alpha (a fused checkpoint);
+        with fuse=True every other alpha is fused into its bias now (b' = b + W alpha).
+    """
+
+    targets: list[str] = field(default_factory=lambda: list(PROJECTIONS))
+    thresholds: dict[str, float] | None = None
+    protocol: str = "all"
+    alpha: dict[str, torch.Tensor] | None = None
+    alpha_in_bias: dict[str, bool] = field(default_factory=dict)
+    fuse: bool = False
+    mode: str = "teal"
+
+    @classmethod
+    def from_sidecar(cls, meta: dict, alpha: dict[str, torch.Tensor]) -> "SparsifyConfig":
+        """A fused checkpoint: thresholds and alpha from its sidecar; alpha already in the biases
+        where the architecture has a slot, fused at load time elsewhere."""
+        return cls(targets=list(meta["targets"]), thresholds=meta["thresholds"], protocol=meta.get("protocol", "all"),
+                   alpha=alpha, alpha_in_bias=meta["fused_in_checkpoint"], fuse=True, mode="spon")
+
+
+def sparsify_(model, config: SparsifyConfig) -> list[SparseLinear]:
+    """Apply TEAL sparsity (and spontaneous neurons) to `model` in place, from one config object."""
+    mods = sparsify(model, config.targets)
+    set_protocol(model, config.protocol)
+    if config.thresholds is not None:
+        set_thresholds(model, config.thresholds)
+    if config.alpha is not None:
+        load_alphas(model, config.alpha)
+    if config.alpha_in_bias or config.fuse:
+        from spon.fuse import fuse_alpha  # fusion is its own concept; imported here to avoid a cycle
+
+        fuse_alpha(model, already_fused={n for n, v in config.alpha_in_bias.items() if v})
+    set_mode(model, config.mode)
+    return mods
+
+
+def sparsify(model, kinds=PROJECTIONS) -> list[SparseLinear]:
+    """Wrap the chosen projections of every layer in SparseLinear (idempotent)."""
+    wrapped = []
+    for p in find_projections(model, kinds):
+        mod = p.module
+        if not isinstance(mod, SparseLinear):
+            if not isinstance(mod, nn.Linear):
+                raise SponError(f"{p.name}: expected nn.Linear, found {type(mod).__name__}")
+            mod = SparseLinear(mod, p.name, p.kind)
+            setattr(p.parent, p.attr, mod)
+        wrapped.append(mod)
+    return wrapped
+
+
+def use_kernels(model, enabled: bool = True) -> None:
+    """Route sparse (teal / fused spon) inference through kernels/: the Triton sparse GEMV on
+    CUDA, the gather-reduce decode path on CPU (<= 8 rows), the torch reference otherwise.
+    Same numbers within dtype tolerance; training and calibration always use torch."""
+    for m in sparse_linears(model):
+        if enabled:
+            from spon.kernels import prepare_weight
+
+            m.weight_t = prepare_weight(m.linear.weight)
+        else:
+            m.weight_t = None
+
+
+def sparse_linears(model) -> list[SparseLinear]:
+    return [m for m in model.modules() if isinstance(m, SparseLinear)]
+
+
+def by_name(model) -> dict[str, SparseLinear]:
+    return {m.name: m for m in sparse_linears(model)}
+
+
+def set_mode(model, mode: str) -> None:
+    if mode not in MODES:
+        raise SponError(f"unknown mode {mode!r}; choose one of {MODES}")
+    for m in sparse_linears(model):
+        m.mode = mode
+
+
+def set_protocol(model, protocol: str) -> None:
+    if protocol not in PROTOCOLS:
+        raise SponError(f"unknown protocol {protocol!r}; choose one of {PROTOCOLS}")
+    for m in sparse_linears(model):
+        m.protocol = protocol
+
+
+@contextmanager
+def mode(model, name: str) -> Iterator[None]:
+    """Temporarily switch every sparse linear to `name` (e.g. the dense teacher)."""
+    before = {m: m.mode for m in sparse_linears(model)}
+    set_mode(model, name)
+    try:
+        yield
+    finally:
+        for m, old in before.items():
+            m.mode = old
+
+
+def set_thresholds(model, thresholds: dict[str, float]) -> None:
+    mods = by_name(model)
+    missing = set(thresholds) - set(mods)
+    if missing:
+        raise SponError(f"thresholds name projections the model does not have: {sorted(missing)[:5]}")
+    for name, tau in thresholds.items():
+        mods[name].threshold.fill_(float(tau))
+
+
+def alphas(model) -> dict[str, torch.Tensor]:
+    return {m.name: m.alpha.detach().clone() for m in sparse_linears(model)}
+
+
+def load_alphas(model, state: dict[str, torch.Tensor]) -> None:
+    mods = by_name(model)
+    for name, a in state.items():
+        if name not in mods:
+            raise SponError(f"alpha for unknown projection {name!r}")
+        mods[name].alpha.data.copy_(a.to(mods[name].alpha.dtype))
+
+
+@contextmanager
+def counting_zeros(model) -> Iterator[dict]:
+    """Measure realized sparsity: fraction of sparse-linear inputs that S() zeroes.
+
+    Yields a dict filled on exit with the per-projection fractions and the weight-size-weighted
+    overall fraction (what decode speed depends on: skipped weight bytes).
+    """
+    mods = sparse_linears(model)
+    for m in mods:
+        m.count_zeros, m.zeros, m.seen = True, 0, 0
+    result: dict = {}
+    try:
+        yield result
+    finally:
+        for m in mods:
+            m.count_zeros = False
+        per = {m.name: m.zeros / m.seen for m in mods if m.seen}
+        sizes = {m.name: m.linear.weight.numel() for m in mods if m.seen}
+        total = sum(sizes.values())
+        result["per_projection"] = per
+        result["weighted"] = sum(per[n] * sizes[n] for n in per) / total if total else 0.0
+        result["mean"] = sum(per.values()) / len(per) if per else 0.0

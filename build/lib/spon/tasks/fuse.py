@@ -1,0 +1,22 @@
+"""fuse: b' = b + W alpha into a vanilla transformers checkpoint (spon.stages.fuse)."""
+
+from __future__ import annotations
+
+from prefect import task
+
+from spon import stages
+from spon.runtime.refs import ModelRef, StageRef
+
+from .policies import run_stage, stage
+
+
+@task(**stage("fuse"))
+def fuse(model: ModelRef, calib: StageRef, thresholds: StageRef, alpha: StageRef, protocol: str, device: str,
+         dtype: str, work_dir: str) -> StageRef:
+    return run_stage("fuse", locals(), lambda out, key: stages.fuse(
+        model.path, calib.dir, thresholds.dir, alpha.dir, protocol, device, dtype, out, source=model.source))
+
+
+def fused_model(fused: StageRef) -> ModelRef:
+    """The fused checkpoint as a model reference (its digest is the fuse stage key)."""
+    return ModelRef(source=fused.dir, path=fused.dir, digest=f"stage:{fused.key}", is_spon=True)

@@ -1,0 +1,182 @@
+"""TEAL thresholds: streamed magnitude histograms per (layer, projection), then tau for a target.
+
+Memory is bounded: each projection keeps a fixed histogram of log10|x| (not the activations),
+fine enough (1e-3 decades per bin) that interpolated thresholds land within a hair of the
+exact quantile.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from spon.config import SparsityConfig
+from spon.errors import SponError
+from spon.sparse import SparseLinear, by_name, mode, set_thresholds, sparse_linears
+
+LOG_MIN, LOG_MAX, BINS = -10.0, 6.0, 16_000
+
+
+def check_sparsity(s: float) -> float:
+    if not (isinstance(s, (int, float)) and math.isfinite(s) and 0.0 <= s < 1.0):
+        raise SponError(f"sparsity must be in [0, 1), got {s!r}")
+    return float(s)
+
+
+class Histograms:
+    """Streams |x| at the input of every SparseLinear into a fixed log-spaced histogram."""
+
+    def __init__(self, model):
+        self.model = model
+        self.counts: dict[str, torch.Tensor] = {}
+        self._handles = []
+
+    def __enter__(self):
+        for m in sparse_linears(self.model):
+            self.counts[m.name] = torch.zeros(BINS, dtype=torch.float64)
+            self._handles.append(m.register_forward_pre_hook(self._hook))
+        return self
+
+    def __exit__(self, *exc):
+        for h in self._handles:
+            h.remove()
+        self._handles.clear()
+
+    def _hook(self, module: SparseLinear, args):
+        x = args[0].detach().float().abs().flatten()
+        logx = torch.log10(x.clamp_min(10**LOG_MIN))
+        h = torch.histc(logx, bins=BINS, min=LOG_MIN, max=LOG_MAX)
+        self.counts[module.name] += h.cpu().double()
+
+
+@torch.no_grad()
+def collect_histograms(model, blocks: torch.Tensor, batch_size: int = 16) -> dict[str, torch.Tensor]:
+    """Histograms of the dense model's linear inputs over the calibration blocks."""
+    device = next(model.parameters()).device
+    with mode(model, "dense"), Histograms(model) as hist:
+        for i in range(0, len(blocks), batch_size):
+            model(blocks[i : i + batch_size].to(device))
+    return hist.counts
+
+
+def threshold_from_histogram(counts: torch.Tensor, sparsity: float) -> float:
+    """tau such that a fraction `sparsity` of magnitudes is <= tau (log-linear interpolation)."""
+    sparsity = check_sparsity(sparsity)
+    if sparsity == 0.0:
+        return 0.0
+    total = counts.sum().item()
+    if total == 0:
+        raise SponError("empty histogram: no activations were recorded")
+    cum = torch.cumsum(counts, 0) / total
+    i = int(torch.searchsorted(cum, torch.tensor(sparsity, dtype=cum.dtype)).clamp(max=BINS - 1))
+    below = cum[i - 1].item() if i > 0 else 0.0
+    frac = (sparsity - below) / max(cum[i].item() - below, 1e-12)
+    width = (LOG_MAX - LOG_MIN) / BINS
+    return 10 ** (LOG_MIN + (i + min(max(frac, 0.0), 1.0)) * width)
+
+
+def uniform_thresholds(hists: dict[str, torch.Tensor], sparsity: float) -> dict[str, float]:
+    return {name: threshold_from_histogram(h, sparsity) for name, h in hists.items()}
+
+
+def weighted_sparsity(sparsities: dict[str, float], sizes: dict[str, int]) -> float:
+    total = sum(sizes[n] for n in sparsities)
+    return sum(sparsities[n] * sizes[n] for n in sparsities) / total
+
+
+@torch.no_grad()
+def greedy_sparsities(
+    model,
+    hists: dict[str, torch.Tensor],
+    blocks: torch.Tensor,
+    target: float,
+    step: float = 0.05,
+    max_sparsity: float = 0.99,
+) -> dict[str, float]:
+    """TEAL's block-wise greedy allocation.
+
+    For each decoder layer, start every projection at sparsity 0; repeatedly raise by `step` the
+    projection whose increase adds the least block-output error per weight element skipped, until
+    the size-weighted sparsity of the block reaches `target`. Errors are measured by replaying the
+    block on its dense inputs (captured once), so layers do not interact.
+    """
+    from spon.model import decoder_layers
+
+    target = check_sparsity(target)
+    mods = by_name(model)
+    layers = decoder_layers(model)
+    inputs = _capture_layer_inputs(model, layers, blocks)
+    result: dict[str, float] = {}
+    for li, layer in enumerate(layers):
+        names = [n for n, m in mods.items() if n.split(".")[0] == str(li)]
+        if not names:
+            continue
+        sizes = {n: mods[n].linear.weight.numel() for n in names}
+        sp = {n: 0.0 for n in names}
+        args, kwargs = inputs[li]
+        with mode(model, "dense"):
+            ref = _block_out(layer, args, kwargs)
+        ref_norm = ref.float().pow(2).sum()
+
+        def error(trial: dict[str, float]) -> float:
+            set_thresholds(model, {n: threshold_from_histogram(hists[n], s) for n, s in trial.items()})
+            with mode(model, "teal"):
+                out = _block_out(layer, args, kwargs)
+            return ((out.float() - ref.float()).pow(2).sum() / ref_norm).item()
+
+        current = 0.0
+        while target > 0 and weighted_sparsity(sp, sizes) < target - 1e-9:
+            best = None
+            for n in names:
+                if sp[n] + step > max_sparsity + 1e-9:
+                    continue
+                trial = {**sp, n: sp[n] + step}
+                score = (error(trial) - current) / sizes[n]
+                if best is None or score < best[0]:
+                    best = (score, n)
+            if best is None:
+                raise SponError(f"layer {li}: cannot reach sparsity {target} below max {max_sparsity}")
+            sp[best[1]] = round(sp[best[1]] + step, 10)
+            current = error(sp)
+        result.update(sp)
+    return result
+
+
+def _block_out(layer, args, kwargs):
+    out = layer(*args, **kwargs)
+    return out[0] if isinstance(out, tuple) else out
+
+
+def _capture_layer_inputs(model, layers, blocks: torch.Tensor):
+    """Positional and keyword inputs of every decoder layer for one dense forward pass."""
+    captured: dict[int, tuple] = {}
+    handles = []
+    for i, layer in enumerate(layers):
+        def hook(mod, args, kwargs, i=i):
+            captured[i] = (args, dict(kwargs))
+        handles.append(layer.register_forward_pre_hook(hook, with_kwargs=True))
+    device = next(model.parameters()).device
+    try:
+        with mode(model, "dense"):
+            model(blocks.to(device), use_cache=False)
+    finally:
+        for h in handles:
+            h.remove()
+    return captured
+
+
+def compute_thresholds(model, blocks: torch.Tensor, cfg: SparsityConfig) -> tuple[dict[str, float], dict[str, float]]:
+    """Thresholds for every sparse linear, set on the model. Returns (thresholds, per-projection
+    sparsities)."""
+    sparsity = check_sparsity(cfg.sparsity)
+    if len(blocks) == 0:
+        raise SponError("calibration data is empty: no blocks")
+    hists = collect_histograms(model, blocks)
+    if cfg.allocation == "uniform":
+        sp = {n: sparsity for n in hists}
+    else:
+        sp = greedy_sparsities(model, hists, blocks[: cfg.greedy_blocks], sparsity, step=cfg.greedy_step)
+    taus = {n: threshold_from_histogram(hists[n], s) for n, s in sp.items()}
+    set_thresholds(model, taus)
+    return taus, sp

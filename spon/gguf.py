@@ -1,0 +1,235 @@
+"""GGUF files as a model source: dequantized once to a plain transformers checkpoint.
+
+A `.gguf` path (or a hub repo + file, `ORG/REPO:FILE.gguf`, or a named model from spon.models)
+is turned into a directory holding config.json, fp32 safetensors weights and the tokenizer,
+cached under <root>/gguf/<sha256[:16]>/ (root: $SPON_CACHE, default ~/.cache/spon). The
+directory is written under a temporary name and renamed into place when complete, so a killed
+conversion leaves nothing that looks finished; later loads open the directory directly.
+Once written it has no trace of GGUF or its quantization config: plain
+`AutoModelForCausalLM.from_pretrained(dir)` loads it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import shutil
+import time
+from pathlib import Path
+
+from spon.errors import SponError
+
+MAGIC = b"GGUF"
+MARKER = "spon-gguf.json"  # written last inside the temporary directory: what it came from
+# GGUF general.architecture values whose models the adapter handles (Mistral GGUFs usually say
+# "llama"; transformers then picks mistral from the model name).
+GGUF_ARCHS = ("llama", "mistral", "qwen2", "qwen3")
+HUB_GGUF = re.compile(r"(?P<repo>[\w.-]+/[\w.-]+):(?P<file>[\w./-]+\.gguf)")
+_CHUNK = 1 << 20
+
+
+def cache_root() -> Path:
+    return Path(os.environ.get("SPON_CACHE") or Path.home() / ".cache" / "spon").expanduser()
+
+
+def dequantized_dir(sha256: str, root: Path | None = None) -> Path:
+    return (root or cache_root()) / "gguf" / sha256[:16]
+
+
+def resolve_model_source(name: str | None) -> str:
+    """What load_model and fetch_model open: a named model or a GGUF (a local `.gguf` file or
+    `ORG/REPO:FILE.gguf` on the hub) -> its dequantized checkpoint directory; anything else
+    (a directory, a hub id) unchanged."""
+    from spon.model import default_model_path
+
+    name = name or default_model_path()
+    from spon.models import MODELS, resolve as resolve_named
+
+    if name in MODELS and not Path(name).exists():
+        return resolve_named(name)
+    if not name.lower().endswith(".gguf"):
+        return name
+    path = Path(name).expanduser()
+    if path.is_file():
+        return str(dequantize(path))
+    m = HUB_GGUF.fullmatch(name)
+    if m and not path.exists():
+        return str(dequantize(hub_download(m["repo"], m["file"])))
+    raise SponError(f"GGUF file does not exist: {name} (a hub GGUF is ORG/REPO:FILE.gguf)")
+
+
+def source_digest(path: str | Path) -> str | None:
+    """'gguf:<sha256>' for a directory this module wrote, else None."""
+    marker = Path(path) / MARKER
+    if not marker.is_file():
+        return None
+    return f"gguf:{json.loads(marker.read_text())['sha256']}"
+
+
+def hub_download(repo: str, file: str) -> Path:
+    """One GGUF file from a hub repository (needs the network; not reachable on every machine)."""
+    try:
+        from huggingface_hub import hf_hub_download
+
+        return Path(hf_hub_download(repo, file))
+    except Exception as e:
+        raise SponError(f"cannot fetch {file} from {repo}: {str(e).splitlines()[0] if str(e) else type(e).__name__}") from e
+
+
+def check_magic(path: Path) -> None:
+    with open(path, "rb") as f:
+        head = f.read(4)
+    if head != MAGIC:
+        raise SponError(f"{path} is not a GGUF file (it starts with {head!r}, not {MAGIC!r})")
+
+
+def inspect(path: str | Path) -> dict:
+    """Parse a GGUF header and check every tensor lies inside the file. Returns
+    {"architecture", "name", "tensors", "size"}; a bad file is a one-line SponError."""
+    path = Path(path)
+    check_magic(path)
+    size = path.stat().st_size
+    try:
+        from gguf import GGUFReader
+
+        reader = GGUFReader(path)
+        arch = _field(reader, "general.architecture")
+        name = _field(reader, "general.name")
+        end = max((int(t.data_offset) + int(t.n_bytes) for t in reader.tensors), default=0)
+    except SponError:
+        raise
+    except ModuleNotFoundError:
+        raise
+    except Exception as e:  # numpy/struct errors: a header cut short or garbled
+        raise SponError(f"{path} is not a readable GGUF file (truncated or corrupt header): "
+                        f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}".rstrip(": ")) from e
+    if end > size:
+        raise SponError(f"{path} is a truncated GGUF file: {size} bytes, its tensors need {end}")
+    if not reader.tensors:
+        raise SponError(f"{path} is a GGUF file with no tensors")
+    if arch not in GGUF_ARCHS:
+        from spon.model import SUPPORTED
+
+        raise SponError(f"unsupported architecture: {path.name} is GGUF architecture {arch!r}; "
+                        f"supported: {', '.join(SUPPORTED)}")
+    return {"architecture": arch, "name": name, "tensors": len(reader.tensors), "size": size}
+
+
+def _field(reader, key: str):
+    field = reader.fields.get(key)
+    if field is None:
+        return None
+    value = field.contents()
+    return value.decode() if isinstance(value, bytes) else value
+
+
+def file_sha256(path: Path, root: Path | None = None) -> str:
+    """sha256 of a file, remembered per (path, size, mtime) so a rerun does not rehash it."""
+    st = path.stat()
+    key = hashlib.sha256(f"{path.resolve()}\0{st.st_size}\0{st.st_mtime_ns}".encode()).hexdigest()[:32]
+    memo = (root or cache_root()) / "gguf" / "hashes" / key
+    if memo.is_file():
+        got = memo.read_text().strip()
+        if re.fullmatch(r"[0-9a-f]{64}", got):
+            return got
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(_CHUNK):
+            h.update(chunk)
+    digest = h.hexdigest()
+    memo.parent.mkdir(parents=True, exist_ok=True)
+    tmp = memo.with_name(f".{key}.{os.getpid()}")
+    tmp.write_text(digest)
+    os.replace(tmp, memo)
+    return digest
+
+
+def dequantize(path: str | Path, sha256: str | None = None, root: Path | None = None) -> Path:
+    """The dequantized checkpoint directory of GGUF file `path`, converting it the first time."""
+    path = Path(path).expanduser().resolve()
+    check_magic(path)
+    sha = sha256 or file_sha256(path, root)
+    dest = dequantized_dir(sha, root)
+    if dest.is_dir():
+        return dest
+    info = inspect(path)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    _remove_stale(dest.parent)
+    tmp = dest.parent / f".tmp-{sha[:16]}-{os.getpid()}-{time.monotonic_ns()}"
+    try:
+        t0 = time.perf_counter()
+        _convert(path, tmp, info)
+        marker = {"sha256": sha, "file": path.name, "size": info["size"], "architecture": info["architecture"],
+                  "name": info["name"], "seconds": round(time.perf_counter() - t0, 2), **_versions()}
+        (tmp / MARKER).write_text(json.dumps(marker, indent=1) + "\n")
+        try:
+            os.rename(tmp, dest)
+        except OSError:
+            if not dest.is_dir():  # another process finished the same file first: keep theirs
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return dest
+
+
+def _convert(path: Path, out: Path, info: dict) -> None:
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer, GgufConfig
+
+    from spon.model import SUPPORTED, _LOAD_LOCK
+
+    try:
+        with _LOAD_LOCK:
+            model = AutoModelForCausalLM.from_pretrained(
+                str(path.parent), gguf_file=path.name, dtype=torch.float32,
+                quantization_config=GgufConfig(dequantize=True),
+            )
+            tok = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+    except (ValueError, KeyError, OSError, RuntimeError) as e:
+        raise SponError(f"cannot dequantize {path.name} ({info['architecture']}): "
+                        f"{str(e).splitlines()[0] if str(e) else type(e).__name__}") from e
+    if model.config.model_type not in SUPPORTED:
+        raise SponError(f"unsupported architecture: {path.name} loads as model_type {model.config.model_type!r}; "
+                        f"supported: {', '.join(SUPPORTED)}")
+    drop_quantization(model)
+    model.config.name_or_path = ""
+    out.mkdir(parents=True)
+    model.save_pretrained(out)
+    tok.save_pretrained(out)
+    config = json.loads((out / "config.json").read_text())
+    left = [k for k in config if "quantization" in k or "gguf" in k]
+    if left:
+        raise SponError(f"dequantized {path.name} still carries {left} in config.json")
+
+
+def drop_quantization(model) -> None:
+    """What save_pretrained refuses while it is there: the gguf quantizer and its config."""
+    quantizer = getattr(model, "hf_quantizer", None)
+    if quantizer is not None:
+        quantizer.remove_quantization_config(model)
+    for attr in ("hf_quantizer", "quantization_method"):
+        if hasattr(model, attr):
+            delattr(model, attr)
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    model.is_quantized = False
+
+
+def _versions() -> dict:
+    from importlib.metadata import version
+
+    return {"transformers": version("transformers"), "gguf": version("gguf")}
+
+
+def _remove_stale(parent: Path) -> None:
+    """Temporary directories left by a conversion that was killed (its process is gone)."""
+    for d in parent.glob(".tmp-*"):
+        try:
+            pid = int(d.name.split("-")[2])
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            shutil.rmtree(d, ignore_errors=True)
+        except (ValueError, IndexError, PermissionError, OSError):
+            continue
