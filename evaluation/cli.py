@@ -29,7 +29,7 @@ def register(sub) -> None:
 
 
 def check_args(args) -> None:
-    """Every argument and input of `spon eval`, before lm-eval is imported or anything written."""
+    """Every argument and input of `spon eval`, before any model is loaded or anything written."""
     from pathlib import Path
 
     from spon import inputs
@@ -49,7 +49,7 @@ def check_args(args) -> None:
     inputs.check_fused_dir(args.model_dir)
     from spon.assets import assets_root
 
-    fidelity_text = assets_root() / "data" / "tinystories" / "sample.txt"  # = suite.FIDELITY_TEXT (suite imports lm_eval)
+    fidelity_text = assets_root() / "data" / "tinystories" / "sample.txt"  # = spon.evaluation.suite.FIDELITY_TEXT
     inputs.check_out_dir(args.out, [("the model directory", args.model_dir), ("the fidelity text", fidelity_text),
                                     *(("the task directory", d) for d in args.task_dir)])
 

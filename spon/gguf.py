@@ -16,7 +16,9 @@ import json
 import os
 import re
 import shutil
+import struct
 import time
+import uuid
 from pathlib import Path
 
 from spon.errors import SponError
@@ -86,43 +88,106 @@ def check_magic(path: Path) -> None:
 
 
 def inspect(path: str | Path) -> dict:
-    """Parse a GGUF header and check every tensor lies inside the file. Returns
-    {"architecture", "name", "tensors", "size"}; a bad file is a one-line SponError."""
+    """Walk a GGUF header (metadata and tensor table, not the data) and check every tensor lies
+    inside the file. Returns {"architecture", "name", "tensors", "size"}; a file that is not
+    GGUF, is cut short or is garbled is a one-line SponError."""
     path = Path(path)
     check_magic(path)
     size = path.stat().st_size
     try:
-        from gguf import GGUFReader
-
-        reader = GGUFReader(path)
-        arch = _field(reader, "general.architecture")
-        name = _field(reader, "general.name")
-        end = max((int(t.data_offset) + int(t.n_bytes) for t in reader.tensors), default=0)
+        with open(path, "rb") as f:
+            meta, tensors, data_start = _read_header(_Reader(f, size))
     except SponError:
         raise
-    except ModuleNotFoundError:
-        raise
-    except Exception as e:  # numpy/struct errors: a header cut short or garbled
-        raise SponError(f"{path} is not a readable GGUF file (truncated or corrupt header): "
-                        f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}".rstrip(": ")) from e
+    except (struct.error, ValueError, KeyError, UnicodeDecodeError, OverflowError) as e:
+        raise SponError(f"{path} is not a readable GGUF file (corrupt header: {e})") from e
+    arch, name = meta.get("general.architecture"), meta.get("general.name")
+    end = max((data_start + off + n for off, n in tensors), default=0)
     if end > size:
         raise SponError(f"{path} is a truncated GGUF file: {size} bytes, its tensors need {end}")
-    if not reader.tensors:
+    if not tensors:
         raise SponError(f"{path} is a GGUF file with no tensors")
     if arch not in GGUF_ARCHS:
         from spon.model import SUPPORTED
 
         raise SponError(f"unsupported architecture: {path.name} is GGUF architecture {arch!r}; "
                         f"supported: {', '.join(SUPPORTED)}")
-    return {"architecture": arch, "name": name, "tensors": len(reader.tensors), "size": size}
+    return {"architecture": arch, "name": name, "tensors": len(tensors), "size": size}
 
 
-def _field(reader, key: str):
-    field = reader.fields.get(key)
-    if field is None:
-        return None
-    value = field.contents()
-    return value.decode() if isinstance(value, bytes) else value
+# GGUF value types (gguf.GGUFValueType): fixed-size scalars by struct code; 8 string, 9 array.
+_SCALARS = {0: "B", 1: "b", 2: "H", 3: "h", 4: "I", 5: "i", 6: "f", 7: "?", 10: "Q", 11: "q", 12: "d"}
+_STRING, _ARRAY = 8, 9
+
+
+class _Reader:
+    def __init__(self, f, size: int):
+        self.f, self.size = f, size
+
+    def take(self, n: int) -> bytes:
+        b = self.f.read(n)
+        if len(b) != n:
+            raise SponError(f"{self.f.name} is a truncated GGUF file: its header ends at byte {self.size}")
+        return b
+
+    def skip(self, n: int) -> None:
+        if self.f.tell() + n > self.size:
+            raise SponError(f"{self.f.name} is a truncated GGUF file: its header ends at byte {self.size}")
+        self.f.seek(n, 1)
+
+    def u32(self) -> int:
+        return struct.unpack("<I", self.take(4))[0]
+
+    def u64(self) -> int:
+        return struct.unpack("<Q", self.take(8))[0]
+
+    def string(self) -> str:
+        return self.take(self.u64()).decode("utf-8")
+
+    def value(self, vtype: int, keep: bool = True):
+        if vtype in _SCALARS:
+            code = _SCALARS[vtype]
+            return struct.unpack("<" + code, self.take(struct.calcsize(code)))[0]
+        if vtype == _STRING:
+            if keep:
+                return self.string()
+            return self.skip(self.u64())
+        if vtype == _ARRAY:
+            itype, count = self.u32(), self.u64()
+            if itype in _SCALARS:  # skipped: only scalars and strings are read
+                return self.skip(count * struct.calcsize(_SCALARS[itype]))
+            for _ in range(count):
+                self.value(itype, keep=False)
+            return None
+        raise ValueError(f"unknown GGUF value type {vtype}")
+
+
+def _read_header(r: _Reader) -> tuple[dict, list[tuple[int, int]], int]:
+    """(scalar metadata, [(offset, nbytes)] per tensor relative to the data start, data start)."""
+    from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
+
+    r.take(4)  # magic, checked already
+    version = r.u32()
+    if version not in (2, 3):
+        raise SponError(f"{r.f.name}: GGUF version {version} is not supported (2 or 3, little-endian)")
+    n_tensors, n_kv = r.u64(), r.u64()
+    meta = {}
+    for _ in range(n_kv):
+        key = r.string()
+        meta[key] = r.value(r.u32())
+    tensors = []
+    for _ in range(n_tensors):
+        r.string()
+        dims = [r.u64() for _ in range(r.u32())]
+        block, type_size = GGML_QUANT_SIZES[GGMLQuantizationType(r.u32())]
+        offset = r.u64()
+        n = 1
+        for d in dims:
+            n *= d
+        tensors.append((offset, n // block * type_size))
+    align = meta.get("general.alignment") or 32
+    pos = r.f.tell()
+    return meta, tensors, pos + (-pos % align)
 
 
 def file_sha256(path: Path, root: Path | None = None) -> str:
@@ -140,7 +205,7 @@ def file_sha256(path: Path, root: Path | None = None) -> str:
             h.update(chunk)
     digest = h.hexdigest()
     memo.parent.mkdir(parents=True, exist_ok=True)
-    tmp = memo.with_name(f".{key}.{os.getpid()}")
+    tmp = memo.with_name(temp_name(key))
     tmp.write_text(digest)
     os.replace(tmp, memo)
     return digest
@@ -148,7 +213,7 @@ def file_sha256(path: Path, root: Path | None = None) -> str:
 
 def dequantize(path: str | Path, sha256: str | None = None, root: Path | None = None) -> Path:
     """The dequantized checkpoint directory of GGUF file `path`, converting it the first time."""
-    path = Path(path).expanduser().resolve()
+    path = Path(path).expanduser().absolute()  # not resolve(): a hub cache's blob has no .gguf name
     check_magic(path)
     sha = sha256 or file_sha256(path, root)
     dest = dequantized_dir(sha, root)
@@ -156,8 +221,8 @@ def dequantize(path: str | Path, sha256: str | None = None, root: Path | None = 
         return dest
     info = inspect(path)
     dest.parent.mkdir(parents=True, exist_ok=True)
-    _remove_stale(dest.parent)
-    tmp = dest.parent / f".tmp-{sha[:16]}-{os.getpid()}-{time.monotonic_ns()}"
+    remove_stale(dest.parent)
+    tmp = dest.parent / temp_name(dest.name)
     try:
         t0 = time.perf_counter()
         _convert(path, tmp, info)
@@ -182,11 +247,12 @@ def _convert(path: Path, out: Path, info: dict) -> None:
 
     try:
         with _LOAD_LOCK:
+            # gguf_file absolute: a bare name is looked up in the working directory first
             model = AutoModelForCausalLM.from_pretrained(
-                str(path.parent), gguf_file=path.name, dtype=torch.float32,
+                str(path.parent), gguf_file=str(path), dtype=torch.float32,
                 quantization_config=GgufConfig(dequantize=True),
             )
-            tok = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+            tok = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=str(path))
     except (ValueError, KeyError, OSError, RuntimeError) as e:
         raise SponError(f"cannot dequantize {path.name} ({info['architecture']}): "
                         f"{str(e).splitlines()[0] if str(e) else type(e).__name__}") from e
@@ -223,13 +289,23 @@ def _versions() -> dict:
     return {"transformers": version("transformers"), "gguf": version("gguf")}
 
 
-def _remove_stale(parent: Path) -> None:
-    """Temporary directories left by a conversion that was killed (its process is gone)."""
-    for d in parent.glob(".tmp-*"):
+def temp_name(stem: str) -> str:
+    """A hidden name for something being written, carrying the writer's pid (see remove_stale)."""
+    return f".{stem}.tmp-pid{os.getpid()}-{uuid.uuid4().hex[:8]}"
+
+
+def remove_stale(parent: Path) -> None:
+    """What a killed writer left in `parent` (temp_name entries whose process is gone)."""
+    for p in parent.glob(".*.tmp-pid*"):
+        m = re.search(r"\.tmp-pid(\d+)-", p.name)
+        if m is None:
+            continue
         try:
-            pid = int(d.name.split("-")[2])
-            os.kill(pid, 0)
+            os.kill(int(m[1]), 0)
         except ProcessLookupError:
-            shutil.rmtree(d, ignore_errors=True)
-        except (ValueError, IndexError, PermissionError, OSError):
+            if p.is_dir() and not p.is_symlink():
+                shutil.rmtree(p, ignore_errors=True)
+            else:
+                p.unlink(missing_ok=True)
+        except (PermissionError, OSError):  # alive (someone else's), or not ours to judge
             continue

@@ -2,8 +2,9 @@
 before anything is written: a refused command leaves its out dir absent (or unchanged) and the
 inputs untouched, and says in one line which value or file is wrong.
 
-Pure functions over paths and configs: nothing here loads a model's weights (a safetensors
-header and config.json are read, nothing more) or imports prefect, mlflow or lm_eval.
+Pure functions over paths and configs: nothing here loads a model or reads tensor data (text
+files, config.json and the headers of safetensors and GGUF files are read), and nothing imports
+prefect, mlflow or lm_eval.
 """
 
 from __future__ import annotations
@@ -54,9 +55,10 @@ def check_text_file(path: str | Path, role: str = "text", allow_empty: bool = Fa
                     raise SponError(f"{role} file {path} is binary, not text (NUL byte at offset {offset + nul})")
                 try:
                     has_text = bool(dec.decode(chunk).strip()) or has_text
-                except UnicodeDecodeError as e:
+                except UnicodeDecodeError as e:  # e.object: bytes held back from the last chunk + this one
+                    at = offset - (len(e.object) - len(chunk)) + e.start
                     raise SponError(f"{role} file {path} is not UTF-8 text "
-                                    f"(invalid byte 0x{chunk[e.start]:02x} at offset {offset + e.start})") from e
+                                    f"(invalid byte 0x{e.object[e.start]:02x} at offset {at})") from e
                 offset += len(chunk)
             try:
                 dec.decode(b"", final=True)
@@ -175,9 +177,12 @@ def check_fused_dir(path: str | Path) -> dict:
 
 def check_model_source(model: str | None, pipeline: bool = False) -> Path | None:
     """--model / config `model`: None is the embedded default; '' is refused. Returns the local
-    directory to check further, or None for a hub id (or, in the pipeline, a models:/ or s3://
-    reference or a model-store copy, which fetch_model resolves and verifies)."""
+    model directory (or `.gguf` file) to check further, or None for what cannot be checked here:
+    a hub id, a hub GGUF, a named model not fetched yet, and in the pipeline a models:/ or s3://
+    reference or a model-store copy (fetch_model resolves and verifies those)."""
+    from spon import gguf
     from spon.model import default_model_path
+    from spon.models import MODELS
 
     if model is not None and not model.strip():
         raise SponError("empty model name (--model ''): pass a model directory or hub id, "
@@ -189,6 +194,19 @@ def check_model_source(model: str | None, pipeline: bool = False) -> Path | None
                             f"(`spon run` without --in-process), or `spon pull` it to a directory first")
         return None
     p = Path(src).expanduser()
+    if src in MODELS and not p.exists():  # a named model: its dequantized checkpoint once fetched
+        done = gguf.dequantized_dir(MODELS[src]["sha256"])
+        if done.is_dir():
+            check_model_dir(done)
+            return done
+        return None
+    if src.lower().endswith(".gguf"):
+        if p.is_file():
+            gguf.inspect(p)  # header only: magic, truncation, architecture
+            return p
+        if gguf.HUB_GGUF.fullmatch(src) and not p.exists():
+            return None
+        raise SponError(f"GGUF file does not exist: {src} (a hub GGUF is ORG/REPO:FILE.gguf)")
     if p.exists():
         if pipeline and p.is_dir() and (p / "manifest.json").is_file():
             return None  # a model-store copy: pulled and checksum-verified by fetch_model
@@ -422,12 +440,12 @@ def check_model(cfg, pipeline: bool = False, calib_len: int | None = None, windo
     """cfg.model (a RunConfig's): exists, is a loadable supported model whose context holds the
     sequence lengths given. Returns its local directory (None: hub id or remote reference)."""
     local = check_model_source(cfg.model, pipeline)
-    if local is not None:
+    if local is not None and local.is_dir():  # (a .gguf file: its header was checked)
         conf = model_config(local)
         check_architecture(conf, local)
         check_context(conf, local, window=window, calib_len=calib_len)
-    elif cfg.model and not cfg.model.startswith(REMOTE):  # a hub id: its config only if cached
-        try:
+    elif local is None and cfg.model and HUB_ID.fullmatch(cfg.model) and cfg.model not in _named_models():
+        try:  # a hub id: its config, if it is in the local cache
             from transformers import AutoConfig
 
             conf = AutoConfig.from_pretrained(cfg.model, local_files_only=True)
@@ -436,6 +454,16 @@ def check_model(cfg, pipeline: bool = False, calib_len: int | None = None, windo
         if conf is not None:
             check_context(conf, cfg.model, window=window, calib_len=calib_len)
     return local
+
+
+def _named_models():
+    from spon.models import MODELS
+
+    return MODELS
+
+
+def model_label(model: Path | None) -> str:
+    return "the model file" if model is not None and model.is_file() else "the model directory"
 
 
 def check_run(cfg, config_path: str | None = None, pipeline: bool = False, work_dir: str | Path | None = None) -> None:
@@ -448,7 +476,7 @@ def check_run(cfg, config_path: str | None = None, pipeline: bool = False, work_
         check_window(cfg.eval.window, cfg.eval.stride)
         window = cfg.eval.window
     model = check_model(cfg, pipeline, calib_len=cfg.calibration.block_len, window=window)
-    inputs = [("the model directory", model), ("the config file", config_path),
+    inputs = [(model_label(model), model), ("the config file", config_path),
               *(("the calibration file", f) for f in calib_files), *(("the eval text file", f) for f in eval_files)]
     check_out_dir(cfg.out, inputs)
     if work_dir is not None:

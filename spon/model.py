@@ -52,12 +52,16 @@ def load_model(
     dtype: str = "fp32",
     device_map: str | None = None,
 ):
-    """Load any causal LM by hub id or local directory. Returns (model, tokenizer)."""
+    """Load any causal LM by hub id, local directory, `.gguf` file or named model (spon.models).
+    Returns (model, tokenizer)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from spon.gguf import resolve_model_source
 
     name_or_path = name_or_path or default_model_path()
     if dtype not in DTYPES:
         raise SponError(f"unknown dtype {dtype!r}; choose one of {sorted(DTYPES)}")
+    name_or_path = resolve_model_source(name_or_path)  # a GGUF or named model -> its dequantized dir
     path = Path(name_or_path).expanduser()
     hub_id = re.fullmatch(r"[\w.-]+(/[\w.-]+)?", name_or_path) and not name_or_path.startswith(".")
     if not path.exists() and not hub_id:

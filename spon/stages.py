@@ -71,6 +71,8 @@ def sparse_model(model_path: str, thresholds_dir: str | Path, protocol: str, dev
 
 def calibrate(model_path: str, cfg: CalibrationConfig, device: str, dtype: str, out: Path) -> None:
     model, tok = load_model(model_path, device, dtype)
+    if cfg.source == "samples" and cfg.sample_precision == "fp64":
+        model.double()  # this model only samples; its float64 logits are the same on every CPU
     train, heldout = build_calibration(model, tok, cfg)
     save_file({"train": train.contiguous(), "heldout": heldout.contiguous()}, str(out / CALIBRATION_FILE),
               metadata={"config": cfg.model_dump_json()})

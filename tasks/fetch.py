@@ -9,6 +9,7 @@ from prefect import task
 
 from spon.errors import SponError
 from spon.model import default_model_path
+from spon.gguf import resolve_model_source, source_digest
 
 from spon.runtime import store, tracking
 from spon.tasks.policies import IO_RETRIES, UNCACHED
@@ -37,7 +38,8 @@ def pull_cached(uri: str, models_dir: Path) -> tuple[Path, str]:
 
 @task(name="fetch_model", **UNCACHED, **IO_RETRIES)
 def fetch_model(source: str | None, work_dir: str, settings: PipelineSettings) -> ModelRef:
-    """Hub id, local dir, s3:// URI or models:/NAME@ALIAS. Not cached itself: it is what
+    """Hub id, local dir, s3:// URI, models:/NAME@ALIAS, a `.gguf` file (or ORG/REPO:FILE.gguf)
+    or a named model (spon.models; digest gguf:<sha256 of the file>). Not cached itself: it is what
     establishes the content identity every later cache key is built on."""
     src = source or default_model_path()
     models_dir = Path(work_dir) / "models"
@@ -47,6 +49,10 @@ def fetch_model(source: str | None, work_dir: str, settings: PipelineSettings) -
     if src.startswith("s3://") or (src.startswith("/") and (Path(src) / store.MANIFEST).is_file()):
         path, digest = pull_cached(src, models_dir)
         return ModelRef(source=src, path=str(path), digest=digest, is_spon=(path / "spon.json").is_file())
+    resolved = resolve_model_source(src)  # a GGUF file or named model -> its dequantized dir
+    gguf_digest = source_digest(resolved)
+    if gguf_digest:
+        return ModelRef(source=src, path=resolved, digest=gguf_digest)
     p = Path(src).expanduser()
     if p.is_dir():
         return ModelRef(source=src, path=str(p.resolve()), digest=f"sha256:{digest_dir(p)}", is_spon=(p / "spon.json").is_file())

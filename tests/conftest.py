@@ -15,11 +15,12 @@ os.environ.setdefault("DO_NOT_TRACK", "1")
 
 import torch  # noqa: E402
 
-from spon.assets import assets_root  # noqa: E402
-
-# Triton reads TRITON_INTERPRET when it is first imported, wherever that happens in the session.
+# Triton reads TRITON_INTERPRET when it is first imported, wherever that happens in the session
+# (importing spon imports spon.kernels, which imports triton): set it before anything of ours.
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
+
+from spon.assets import assets_root  # noqa: E402
 
 ASSETS = assets_root()
 STORIES = ASSETS / "models" / "stories260K"

@@ -60,6 +60,7 @@ def test_nan_loss_stops_distillation(stories_path):
         distill(model, blocks[:6], blocks[6:], DistillConfig(steps=3, init="zeros"), progress=False)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "args, message",
     [
@@ -78,6 +79,7 @@ def test_cli_bad_input_one_line_exit_2(args, message, tmp_path):
     assert not (tmp_path / "o" / "summary.json").exists()
 
 
+@pytest.mark.slow
 def test_spon_run_end_to_end(stories_path, sample_txt, tmp_path):
     out = tmp_path / "run"
     r = spon_cli(
@@ -107,6 +109,7 @@ def test_spon_run_end_to_end(stories_path, sample_txt, tmp_path):
     assert (out / "fused" / "model.safetensors").is_file()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("blocked, argv, extra", [
     ("prefect", ["run", "--out", "{T}/o"], "pipeline"),
     ("mlflow", ["pull", "models:/x@candidate", "--out", "{T}/o"], "pipeline"),

@@ -30,6 +30,7 @@ def chains(tmp_path_factory, stories_path, sample_txt):
     return root
 
 
+@pytest.mark.slow
 def test_stage_commands_equal_run(chains, sample_txt, capsys):
     run, root = chains / "run", chains
     assert json.loads((run / "thresholds" / "thresholds.json").read_text())["thresholds"] == \
@@ -46,6 +47,7 @@ def test_stage_commands_equal_run(chains, sample_txt, capsys):
     assert {m: ppl_cli[m]["perplexity"] for m in ("dense", "teal", "spon")} == summary["perplexity"]
 
 
+@pytest.mark.slow
 def test_calibration_split_is_made_once(chains):
     """Thresholds use the training blocks only; the held-out blocks judge alpha (every entry point)."""
     t = load_file(str(chains / "cal" / "calibration.safetensors"))

@@ -12,6 +12,8 @@ from spon.evaluation.registry import build_tasks
 from spon.fuse import load_sparse_model
 from spon.sparse import mode
 
+pytestmark = pytest.mark.slow  # lm-eval end to end (~15 s with its fixtures): not in the fast tier
+
 
 @torch.no_grad()
 def direct_loglikelihood(model, tok, context: str, continuation: str, bos: bool) -> float:

@@ -12,12 +12,16 @@ from spon.perplexity import perplexity
 from spon.quantize import load_quantized, quantize_model, save_quantized
 from spon.sparse import mode, sparse_linears
 
+pytestmark = pytest.mark.slow  # the fused_dir fixture and lm-eval/torchao (~10-20 s): not in the fast tier
+
 
 @pytest.fixture(scope="module")
 def spon_fp32(fused_dir, sample_txt):
+    threads = torch.get_num_threads()
     torch.set_num_threads(1)
     model, tok, _ = load_sparse_model(fused_dir)
-    return perplexity(model, tok, read_documents(sample_txt))
+    yield perplexity(model, tok, read_documents(sample_txt))
+    torch.set_num_threads(threads)  # process-wide: give later tests their threads back
 
 
 def test_int8_spon_perplexity_within_2_percent_of_fp32(fused_dir, sample_txt, spon_fp32):

@@ -19,6 +19,7 @@ def _table(md: str, title: str) -> list[list[str]]:
     return [[c.strip() for c in line.strip("|").split("|")] for line in section.splitlines() if line.startswith("|")][2:]
 
 
+@pytest.mark.slow
 def test_report_numbers_equal_the_json(fused_dir, tiny_task_dir, tmp_path, sample_txt):
     # tinystories_ppl reads ${SPON_EVAL_DATA}/../tinystories/sample.txt: mirror that layout here.
     (tmp_path / "tinystories").mkdir()
@@ -89,6 +90,7 @@ def test_cli_rejects_bad_input_with_exit_2(tmp_path, capsys, stories_path):
     assert main(["eval", str(tmp_path), "--variants", "spon-fp3"]) == 2
 
 
+@pytest.mark.slow
 def test_units_spread_over_workers_and_resume_one_unit(fused_dir, tiny_task_dir, tmp_path, sample_txt):
     """--jobs 2 runs (variant, task) units in two worker processes and gives the in-process
     numbers; --resume after losing one unit's checkpoint recomputes only that unit."""
@@ -113,6 +115,7 @@ def test_units_spread_over_workers_and_resume_one_unit(fused_dir, tiny_task_dir,
     assert (out / "variants" / "teal" / "tiny_mc.json").is_file()
 
 
+@pytest.mark.slow
 def test_resume_never_reuses_results_of_a_replaced_model_or_other_options(fused_dir, tiny_task_dir, tmp_path, sample_txt):
     """The resume key is the model's content digest plus every option: re-fusing into the same
     directory, another int4 group size or another batch size recomputes instead of reusing."""

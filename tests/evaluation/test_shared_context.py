@@ -11,6 +11,8 @@ from spon.evaluation.harness import make_lm
 from spon.fuse import load_sparse_model
 from spon.sparse import mode
 
+pytestmark = pytest.mark.slow  # the fused_dir fixture and lm-eval/torchao (~10-20 s): not in the fast tier
+
 
 @pytest.fixture(scope="module")
 def lm(fused_dir):

@@ -149,7 +149,7 @@ CASES = [
     ("model-empty-sweep", SWEEP_IN_OUT + ["--model", ""], "empty model name"),
     # 8(g): every sweep level before any level runs (registry and store would be created in OUT)
     ("sweep-level-out-of-range", SWEEP_IN_OUT + ["--sparsities", "0.5,1.5"], "--sparsities: 1.5 is not a sparsity in [0, 1)"),
-    ("sweep-level-negative", SWEEP_IN_OUT + ["--sparsities", "-0.1,0.5"], "-0.1 is not a sparsity"),
+    ("sweep-level-negative", SWEEP_IN_OUT + ["--sparsities=-0.1,0.5"], "-0.1 is not a sparsity"),
     ("sweep-level-nan", SWEEP_IN_OUT + ["--sparsities", "0.5,nan"], "nan is not a sparsity"),
     ("sweep-level-duplicate", SWEEP_IN_OUT + ["--sparsities", "0.5,0.3,0.5"], "0.5 and 0.5 are the same level (s0.50)"),
     ("sweep-level-same-dir", SWEEP_IN_OUT + ["--sparsities", "0.501,0.502"], "0.501 and 0.502 are the same level (s0.50)"),

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
-import spon.kernels
+import spon.kernels as kernels
 from helpers import assert_close, make_case
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -99,6 +99,7 @@ def test_torch_compile_fullgraph_cpu():
     torch.testing.assert_close(cf(x), f(x))
 
 
+@pytest.mark.slow
 def test_bench_help_imports():
     env = dict(os.environ, PYTHONPATH=str(ROOT))
     r = subprocess.run(
@@ -113,6 +114,7 @@ def test_bench_gpu_script_syntax():
     assert r.returncode == 0, r.stderr
 
 
+@pytest.mark.slow
 def test_imports_and_cpu_path_without_triton():
     # A bare machine may lack triton: kernels must import and the CPU path work.
     code = (

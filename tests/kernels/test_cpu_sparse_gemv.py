@@ -215,6 +215,7 @@ print("ok")
 """
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("arch", ["haswell", "x86-64"])  # AVX2 path, scalar path (this box builds AVX-512)
 def test_native_other_instruction_sets(arch, tmp_path):
     import os
@@ -232,6 +233,7 @@ def test_native_other_instruction_sets(arch, tmp_path):
     assert r.returncode == 0 and r.stdout.strip().endswith("ok"), r.stderr[-3000:]
 
 
+@pytest.mark.slow
 def test_native_build_survives_a_killed_build(tmp_path):
     """A build killed mid-way leaves torch's lock file behind; the next process
     must build anyway instead of waiting on it forever."""
@@ -249,6 +251,7 @@ def test_native_build_survives_a_killed_build(tmp_path):
     assert r.returncode == 0 and r.stdout.strip() == "ok", r.stderr[-3000:]
 
 
+@pytest.mark.slow
 def test_failed_build_warns_once_and_falls_back(tmp_path):
     """No usable compiler for the target: one warning, then the embedding_bag path, same numbers."""
     import os

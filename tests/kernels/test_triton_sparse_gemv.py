@@ -10,6 +10,8 @@ from spon.kernels.reference import (
     sparse_linear_reference,
 )
 
+pytestmark = pytest.mark.slow  # ~180 Triton-interpreter runs on CPU (~35 s): not in the fast tier
+
 ts = pytest.importorskip("kernels.triton_sparse_gemv")
 if not ts.HAS_TRITON:
     pytest.skip("triton not installed", allow_module_level=True)

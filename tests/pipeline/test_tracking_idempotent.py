@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import pytest
+
+pytestmark = pytest.mark.slow  # a real mlflow tracking store, ~8 s a test: not in the fast tier
+
 
 def test_register_returns_the_runs_existing_version(tmp_path):
     from spon.runtime import tracking
