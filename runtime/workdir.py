@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import socket
 import uuid
 from contextlib import contextmanager
 from pathlib import Path
@@ -39,9 +40,15 @@ def checkpoint_dir(work_dir: str | Path, stage: str, key: str) -> Path:
 
 @contextmanager
 def atomic_dir(final: Path) -> Iterator[Path]:
-    """Yield a temporary directory beside `final`; rename it to `final` only on success."""
+    """Yield a temporary directory beside `final`; rename it to `final` only on success.
+
+    A stage computes inside its temporary directory, so a SIGKILL mid-stage leaves one behind:
+    the next attempt removes those of dead processes on this host (never another host's: a work
+    dir shared by Dask workers may hold a live one)."""
     final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = final.parent / f".{final.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:6]}"
+    host = socket.gethostname()
+    _remove_dead_tmp(final, host)
+    tmp = final.parent / f".{final.name}.tmp-{host}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
     tmp.mkdir()
     try:
         yield tmp
@@ -51,6 +58,17 @@ def atomic_dir(final: Path) -> Iterator[Path]:
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _remove_dead_tmp(final: Path, host: str) -> None:
+    for stale in final.parent.glob(f".{final.name}.tmp-{host}-*"):
+        try:
+            pid = int(stale.name[len(f".{final.name}.tmp-{host}-"):].split("-")[0])
+            os.kill(pid, 0)  # alive (or not ours to signal): leave it
+        except ProcessLookupError:
+            shutil.rmtree(stale, ignore_errors=True)
+        except (ValueError, PermissionError):
+            continue
 
 
 def link_tree(src: Path, dst: Path) -> Path:
