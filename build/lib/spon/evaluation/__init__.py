@@ -1,1 +1,0 @@
-"""lm-eval zero-shot evaluation, quantized variants and the comparison report for spon models."""
