@@ -17,6 +17,7 @@ from pathlib import Path
 
 from spon.assets import assets_root
 from spon.config import load_config
+from spon.console import configure
 from spon.stages import run
 
 SAMPLE = assets_root() / "data" / "tinystories" / "sample.txt"
@@ -35,6 +36,7 @@ def main() -> None:
     ap.add_argument("--out", default="out/table")
     ap.add_argument("--config", default=None, help="RunConfig JSON/YAML applied to every level")
     args = ap.parse_args()
+    configure(quiet=True)  # the table, not the libraries' progress bars
     files = args.eval_text or [str(SAMPLE)]
     rows = []
     for s in (float(x) for x in args.sparsities.split(",")):
