@@ -92,7 +92,8 @@ def embedded_env(work_dir: Path, refresh: bool = False, verbose: bool = False) -
         # Prefect set its loggers' levels from its logging config when it was imported; lower them now.
         import logging
 
-        for name in ("prefect", "prefect.flow_runs", "prefect.task_runs", "prefect.server", "mlflow"):
+        for name in ("prefect", "prefect.flow_runs", "prefect.task_runs", "prefect.server", "mlflow", "distributed",
+                     "distributed.scheduler", "distributed.nanny", "distributed.core", "distributed.worker", "distributed.http.proxy"):
             logging.getLogger(name).setLevel(logging.WARNING)
     names = [*defaults, "PREFECT_TASKS_REFRESH_CACHE"]
     updates = {getattr(ps, k): os.environ[k] for k in names if k in os.environ and hasattr(ps, k)}

@@ -33,6 +33,9 @@ from spon.runtime.workdir import text_files
 
 @task(name="run_level", **UNCACHED)
 def run_level(sparsity: float, cfg: RunConfig, settings: PipelineSettings, parent_run_id: str) -> dict:
+    from spon.console import configure
+
+    configure(quiet=not settings.progress)  # a Dask worker process: the same quiet console as the CLI
     level = cfg.model_copy(update={"out": str(Path(cfg.out) / f"s{sparsity:.2f}"),
                                    "sparsity": cfg.sparsity.model_copy(update={"sparsity": sparsity})})
     summary = spon_pipeline(level, settings, parent_run_id)
