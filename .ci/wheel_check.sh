@@ -1,12 +1,13 @@
 #!/usr/bin/env bash
 # The installed wheel, outside the repository: spon run / pull / generate / eval / bench / sweep.
-#   pip wheel . --no-deps -w /tmp/wheel
-#   python3 -m venv /tmp/wv && /tmp/wv/bin/pip install torch==2.13.0 \
-#     && /tmp/wv/bin/pip install -c constraints.txt "/tmp/wheel/spon-0.1.0-py3-none-any.whl[all]"
-#   SPON_ASSETS=/path/to/shared/assets bash .ci/wheel_check.sh /tmp/wv
+#   pip wheel . --no-deps -w dist
+#   python3 -m venv wheel-venv && wheel-venv/bin/pip install torch==2.13.0 \
+#     && wheel-venv/bin/pip install -c constraints.txt "dist/spon-0.1.0-py3-none-any.whl[all]"
+#   SPON_ASSETS=../shared/assets bash .ci/wheel_check.sh wheel-venv
 set -euo pipefail
-VENV=${1:?usage: wheel_check.sh VENV}
+VENV=$(cd "${1:?usage: wheel_check.sh VENV}" && pwd)
 : "${SPON_ASSETS:?set SPON_ASSETS to the shared assets directory}"
+SPON_ASSETS=$(cd "$SPON_ASSETS" && pwd)  # the checks run in a temporary directory
 export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 HF_DATASETS_OFFLINE=1 \
   PREFECT_SERVER_ANALYTICS_ENABLED=false MLFLOW_DISABLE_TELEMETRY=true DO_NOT_TRACK=1
 A=$SPON_ASSETS; S=$VENV/bin/spon

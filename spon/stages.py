@@ -28,7 +28,7 @@ from spon.calibration import build_calibration
 from spon.config import CalibrationConfig, DistillConfig, EvalConfig, RunConfig, SparsityConfig
 from spon.distill import distill as distill_alpha
 from spon.errors import SponError
-from spon.fuse import load_sparse_model, save_fused
+from spon.fuse import load_sparse_model, read_alpha, save_fused
 from spon.model import default_model_path, load_model
 from spon.perplexity import perplexities
 from spon.sparse import SparsifyConfig, counting_zeros, mode, sparsify_
@@ -111,11 +111,7 @@ def fuse(model_path: str, calib_dir: str | Path, thresholds_dir: str | Path, dis
     held-out KL and alpha selection, realized sparsity on the held-out blocks, a greedy sample
     that a pulled copy must reproduce)."""
     _, heldout = calibration_blocks(calib_dir)
-    alpha_path = Path(distill_dir) / ALPHA_FILE
-    try:
-        alpha = load_file(str(alpha_path))
-    except Exception as e:
-        raise SponError(f"cannot read alpha file {alpha_path}: {(str(e).splitlines() or [type(e).__name__])[0]}") from e
+    alpha = read_alpha(Path(distill_dir) / ALPHA_FILE)
     model, tok = sparse_model(model_path, thresholds_dir, protocol, device, dtype, alpha=alpha)
     t = read_json(Path(thresholds_dir) / THRESHOLDS_FILE)
     d = read_json(Path(distill_dir) / DISTILL_FILE)
