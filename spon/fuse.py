@@ -142,12 +142,12 @@ def load_sparse_model(model_dir: str | Path, device: str = "cpu", dtype: str = "
     """
     meta = read_sidecar(model_dir)
     model, tokenizer = load_model(str(model_dir), device=device, dtype=dtype, device_map=device_map)
-    sparsify_(model, SparsifyConfig.from_sidecar(meta, read_alpha(model_dir)))
+    sparsify_(model, SparsifyConfig.from_sidecar(meta, read_alpha(Path(model_dir) / ALPHA_FILE)))
     return model, tokenizer, meta
 
 
-def read_alpha(model_dir: str | Path) -> dict[str, torch.Tensor]:
-    path = Path(model_dir) / ALPHA_FILE
+def read_alpha(path: str | Path) -> dict[str, torch.Tensor]:
+    """An alpha safetensors file (a checkpoint's sidecar or a distill stage's output)."""
     try:
         return load_file(str(path))
     except Exception as e:  # missing, truncated, not safetensors
