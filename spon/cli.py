@@ -17,6 +17,8 @@ CONFIG_FLAGS = {
     "--device": ("device", str, "cpu or cuda[:N]"),
     "--dtype": ("dtype", str, "fp32, bf16 or fp16"),
     "--device-map": ("device_map", str, "e.g. 'auto' for a model larger than one GPU"),
+    "--preset": ("preset", str, "per-model recipe under the flags: the named model's own by default "
+                 "(spon/presets.py), or none"),
     "--protocol": ("protocol", str, "all (every token sparse) or last_half (TEAL's prefill protocol)"),
     "--sparsity": ("sparsity.sparsity", float, "target sparsity in [0, 1)"),
     "--allocation": ("sparsity.allocation", str, "uniform or greedy"),
@@ -36,6 +38,7 @@ CONFIG_FLAGS = {
     "--checkpoint-every": ("distill.checkpoint_every", int, "alpha checkpoint interval (steps)"),
     "--window": ("eval.window", int, "perplexity window"),
     "--stride": ("eval.stride", int, "perplexity stride"),
+    "--eval-tokens": ("eval.max_tokens", int, "score only the first N tokens of each eval file"),
 }
 
 

@@ -43,6 +43,9 @@ class SparsityConfig(_Strict):
     targets: list[Literal["q", "k", "v", "o", "gate", "up", "down"]] = Field(default_factory=lambda: list(PROJECTIONS))
     greedy_step: float = Field(0.05, gt=0, lt=1)
     greedy_blocks: int = Field(16, ge=1)
+    calibrate_on: Literal["sparse", "dense"] = Field(
+        "sparse", description="activations tau is a quantile of: 'sparse' with every upstream projection already "
+        "sparse (realized sparsity = target), 'dense' TEAL's original (overshoots at high sparsity)")
 
     @field_validator("targets")
     @classmethod
@@ -53,6 +56,9 @@ class SparsityConfig(_Strict):
 
 
 class DistillConfig(_Strict):
+    targets: list[Literal["q", "k", "v", "o", "gate", "up", "down"]] | None = Field(
+        None, description="projections that get a trained alpha (None: every sparsified one); the others "
+        "stay sparse with alpha = 0 (the paper's ablation: down only)")
     steps: int = Field(600, ge=0)
     lr: float = Field(1e-2, gt=0)
     schedule: Literal["cosine", "constant"] = "cosine"
@@ -63,16 +69,22 @@ class DistillConfig(_Strict):
     init: Literal["zeros", "closed_form"] = "zeros"
     seed: int = 0
     checkpoint_every: int = Field(50, ge=1)
+    teacher_cache_gb: float = Field(2.0, ge=0, description="keep the dense teacher's log-probabilities of the "
+                                    "calibration blocks in memory when they fit in this many GB (0: recompute)")
 
 
 class EvalConfig(_Strict):
     files: list[str] = Field(default_factory=list, description="text files for perplexity")
     window: int = Field(512, ge=2)
     stride: int = Field(256, ge=1)
+    max_tokens: int | None = Field(None, ge=1, description="score only the first N predicted tokens of each file "
+                                   "(documents in order); None = all")
 
 
 class RunConfig(_Strict):
     model: str | None = Field(None, description="hub id or local dir; None = embedded stories260K")
+    preset: str = Field("none", description="per-model recipe under the config (spon.presets); load_config "
+                        "picks the model's own unless told 'none' or another name")
     device: str = "cpu"
     dtype: Literal["fp32", "bf16", "fp16"] = "fp32"
     device_map: str | None = None
@@ -113,7 +125,10 @@ def load_config(path: str | Path | None = None, overrides: dict | None = None) -
             if not isinstance(node, dict):
                 raise SponError(f"invalid config: {key}: {part} is not a section")
         node[leaf] = value
-    return validate(data)
+    from spon.presets import layered, preset, preset_name
+
+    name = preset_name(data.get("model"), data.get("preset"))
+    return validate({**layered(preset(name), data), "preset": name})
 
 
 def validate(data: dict) -> RunConfig:

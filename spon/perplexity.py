@@ -40,8 +40,10 @@ def document_nll(model, ids: torch.Tensor, window: int, stride: int) -> tuple[fl
     return nll, count
 
 
-def perplexity(model, tokenizer, documents: list[str], window: int = 512, stride: int = 256) -> dict:
-    """Perplexity of `model` in its current mode; also the realized sparsity while scoring."""
+def perplexity(model, tokenizer, documents: list[str], window: int = 512, stride: int = 256,
+               max_tokens: int | None = None) -> dict:
+    """Perplexity of `model` in its current mode; also the realized sparsity while scoring.
+    max_tokens: stop after that many predicted tokens (the same prefix of the text for every mode)."""
     if not documents:
         raise SponError("no documents to score")
     total, count = 0.0, 0
@@ -50,6 +52,12 @@ def perplexity(model, tokenizer, documents: list[str], window: int = 512, stride
             ids = tokenizer(doc, add_special_tokens=False)["input_ids"]
             if tokenizer.bos_token_id is not None:
                 ids = [tokenizer.bos_token_id] + ids
+            if max_tokens is not None:
+                if count >= max_tokens:
+                    break
+                ids = ids[: max_tokens - count + 1]  # n tokens predict n - 1
+                if len(ids) < 2:
+                    break
             nll, c = document_nll(model, torch.tensor(ids), window, stride)
             total += nll
             count += c
@@ -60,7 +68,8 @@ def perplexity(model, tokenizer, documents: list[str], window: int = 512, stride
 
 
 def perplexities(
-    model, tokenizer, files: list[str], modes=("dense", "teal", "spon"), window: int = 512, stride: int = 256
+    model, tokenizer, files: list[str], modes=("dense", "teal", "spon"), window: int = 512, stride: int = 256,
+    max_tokens: int | None = None,
 ) -> dict[str, dict[str, dict]]:
     """{file: {mode: {"perplexity", "tokens", "realized_sparsity"}}} in one call."""
     result: dict[str, dict[str, dict]] = {}
@@ -69,5 +78,5 @@ def perplexities(
         result[str(f)] = {}
         for m in modes:
             with mode(model, m):
-                result[str(f)][m] = perplexity(model, tokenizer, docs, window, stride)
+                result[str(f)][m] = perplexity(model, tokenizer, docs, window, stride, max_tokens)
     return result

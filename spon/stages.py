@@ -142,7 +142,8 @@ def fuse(model_path: str, calib_dir: str | Path, thresholds_dir: str | Path, dis
 def evaluate(fused_dir: str | Path, cfg: EvalConfig, device: str, dtype: str, out: Path) -> None:
     """Perplexity of the fused model in dense, TEAL and SPON modes on every eval file."""
     model, tok, _ = load_sparse_model(fused_dir, device, dtype)
-    ppl = perplexities(model, tok, cfg.files, ("dense", "teal", "spon"), cfg.window, cfg.stride) if cfg.files else {}
+    ppl = perplexities(model, tok, cfg.files, ("dense", "teal", "spon"), cfg.window, cfg.stride,
+                      cfg.max_tokens) if cfg.files else {}
     write_json(out / EVAL_FILE, ppl)
 
 
@@ -178,6 +179,7 @@ def summarize(cfg: RunConfig, source: str, calib_dir, thresholds_dir, distill_di
     first = next(iter(ppl.values()), None)
     summary = {
         "model": source,
+        "preset": cfg.preset,
         "sparsity": cfg.sparsity.sparsity,
         "allocation": cfg.sparsity.allocation,
         "protocol": cfg.protocol,
@@ -293,6 +295,6 @@ def quantize(fused_dir: str | Path, schemes: list[str], cfg: EvalConfig, device:
         info["weight_bytes"] = {"before": before, "after": quantized_weight_bytes(model)}
         if scheme != "nf4":
             save_quantized(model, tok, out / scheme, fused_dir, info)
-        ppl = perplexities(model, tok, cfg.files[:1], ("spon",), cfg.window, cfg.stride) if cfg.files else {}
+        ppl = perplexities(model, tok, cfg.files[:1], ("spon",), cfg.window, cfg.stride, cfg.max_tokens) if cfg.files else {}
         result[scheme] = {"info": info, "perplexity": {m: r["perplexity"] for by_mode in ppl.values() for m, r in by_mode.items()}}
     write_json(out / QUANT_FILE, result)

@@ -166,17 +166,65 @@ def _capture_layer_inputs(model, layers, blocks: torch.Tensor):
     return captured
 
 
+@torch.no_grad()
+def sparse_upstream_thresholds(model, blocks: torch.Tensor, sparsities: dict[str, float]) -> dict[str, float]:
+    """tau per projection as the quantile of its input *with every projection before it already
+    sparse*, in one forward pass over all the blocks.
+
+    Thresholds taken on the dense model's activations do not give the sparsity they were set
+    for: each sparsified projection shrinks what flows downstream, so later inputs have more
+    mass below their tau (SmolLM2-135M at a 60 % target realizes 65 %). Here a pre-hook on each
+    sparse linear computes its tau from the input it actually receives in the sparse model and
+    sets it before the module runs, so the realized sparsity on the calibration text is the
+    target. The whole calibration set goes through as one batch (one call per module); memory
+    is that of one forward over len(blocks) x block_len tokens, without the LM head.
+    """
+    mods = by_name(model)
+    taus: dict[str, float] = {}
+
+    def hook(module: SparseLinear, args):
+        x = args[0].detach()
+        if module.protocol == "last_half" and x.dim() == 3 and x.shape[1] > 1:
+            x = x[:, x.shape[1] // 2 :]  # only the positions this protocol sparsifies
+        logx = torch.log10(x.float().abs().flatten().clamp_min(10**LOG_MIN))
+        counts = torch.histc(logx, bins=BINS, min=LOG_MIN, max=LOG_MAX).cpu().double()
+        taus[module.name] = threshold_from_histogram(counts, sparsities[module.name])
+        module.threshold.fill_(taus[module.name])
+
+    handles = [mods[n].register_forward_pre_hook(hook) for n in sparsities]
+    device = next(model.parameters()).device
+    base = getattr(model, "model", model)  # the decoder without the LM head: no [tokens, vocab] logits
+    try:
+        with mode(model, "teal"):
+            base(blocks.to(device), use_cache=False)
+    finally:
+        for h in handles:
+            h.remove()
+    missing = set(sparsities) - set(taus)
+    if missing:
+        raise SponError(f"the calibration pass never reached projection(s) {sorted(missing)[:5]}")
+    return taus
+
+
 def compute_thresholds(model, blocks: torch.Tensor, cfg: SparsityConfig) -> tuple[dict[str, float], dict[str, float]]:
     """Thresholds for every sparse linear, set on the model. Returns (thresholds, per-projection
-    sparsities)."""
+    sparsities). cfg.calibrate_on: 'sparse' (default) takes each tau with everything upstream
+    sparse, so the realized sparsity is the target; 'dense' is TEAL's original (quantiles of the
+    dense model's activations)."""
     sparsity = check_sparsity(cfg.sparsity)
     if len(blocks) == 0:
         raise SponError("calibration data is empty: no blocks")
-    hists = collect_histograms(model, blocks)
+    names = list(by_name(model))
+    hists = None
     if cfg.allocation == "uniform":
-        sp = {n: sparsity for n in hists}
+        sp = {n: sparsity for n in names}
     else:
+        hists = collect_histograms(model, blocks)
         sp = greedy_sparsities(model, hists, blocks[: cfg.greedy_blocks], sparsity, step=cfg.greedy_step)
-    taus = {n: threshold_from_histogram(hists[n], s) for n, s in sp.items()}
+    if cfg.calibrate_on == "sparse":
+        taus = sparse_upstream_thresholds(model, blocks, sp)
+    else:
+        hists = hists if hists is not None else collect_histograms(model, blocks)
+        taus = {n: threshold_from_histogram(hists[n], s) for n, s in sp.items()}
     set_thresholds(model, taus)
     return taus, sp

@@ -34,7 +34,7 @@ def test_whole_chain(arch, tiny_models, tmp_path):
     assert len(mods) == 2 * 7
     blocks = sample_blocks(model, tok, num_blocks=24, block_len=32, seed=0)
     compute_thresholds(model, blocks[:16], SparsityConfig(sparsity=0.5))
-    cfg = DistillConfig(steps=16, lr=5e-3, warmup=2, batch_size=8, init="zeros")
+    cfg = DistillConfig(steps=16, lr=5e-3, warmup=2, batch_size=8, init="closed_form")
     r = distill(model, blocks[:16], blocks[16:], cfg, progress=False)
     assert r.heldout_kl_after < r.heldout_kl_before
     assert r.selected_step is not None and r.heldout_kl_after == min(r.heldout_kl_by_step.values())

@@ -1,0 +1,217 @@
+"""The method on a real LLM, every table side by side from one command.
+
+    .venv/bin/python benchmarks/real_model.py --out out/real
+    .venv/bin/python benchmarks/real_model.py --out out/real --rows uniform-50 --zeroshot-limit 0   # one level
+
+Model: `--model` (default the named SmolLM2-135M-Instruct, fetched and dequantized by spon itself)
+with its preset recipe (spon/presets.py) under every row. Perplexity: the first `--eval-tokens`
+tokens of wikitext-2-raw test (window 512, no overlap, BOS first: the same text for every row)
+and the TinyStories sample (another domain than the calibration text). Rows:
+
+    uniform-25/40/50/60   all seven projections sparse, alpha on all seven
+    greedy-50             TEAL's block-wise greedy allocation
+    last_half-50          TEAL's prefill protocol (first half of each window dense)
+    down-only-50          sparse everywhere, alpha trained on down_proj only (the paper's ablation)
+    text-calib-50         calibration on wikitext-2 validation text instead of the model's samples
+then SPON int8 / int4 of uniform-50 against TEAL fp32, and zero-shot accuracy (lm-eval, the
+project's YAML tasks, sparsity active) for dense / TEAL / SPON / SPON-int8 of uniform-50 on the
+first `--zeroshot-limit` items of each task (the same items for every variant).
+
+Every stage runs through spon.stages (the functions `spon run` runs); the calibration of one
+source is made once and shared by the rows that use it. Per row: the stage wall times and the
+process's peak RSS so far. JSON -> OUT/real_model.json (commit it under benchmarks/results/).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import time
+from pathlib import Path
+
+import torch
+
+from spon import stages
+from spon.assets import assets_root
+from spon.config import load_config
+from spon.console import configure
+
+DATA = assets_root() / "data"
+WIKITEXT_TEST = DATA / "wikitext-2-raw" / "test.txt"
+WIKITEXT_VALID = DATA / "wikitext-2" / "valid.txt"
+TINYSTORIES = DATA / "tinystories" / "sample.txt"
+ZEROSHOT = ("arc_easy", "arc_challenge", "piqa", "hellaswag", "winogrande", "boolq", "openbookqa", "lambada")
+TEXT_CALIBRATION = {"calibration.source": "text", "calibration.files": [str(WIKITEXT_VALID)]}
+
+ROWS: dict[str, dict] = {
+    "uniform-25": {"sparsity.sparsity": 0.25},
+    "uniform-40": {"sparsity.sparsity": 0.40},
+    "uniform-50": {"sparsity.sparsity": 0.50},
+    "uniform-60": {"sparsity.sparsity": 0.60},
+    "greedy-50": {"sparsity.sparsity": 0.50, "sparsity.allocation": "greedy"},
+    "last_half-50": {"sparsity.sparsity": 0.50, "protocol": "last_half"},
+    "down-only-50": {"sparsity.sparsity": 0.50, "distill.targets": ["down"]},
+    "text-calib-50": {"sparsity.sparsity": 0.50, **TEXT_CALIBRATION},
+}
+
+
+def peak_rss_gb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6  # KiB on Linux
+
+
+def run_row(name: str, overrides: dict, args, calibrations: dict) -> dict:
+    """One row: the chain of stages, sharing a calibration made with the same config."""
+    out = Path(args.out) / name
+    cfg = load_config(args.config, {"model": args.model, "out": str(out), "eval.max_tokens": args.eval_tokens,
+                                    "eval.files": [str(WIKITEXT_TEST), str(TINYSTORIES)], **overrides})
+    rt = (cfg.device, cfg.dtype)
+    dirs = {s: out / s for s in ("thresholds", "distill", "fused", "eval")}
+    for d in dirs.values():
+        d.mkdir(parents=True, exist_ok=True)
+    walls: dict[str, float] = {}
+
+    def timed(stage, fn, *a, **kw):
+        t0 = time.perf_counter()
+        fn(*a, **kw)
+        walls[stage] = round(time.perf_counter() - t0, 1)
+        print(f"  {name}: {stage} {walls[stage]:.0f}s", flush=True)
+
+    calib_key = cfg.calibration.model_dump_json()
+    if calib_key not in calibrations:
+        calib = Path(args.out) / f"calibration-{cfg.calibration.source}"
+        calib.mkdir(parents=True, exist_ok=True)
+        timed("calibrate", stages.calibrate, cfg.model, cfg.calibration, *rt, calib)
+        calibrations[calib_key] = (calib, walls["calibrate"])
+    calib, walls["calibrate"] = calibrations[calib_key]
+    timed("thresholds", stages.thresholds, cfg.model, calib, cfg.sparsity, *rt, dirs["thresholds"])
+    timed("distill", stages.distill, cfg.model, calib, dirs["thresholds"], cfg.distill, cfg.protocol, *rt,
+          dirs["distill"])
+    timed("fuse", stages.fuse, cfg.model, calib, dirs["thresholds"], dirs["distill"], cfg.protocol, *rt,
+          dirs["fused"], source=cfg.model)
+    timed("evaluate", stages.evaluate, dirs["fused"], cfg.eval, *rt, dirs["eval"])
+    s = stages.summarize(cfg, cfg.model, calib, dirs["thresholds"], dirs["distill"], dirs["fused"], dirs["eval"], walls)
+    stages.write_json(out / "summary.json", s)
+    return {"row": name, "overrides": overrides, "wall_s": walls, "wall_s_total": round(sum(walls.values()), 1),
+            "peak_rss_gb": round(peak_rss_gb(), 2), "fused": str(dirs["fused"]),
+            **{k: s[k] for k in ("sparsity", "allocation", "protocol", "perplexity_by_file", "realized_sparsity_by_file",
+                                 "heldout_kl", "alpha_selection", "gap_closed", "quality_warnings", "preset")},
+            "alpha_targets": cfg.distill.targets or cfg.sparsity.targets, "calibration_source": cfg.calibration.source,
+            "eval": cfg.eval.model_dump(mode="json")}
+
+
+def gap(teal: float, spon: float, dense: float) -> float:
+    return (teal - spon) / (teal - dense) if teal != dense else 0.0
+
+
+def perplexity_table(rows: list[dict]) -> str:
+    lines = ["| row | realized (wikitext) | dense | TEAL | SPON | gap closed | TinyStories TEAL -> SPON (gap) "
+             "| held-out KL TEAL -> SPON | alpha | wall s |", "|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        (wt, wp), (ts, tp) = list(r["perplexity_by_file"].items())[:2]
+        sel = r["alpha_selection"]["selected_step"]
+        lines.append(
+            f"| {r['row']} | {r['realized_sparsity_by_file'][wt]:.3f} | {wp['dense']:.2f} | {wp['teal']:.2f} "
+            f"| {wp['spon']:.2f} | {100 * gap(wp['teal'], wp['spon'], wp['dense']):.1f}% "
+            f"| {tp['teal']:.2f} -> {tp['spon']:.2f} ({100 * gap(tp['teal'], tp['spon'], tp['dense']):.1f}%) "
+            f"| {r['heldout_kl']['teal']:.4f} -> {r['heldout_kl']['spon']:.4f} "
+            f"| {'zeros' if sel is None else f'step {sel}'} | {r['wall_s_total']:.0f} |")
+    return "\n".join(lines)
+
+
+def quantized(row: dict, args) -> dict:
+    out = Path(args.out) / "quantize"
+    out.mkdir(parents=True, exist_ok=True)
+    cfg = load_config(args.config, {"model": args.model, "eval.max_tokens": args.eval_tokens,
+                                    "eval.files": [str(WIKITEXT_TEST)]})
+    t0 = time.perf_counter()
+    stages.quantize(row["fused"], ["int8", "int4"], cfg.eval, cfg.device, out)
+    q = stages.read_json(out / stages.QUANT_FILE)
+    wp = row["perplexity_by_file"][str(WIKITEXT_TEST)]
+    return {"from_row": row["row"], "teal_fp32": wp["teal"], "spon_fp32": wp["spon"], "dense_fp32": wp["dense"],
+            "schemes": {k: {"spon": v["perplexity"]["spon"], "weight_bytes": v["info"]["weight_bytes"]}
+                        for k, v in q.items()}, "wall_s": round(time.perf_counter() - t0, 1)}
+
+
+def zeroshot(row: dict, args) -> dict:
+    from spon.evaluation.suite import run_suite
+    from spon.evaluation.variants import parse_variants
+
+    doc = run_suite(row["fused"], parse_variants("dense,teal,spon,spon-int8"), list(ZEROSHOT), Path(args.out) / "zeroshot",
+                    args.zeroshot_limit, resume=True)
+    acc = {v: {t: {"acc": r["metrics"].get("acc,none"), "stderr": r["metrics"].get("acc_stderr,none"),
+                   "realized_sparsity": r.get("realized_sparsity")} for t, r in e["tasks"].items()}
+           for v, e in doc["variants"].items()}
+    return {"from_row": row["row"], "limit": args.zeroshot_limit, "items": "the first N items of each task file",
+            "accuracy": acc, "wall_s": doc["wall_s"]}
+
+
+def zeroshot_table(z: dict) -> str:
+    acc = z["accuracy"]
+    names = ["dense", "teal", "spon", "spon-int8"]
+    lines = ["| task | " + " | ".join(names) + " | SPON recovers |", "|---" * (len(names) + 2) + "|"]
+    avg = {n: [] for n in names}
+    for t in ZEROSHOT:
+        if any(acc[n].get(t, {}).get("acc") is None for n in names):
+            lines.append(f"| {t} | " + " | ".join("-" for _ in names) + " | no acc metric |")
+            continue
+        cells = []
+        for n in names:
+            a = acc[n][t]
+            avg[n].append(a["acc"])
+            cells.append(f"{a['acc']:.3f} ± {a['stderr'] or 0:.3f}")
+        d, te, sp = (acc[n][t]["acc"] for n in ("dense", "teal", "spon"))
+        rec = f"{100 * (sp - te) / (d - te):.0f}%" if d != te else "-"
+        lines.append(f"| {t} | " + " | ".join(cells) + f" | {rec} |")
+    mean = {n: sum(v) / len(v) for n, v in avg.items()}
+    rec = (mean["spon"] - mean["teal"]) / (mean["dense"] - mean["teal"]) if mean["dense"] != mean["teal"] else 0.0
+    lines.append("| **average** | " + " | ".join(f"{mean[n]:.3f}" for n in names) + f" | {100 * rec:.0f}% |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", default="smollm2-135m")
+    ap.add_argument("--rows", default=",".join(ROWS), help=f"comma list of {', '.join(ROWS)}")
+    ap.add_argument("--config", default=None, help="RunConfig JSON/YAML under every row (flags of rows win)")
+    ap.add_argument("--eval-tokens", type=int, default=25600, help="wikitext-2 test tokens scored (same text every row)")
+    ap.add_argument("--zeroshot-limit", type=int, default=100, help="items per task (0: skip zero-shot)")
+    ap.add_argument("--no-quantize", action="store_true")
+    ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    ap.add_argument("--out", default="out/real")
+    args = ap.parse_args()
+    unknown = [r for r in args.rows.split(",") if r not in ROWS]
+    if unknown:
+        raise SystemExit(f"unknown row(s) {unknown}; choose from {', '.join(ROWS)}")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    configure(quiet=True)
+    t0 = time.perf_counter()
+    Path(args.out).mkdir(parents=True, exist_ok=True)
+    result: dict = {"model": args.model, "eval_text": str(WIKITEXT_TEST.relative_to(DATA)), "eval_tokens": args.eval_tokens,
+                    "host": stages.host(), "rows": []}
+    dump = lambda: (Path(args.out) / "real_model.json").write_text(json.dumps(result, indent=2))  # noqa: E731
+    calibrations: dict = {}
+    for name in args.rows.split(","):
+        result["rows"].append(run_row(name, ROWS[name], args, calibrations))
+        dump()  # a long run that dies keeps every finished row
+    print("\n" + perplexity_table(result["rows"]))
+    base = next((r for r in result["rows"] if r["row"] == "uniform-50"), None)
+    if base is not None and not args.no_quantize:
+        q = result["quantized"] = quantized(base, args)
+        dump()
+        print(f"\nquantized SPON ({q['from_row']}) on wikitext-2 test: TEAL fp32 {q['teal_fp32']:.2f}, SPON fp32 "
+              f"{q['spon_fp32']:.2f}, " + ", ".join(f"SPON {k} {v['spon']:.2f}" for k, v in q["schemes"].items()))
+    if base is not None and args.zeroshot_limit > 0:
+        result["zeroshot"] = zeroshot(base, args)
+        dump()
+        print(f"\nzero-shot accuracy ({base['row']}, first {args.zeroshot_limit} items per task)\n")
+        print(zeroshot_table(result["zeroshot"]))
+    result["wall_s"] = round(time.perf_counter() - t0, 1)
+    result["peak_rss_gb"] = round(peak_rss_gb(), 2)
+    dump()
+    print(f"\n{result['wall_s']:.0f}s, peak RSS {result['peak_rss_gb']:.2f} GB -> {Path(args.out) / 'real_model.json'}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,51 @@
+"""Per-model recipes: what `spon run --model NAME` does unless the config or a flag says otherwise.
+
+The defaults in spon.config are the recipe of the embedded stories260K (512 self-sampled blocks of
+128 tokens, 600 steps of 16 blocks, lr 1e-2: a few minutes on a CPU). A 30-layer model with a
+49K vocabulary is another regime: a step costs ~4000x more, so the recipe trades steps for
+longer blocks and a smaller lr. Layering, lowest first: spon.config defaults < the model's
+preset < the config file < flags. `preset: none` switches it off; the summary records which
+preset applied.
+"""
+
+from __future__ import annotations
+
+import copy
+
+PRESETS: dict[str, dict] = {
+    # SmolLM2-135M-Instruct on a 2-core CPU: one sparsity level, evaluation included, in under
+    # 30 minutes (benchmarks/real_model.py measures it; README "Results").
+    "smollm2-135m": {
+        "calibration": {"source": "samples", "num_blocks": 40, "block_len": 256, "heldout_blocks": 8},
+        "distill": {"steps": 200, "lr": 1e-3, "batch_size": 2, "init": "closed_form", "warmup": 5,
+                    "checkpoint_every": 25},
+        "eval": {"window": 512, "stride": 512, "max_tokens": 25600},
+    },
+}
+
+
+def preset_name(model: str | None, requested: str | None) -> str:
+    """The preset that applies: `requested` if given ('none' for none), else the model's own."""
+    if requested not in (None, "auto"):
+        return requested
+    return model if isinstance(model, str) and model in PRESETS else "none"  # a wrong type: validate() says so
+
+
+def preset(name: str) -> dict:
+    from spon.errors import SponError
+
+    if name == "none":
+        return {}
+    if not isinstance(name, str):
+        raise SponError(f"invalid config: preset: must be a name, got {name!r}")
+    if name not in PRESETS:
+        raise SponError(f"unknown preset {name!r}; known: none, {', '.join(sorted(PRESETS))}")
+    return copy.deepcopy(PRESETS[name])
+
+
+def layered(base: dict, over: dict) -> dict:
+    """`over` on top of `base`, section by section (a section in `over` replaces only its keys)."""
+    out = copy.deepcopy(base)
+    for k, v in over.items():
+        out[k] = layered(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
