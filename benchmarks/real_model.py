@@ -44,11 +44,11 @@ TINYSTORIES = DATA / "tinystories" / "sample.txt"
 ZEROSHOT = ("arc_easy", "arc_challenge", "piqa", "hellaswag", "winogrande", "boolq", "openbookqa", "lambada")
 TEXT_CALIBRATION = {"calibration.source": "text", "calibration.files": [str(WIKITEXT_VALID)]}
 
-ROWS: dict[str, dict] = {
-    "uniform-25": {"sparsity.sparsity": 0.25},
-    "uniform-40": {"sparsity.sparsity": 0.40},
+ROWS: dict[str, dict] = {  # in the order they run: the headline first
     "uniform-50": {"sparsity.sparsity": 0.50},
     "uniform-60": {"sparsity.sparsity": 0.60},
+    "uniform-25": {"sparsity.sparsity": 0.25},
+    "uniform-40": {"sparsity.sparsity": 0.40},
     "greedy-50": {"sparsity.sparsity": 0.50, "sparsity.allocation": "greedy"},
     "last_half-50": {"sparsity.sparsity": 0.50, "protocol": "last_half"},
     "down-only-50": {"sparsity.sparsity": 0.50, "distill.targets": ["down"]},
@@ -67,6 +67,10 @@ def run_row(name: str, overrides: dict, args, calibrations: dict) -> dict:
                                     "eval.files": [str(WIKITEXT_TEST), str(TINYSTORIES)], **overrides})
     rt = (cfg.device, cfg.dtype)
     dirs = {s: out / s for s in ("thresholds", "distill", "fused", "eval")}
+    done = out / "summary.json"
+    if done.is_file() and stages.read_json(done)["config"] == cfg.model_dump(mode="json"):
+        print(f"  {name}: finished earlier with this config, reusing {done}", flush=True)
+        return row_record(name, overrides, cfg, stages.read_json(done), dirs, stages.read_json(done)["wall_time_s"])
     for d in dirs.values():
         d.mkdir(parents=True, exist_ok=True)
     walls: dict[str, float] = {}
@@ -78,22 +82,32 @@ def run_row(name: str, overrides: dict, args, calibrations: dict) -> dict:
         print(f"  {name}: {stage} {walls[stage]:.0f}s", flush=True)
 
     calib_key = cfg.calibration.model_dump_json()
+    calib = Path(args.out) / f"calibration-{cfg.calibration.source}"
+    made = calib / "config.json"
+    if calib_key not in calibrations and made.is_file() and made.read_text() == calib_key:
+        calibrations[calib_key] = (calib, stages.read_json(calib / "wall.json")["calibrate"])
     if calib_key not in calibrations:
-        calib = Path(args.out) / f"calibration-{cfg.calibration.source}"
         calib.mkdir(parents=True, exist_ok=True)
         timed("calibrate", stages.calibrate, cfg.model, cfg.calibration, *rt, calib)
+        stages.write_json(calib / "wall.json", {"calibrate": walls["calibrate"]})
+        made.write_text(calib_key)
         calibrations[calib_key] = (calib, walls["calibrate"])
     calib, walls["calibrate"] = calibrations[calib_key]
     timed("thresholds", stages.thresholds, cfg.model, calib, cfg.sparsity, *rt, dirs["thresholds"])
     timed("distill", stages.distill, cfg.model, calib, dirs["thresholds"], cfg.distill, cfg.protocol, *rt,
-          dirs["distill"])
+          dirs["distill"], checkpoint_dir=out / "alpha_checkpoints")  # a killed run resumes here
     timed("fuse", stages.fuse, cfg.model, calib, dirs["thresholds"], dirs["distill"], cfg.protocol, *rt,
           dirs["fused"], source=cfg.model)
     timed("evaluate", stages.evaluate, dirs["fused"], cfg.eval, *rt, dirs["eval"])
     s = stages.summarize(cfg, cfg.model, calib, dirs["thresholds"], dirs["distill"], dirs["fused"], dirs["eval"], walls)
-    stages.write_json(out / "summary.json", s)
+    s["peak_rss_gb"] = round(peak_rss_gb(), 2)
+    stages.write_json(done, s)
+    return row_record(name, overrides, cfg, s, dirs, walls)
+
+
+def row_record(name: str, overrides: dict, cfg, s: dict, dirs: dict, walls: dict) -> dict:
     return {"row": name, "overrides": overrides, "wall_s": walls, "wall_s_total": round(sum(walls.values()), 1),
-            "peak_rss_gb": round(peak_rss_gb(), 2), "fused": str(dirs["fused"]),
+            "peak_rss_gb": s.get("peak_rss_gb"), "fused": str(dirs["fused"]),
             **{k: s[k] for k in ("sparsity", "allocation", "protocol", "perplexity_by_file", "realized_sparsity_by_file",
                                  "heldout_kl", "alpha_selection", "gap_closed", "quality_warnings", "preset")},
             "alpha_targets": cfg.distill.targets or cfg.sparsity.targets, "calibration_source": cfg.calibration.source,

@@ -176,7 +176,9 @@ def summarize(cfg: RunConfig, source: str, calib_dir, thresholds_dir, distill_di
     ppl = read_json(Path(eval_dir) / EVAL_FILE)
     d = read_json(Path(distill_dir) / DISTILL_FILE)
     sidecar = read_json(Path(fused_dir) / "spon.json")
-    first = next(iter(ppl.values()), None)
+    # the headline numbers are the first eval file's as given (eval.json's keys are sorted)
+    first = ppl.get(str(cfg.eval.files[0])) if cfg.eval.files else None
+    first = first if first is not None else next(iter(ppl.values()), None)
     summary = {
         "model": source,
         "preset": cfg.preset,
