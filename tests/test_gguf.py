@@ -280,18 +280,7 @@ def test_spon_models_lists_the_registry(cache, capsys):
 
 # ----------------------------------------------------------------------------- slow: SmolLM2-135M
 
-@pytest.fixture(scope="session")
-def file_cache(tmp_path_factory) -> Path:
-    env = os.environ.get("SPON_CACHE")
-    return Path(env).expanduser() if env else tmp_path_factory.mktemp("spon-cache")
-
-
-@pytest.fixture(scope="session")
-def smol_gguf(file_cache) -> Path:
-    t0 = time.perf_counter()
-    path = models.fetch(NAME, root=file_cache)
-    print(f"\nfetch {NAME}: {time.perf_counter() - t0:.1f} s -> {path}")
-    return path
+# file_cache and smol_gguf (the fetched file, shared with the real-model chain test): conftest.py
 
 
 # One load in a process of its own. The process first loads the embedded stories260K model, so

@@ -29,9 +29,14 @@ def settings(mlflow_server, s3_endpoint, work_dir):
 
 
 @pytest.fixture(scope="module")
-def run(prefect_harness, settings, tmp_path_factory, sample_txt):
+def run(prefect_harness, settings, tmp_path_factory, sample_txt, smol_gguf, file_cache):
+    import os
+
     from spon.config import load_config
     from spon.flows.pipeline import spon_pipeline
+
+    before = os.environ.get("SPON_CACHE")
+    os.environ["SPON_CACHE"] = str(file_cache)  # `--model smollm2-135m` resolves into the fetched file's cache
 
     cfg = load_config(None, {
         "model": "smollm2-135m", "out": str(tmp_path_factory.mktemp("smol-run")),
@@ -40,9 +45,15 @@ def run(prefect_harness, settings, tmp_path_factory, sample_txt):
         "eval.window": 128, "eval.stride": 128, "eval.max_tokens": 256,
     })
     t0 = time.perf_counter()
-    summary = spon_pipeline(cfg, settings)
-    print(f"\nSmolLM2 chain through the flow: {time.perf_counter() - t0:.0f} s")
-    return cfg, summary
+    try:
+        summary = spon_pipeline(cfg, settings)
+        print(f"\nSmolLM2 chain through the flow: {time.perf_counter() - t0:.0f} s")
+        yield cfg, summary
+    finally:
+        if before is None:
+            os.environ.pop("SPON_CACHE", None)
+        else:
+            os.environ["SPON_CACHE"] = before
 
 
 def test_the_preset_applies_under_the_flags(run):
