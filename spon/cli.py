@@ -34,6 +34,11 @@ CONFIG_FLAGS = {
     "--batch-size": ("distill.batch_size", int, "blocks per step"),
     "--grad-accum": ("distill.grad_accum", int, "micro-batches per step"),
     "--init": ("distill.init", str, "zeros or closed_form"),
+    "--alpha-targets": ("distill.targets", lambda s: s.split(","), "projections that get a trained alpha "
+                        "(default: every sparsified one), e.g. down"),
+    "--compute-dtype": ("distill.compute_dtype", str, "the student's forward/backward: fp32 or bf16 (autocast)"),
+    "--calibrate-on": ("sparsity.calibrate_on", str, "thresholds from the sparse model's activations "
+                       "(sparse, default: realized = target) or the dense model's (dense, TEAL's original)"),
     "--seed": ("distill.seed", int, "batch-order seed"),
     "--checkpoint-every": ("distill.checkpoint_every", int, "alpha checkpoint interval (steps)"),
     "--window": ("eval.window", int, "perplexity window"),
