@@ -107,4 +107,4 @@ def test_registered_stored_and_pulled(run, settings, tmp_path, monkeypatch, caps
     assert "checksums verified" in capsys.readouterr().out
     smoke = summary["smoke_generation"]
     assert main(["-q", "generate", str(dest), "--prompt", smoke["prompt"], "--max-new-tokens", "24"]) == 0
-    assert capsys.readouterr().out.strip() == smoke["text"]
+    assert capsys.readouterr().out.strip() == smoke["text"].strip()
