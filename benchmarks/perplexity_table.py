@@ -15,7 +15,7 @@ import resource
 import time
 from pathlib import Path
 
-from spon.assets import assets_root
+from spon.assets import assets_root, portable
 from spon.config import load_config
 from spon.console import configure
 from spon.stages import run
@@ -55,10 +55,10 @@ def main() -> None:
               f"| {100 * r['gap_closed']:.1f}% | {kl['teal']:.4f} -> {kl['spon']:.4f} "
               f"| {'zeros' if step is None else f'step {step}'} | {wall:.0f} | {cpu:.0f} |")
     Path(args.out).mkdir(parents=True, exist_ok=True)
-    (Path(args.out) / "table.json").write_text(json.dumps([{"sparsity": s, "summary": {k: r[k] for k in (
+    (Path(args.out) / "table.json").write_text(json.dumps(portable([{"sparsity": s, "summary": {k: r[k] for k in (
         "realized_sparsity", "perplexity", "gap_closed", "heldout_kl", "alpha_selection", "quality_warnings",
         "wall_time_s")}, "wall_s": w, "cpu_s": c}
-        for s, r, w, c in rows], indent=2))
+        for s, r, w, c in rows]), indent=2))
 
 
 if __name__ == "__main__":

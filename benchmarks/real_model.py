@@ -33,7 +33,7 @@ from pathlib import Path
 import torch
 
 from spon import stages
-from spon.assets import assets_root
+from spon.assets import assets_root, portable
 from spon.config import load_config
 from spon.console import configure
 
@@ -204,7 +204,7 @@ def main() -> None:
     Path(args.out).mkdir(parents=True, exist_ok=True)
     result: dict = {"model": args.model, "eval_text": str(WIKITEXT_TEST.relative_to(DATA)), "eval_tokens": args.eval_tokens,
                     "host": stages.host(), "rows": []}
-    dump = lambda: (Path(args.out) / "real_model.json").write_text(json.dumps(result, indent=2))  # noqa: E731
+    dump = lambda: (Path(args.out) / "real_model.json").write_text(json.dumps(portable(result), indent=2))  # noqa: E731
     calibrations: dict = {}
     for name in args.rows.split(","):
         result["rows"].append(run_row(name, ROWS[name], args, calibrations))

@@ -11,3 +11,16 @@ REPO = Path(__file__).resolve().parent.parent
 
 def assets_root() -> Path:
     return Path(os.environ.get("SPON_ASSETS") or REPO.parent / "shared" / "assets")
+
+
+def portable(obj):
+    """`obj` (JSON data) with every path under the assets root written as $SPON_ASSETS/...: what a
+    committed result file names, whichever machine measured it."""
+    root = str(assets_root().resolve())
+    if isinstance(obj, str):
+        return obj.replace(root, "$SPON_ASSETS")
+    if isinstance(obj, dict):
+        return {portable(k): portable(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [portable(x) for x in obj]
+    return obj

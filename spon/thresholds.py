@@ -8,6 +8,8 @@ exact quantile.
 from __future__ import annotations
 
 import math
+from contextlib import contextmanager
+from typing import Iterator
 
 import torch
 
@@ -22,6 +24,23 @@ def check_sparsity(s: float) -> float:
     if not (isinstance(s, (int, float)) and math.isfinite(s) and 0.0 <= s < 1.0):
         raise SponError(f"sparsity must be in [0, 1), got {s!r}")
     return float(s)
+
+
+def magnitude_histogram(x: torch.Tensor) -> torch.Tensor:
+    """Counts of log10|x| in the fixed bins every threshold is read from (float64, on the CPU)."""
+    logx = torch.log10(x.detach().float().abs().flatten().clamp_min(10**LOG_MIN))
+    return torch.histc(logx, bins=BINS, min=LOG_MIN, max=LOG_MAX).cpu().double()
+
+
+@contextmanager
+def pre_hooks(modules, hook, with_kwargs: bool = False) -> Iterator[None]:
+    """`hook` as a forward pre-hook on every module for the duration of the block."""
+    handles = [m.register_forward_pre_hook(hook, with_kwargs=with_kwargs) for m in modules]
+    try:
+        yield
+    finally:
+        for h in handles:
+            h.remove()
 
 
 class Histograms:
@@ -44,10 +63,7 @@ class Histograms:
         self._handles.clear()
 
     def _hook(self, module: SparseLinear, args):
-        x = args[0].detach().float().abs().flatten()
-        logx = torch.log10(x.clamp_min(10**LOG_MIN))
-        h = torch.histc(logx, bins=BINS, min=LOG_MIN, max=LOG_MAX)
-        self.counts[module.name] += h.cpu().double()
+        self.counts[module.name] += magnitude_histogram(args[0])
 
 
 @torch.no_grad()
@@ -151,18 +167,14 @@ def _block_out(layer, args, kwargs):
 def _capture_layer_inputs(model, layers, blocks: torch.Tensor):
     """Positional and keyword inputs of every decoder layer for one dense forward pass."""
     captured: dict[int, tuple] = {}
-    handles = []
-    for i, layer in enumerate(layers):
-        def hook(mod, args, kwargs, i=i):
-            captured[i] = (args, dict(kwargs))
-        handles.append(layer.register_forward_pre_hook(hook, with_kwargs=True))
+    index = {id(layer): i for i, layer in enumerate(layers)}
+
+    def hook(layer, args, kwargs):
+        captured[index[id(layer)]] = (args, dict(kwargs))
+
     device = next(model.parameters()).device
-    try:
-        with mode(model, "dense"):
-            model(blocks.to(device), use_cache=False)
-    finally:
-        for h in handles:
-            h.remove()
+    with pre_hooks(layers, hook, with_kwargs=True), mode(model, "dense"):
+        model(blocks.to(device), use_cache=False)
     return captured
 
 
@@ -183,23 +195,16 @@ def sparse_upstream_thresholds(model, blocks: torch.Tensor, sparsities: dict[str
     taus: dict[str, float] = {}
 
     def hook(module: SparseLinear, args):
-        x = args[0].detach()
+        x = args[0]
         if module.protocol == "last_half" and x.dim() == 3 and x.shape[1] > 1:
             x = x[:, x.shape[1] // 2 :]  # only the positions this protocol sparsifies
-        logx = torch.log10(x.float().abs().flatten().clamp_min(10**LOG_MIN))
-        counts = torch.histc(logx, bins=BINS, min=LOG_MIN, max=LOG_MAX).cpu().double()
-        taus[module.name] = threshold_from_histogram(counts, sparsities[module.name])
+        taus[module.name] = threshold_from_histogram(magnitude_histogram(x), sparsities[module.name])
         module.threshold.fill_(taus[module.name])
 
-    handles = [mods[n].register_forward_pre_hook(hook) for n in sparsities]
     device = next(model.parameters()).device
     base = getattr(model, "model", model)  # the decoder without the LM head: no [tokens, vocab] logits
-    try:
-        with mode(model, "teal"):
-            base(blocks.to(device), use_cache=False)
-    finally:
-        for h in handles:
-            h.remove()
+    with pre_hooks([mods[n] for n in sparsities], hook), mode(model, "teal"):
+        base(blocks.to(device), use_cache=False)
     missing = set(sparsities) - set(taus)
     if missing:
         raise SponError(f"the calibration pass never reached projection(s) {sorted(missing)[:5]}")
