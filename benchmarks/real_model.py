@@ -1,7 +1,9 @@
 """The method on a real LLM, every table side by side from one command.
 
     .venv/bin/python benchmarks/real_model.py --out out/real
-    .venv/bin/python benchmarks/real_model.py --out out/real --rows uniform-50 --zeroshot-limit 0   # one level
+    .venv/bin/python benchmarks/real_model.py --out out/real --rows uniform-60   # one step
+    .venv/bin/python benchmarks/real_model.py --out out/real --reuse benchmarks/results/real_model_smollm2.json
+        # takes the committed rows with the same config, runs the rest (a session's worth at a time)
 
 Model: `--model` (default the named SmolLM2-135M-Instruct, fetched and dequantized by spon itself)
 with its preset recipe (spon/presets.py) under every row. Perplexity: the first `--eval-tokens`
@@ -15,7 +17,8 @@ and the TinyStories sample (another domain than the calibration text). Rows:
     samples-calib-50      calibration on the model's own samples instead of wikitext-2 validation text
 then SPON int8 / int4 of uniform-50 against TEAL fp32, and zero-shot accuracy (lm-eval, the
 project's YAML tasks, sparsity active) for dense / TEAL / SPON / SPON-int8 of uniform-50 on the
-first `--zeroshot-limit` items of each task (the same items for every variant).
+first `--zeroshot-limit` items of each task (the same items for every variant). `--rows` names the
+steps and their order (default: STEPS, what the targets need soonest first).
 
 Every stage runs through spon.stages (the functions `spon run` runs); the calibration of one
 source is made once and shared by the rows that use it. Per row: the stage wall times and the
@@ -43,34 +46,54 @@ TINYSTORIES = DATA / "tinystories" / "sample.txt"
 ZEROSHOT = ("arc_easy", "arc_challenge", "piqa", "hellaswag", "winogrande", "boolq", "openbookqa", "lambada")
 SAMPLES_CALIBRATION = {"calibration.source": "samples", "calibration.files": []}
 
-ROWS: dict[str, dict] = {  # in the order they run: the headline first
+ROWS: dict[str, dict] = {
     "uniform-50": {"sparsity.sparsity": 0.50},
-    "samples-calib-50": {"sparsity.sparsity": 0.50, **SAMPLES_CALIBRATION},
     "uniform-60": {"sparsity.sparsity": 0.60},
     "uniform-25": {"sparsity.sparsity": 0.25},
     "uniform-40": {"sparsity.sparsity": 0.40},
     "greedy-50": {"sparsity.sparsity": 0.50, "sparsity.allocation": "greedy"},
     "last_half-50": {"sparsity.sparsity": 0.50, "protocol": "last_half"},
     "down-only-50": {"sparsity.sparsity": 0.50, "distill.targets": ["down"]},
+    "samples-calib-50": {"sparsity.sparsity": 0.50, **SAMPLES_CALIBRATION},
 }
+# What runs, in order: the headline row first, then what the targets need soonest. `quantize` and
+# `zeroshot` work on uniform-50's fused model. Each step is ~20 min on 2 cores.
+STEPS = ["uniform-50", "uniform-60", "zeroshot", "uniform-25", "uniform-40", "quantize", "down-only-50",
+         "greedy-50", "last_half-50", "samples-calib-50"]
 
 
 def peak_rss_gb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6  # KiB on Linux
 
 
-def run_row(name: str, overrides: dict, args, calibrations: dict) -> dict:
-    """One row: the chain of stages, sharing a calibration made with the same config."""
+def row_config(name: str, args):
+    return load_config(args.config, {"model": args.model, "out": str(Path(args.out) / name),
+                                     "eval.max_tokens": args.eval_tokens,
+                                     "eval.files": [str(WIKITEXT_TEST), str(TINYSTORIES)], **ROWS[name]})
+
+
+def what_it_is(cfg) -> dict:
+    """A row's full config (a RunConfig or its JSON) as committed: where it ran is not what it is,
+    and assets paths are portable."""
+    d = cfg if isinstance(cfg, dict) else cfg.model_dump(mode="json")
+    return portable({k: v for k, v in d.items() if k != "out"})
+
+
+def run_row(name: str, args, calibrations: dict, prior: dict) -> dict:
+    """One row: the chain of stages, sharing a calibration made with the same config. A row
+    finished earlier with the same config (in OUT, or in the --reuse file) is taken as it is."""
     out = Path(args.out) / name
-    cfg = load_config(args.config, {"model": args.model, "out": str(out), "eval.max_tokens": args.eval_tokens,
-                                    "eval.files": [str(WIKITEXT_TEST), str(TINYSTORIES)], **overrides})
+    cfg = row_config(name, args)
     rt = (cfg.device, cfg.dtype)
     dirs = {s: out / s for s in ("thresholds", "distill", "fused", "eval")}
     done = out / "summary.json"
-    same = lambda c: {k: v for k, v in c.items() if k != "out"}  # noqa: E731 - where it ran is not what it is
-    if done.is_file() and same(stages.read_json(done)["config"]) == same(cfg.model_dump(mode="json")):
+    if done.is_file() and what_it_is(stages.read_json(done)["config"]) == what_it_is(cfg):
         print(f"  {name}: finished earlier with this config, reusing {done}", flush=True)
-        return row_record(name, overrides, cfg, stages.read_json(done), dirs, stages.read_json(done)["wall_time_s"])
+        s = stages.read_json(done)
+        return row_record(name, cfg, s, dirs, s["wall_time_s"])
+    if name in prior and prior[name].get("config") == what_it_is(cfg):
+        print(f"  {name}: taken from {args.reuse} (same config)", flush=True)
+        return prior[name]
     for d in dirs.values():
         d.mkdir(parents=True, exist_ok=True)
     walls: dict[str, float] = {}
@@ -102,16 +125,17 @@ def run_row(name: str, overrides: dict, args, calibrations: dict) -> dict:
     s = stages.summarize(cfg, cfg.model, calib, dirs["thresholds"], dirs["distill"], dirs["fused"], dirs["eval"], walls)
     s["peak_rss_gb"] = round(peak_rss_gb(), 2)
     stages.write_json(done, s)
-    return row_record(name, overrides, cfg, s, dirs, walls)
+    return row_record(name, cfg, s, dirs, walls)
 
 
-def row_record(name: str, overrides: dict, cfg, s: dict, dirs: dict, walls: dict) -> dict:
-    return {"row": name, "overrides": overrides, "wall_s": walls, "wall_s_total": round(sum(walls.values()), 1),
-            "peak_rss_gb": s.get("peak_rss_gb"), "fused": str(dirs["fused"]),
-            **{k: s[k] for k in ("sparsity", "allocation", "protocol", "perplexity_by_file", "realized_sparsity_by_file",
-                                 "heldout_kl", "alpha_selection", "gap_closed", "quality_warnings", "preset")},
-            "alpha_targets": cfg.distill.targets or cfg.sparsity.targets, "calibration_source": cfg.calibration.source,
-            "eval": cfg.eval.model_dump(mode="json")}
+def row_record(name: str, cfg, s: dict, dirs: dict, walls: dict) -> dict:
+    return portable({
+        "row": name, "overrides": ROWS[name], "wall_s": walls, "wall_s_total": round(sum(walls.values()), 1),
+        "peak_rss_gb": s.get("peak_rss_gb"), "fused": str(dirs["fused"]),
+        **{k: s[k] for k in ("sparsity", "allocation", "protocol", "perplexity_by_file", "realized_sparsity_by_file",
+                             "heldout_kl", "alpha_selection", "gap_closed", "quality_warnings", "preset")},
+        "alpha_targets": cfg.distill.targets or cfg.sparsity.targets, "calibration_source": cfg.calibration.source,
+        "eval": cfg.eval.model_dump(mode="json"), "config": what_it_is(cfg)})
 
 
 def gap(teal: float, spon: float, dense: float) -> float:
@@ -122,7 +146,8 @@ def perplexity_table(rows: list[dict]) -> str:
     lines = ["| row | realized (wikitext) | dense | TEAL | SPON | gap closed | TinyStories TEAL -> SPON (gap) "
              "| held-out KL TEAL -> SPON | alpha | wall s |", "|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
-        (wt, wp), (ts, tp) = list(r["perplexity_by_file"].items())[:2]
+        wt, ts = portable(str(WIKITEXT_TEST)), portable(str(TINYSTORIES))
+        wp, tp = r["perplexity_by_file"][wt], r["perplexity_by_file"][ts]
         sel = r["alpha_selection"]["selected_step"]
         lines.append(
             f"| {r['row']} | {r['realized_sparsity_by_file'][wt]:.3f} | {wp['dense']:.2f} | {wp['teal']:.2f} "
@@ -141,8 +166,8 @@ def quantized(row: dict, args) -> dict:
     t0 = time.perf_counter()
     stages.quantize(row["fused"], ["int8", "int4"], cfg.eval, cfg.device, out)
     q = stages.read_json(out / stages.QUANT_FILE)
-    wp = row["perplexity_by_file"][str(WIKITEXT_TEST)]
-    return {"from_row": row["row"], "teal_fp32": wp["teal"], "spon_fp32": wp["spon"], "dense_fp32": wp["dense"],
+    wp = row["perplexity_by_file"][portable(str(WIKITEXT_TEST))]
+    return {"from_row": row["row"], "from_config": row["config"], "teal_fp32": wp["teal"], "spon_fp32": wp["spon"], "dense_fp32": wp["dense"],
             "schemes": {k: {"spon": v["perplexity"]["spon"], "weight_bytes": v["info"]["weight_bytes"]}
                         for k, v in q.items()}, "wall_s": round(time.perf_counter() - t0, 1)}
 
@@ -156,7 +181,7 @@ def zeroshot(row: dict, args) -> dict:
     acc = {v: {t: {"acc": r["metrics"].get("acc,none"), "stderr": r["metrics"].get("acc_stderr,none"),
                    "realized_sparsity": r.get("realized_sparsity")} for t, r in e["tasks"].items()}
            for v, e in doc["variants"].items()}
-    return {"from_row": row["row"], "limit": args.zeroshot_limit, "items": "the first N items of each task file",
+    return {"from_row": row["row"], "from_config": row["config"], "limit": args.zeroshot_limit, "items": "the first N items of each task file",
             "accuracy": acc, "wall_s": doc["wall_s"]}
 
 
@@ -186,41 +211,60 @@ def zeroshot_table(z: dict) -> str:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default="smollm2-135m")
-    ap.add_argument("--rows", default=",".join(ROWS), help=f"comma list of {', '.join(ROWS)}")
+    ap.add_argument("--rows", default=",".join(STEPS), help=f"comma list of steps, run in the order given: {', '.join(STEPS)}")
     ap.add_argument("--config", default=None, help="RunConfig JSON/YAML under every row (flags of rows win)")
     ap.add_argument("--eval-tokens", type=int, default=25600, help="wikitext-2 test tokens scored (same text every row)")
-    ap.add_argument("--zeroshot-limit", type=int, default=100, help="items per task (0: skip zero-shot)")
-    ap.add_argument("--no-quantize", action="store_true")
+    ap.add_argument("--zeroshot-limit", type=int, default=100, help="items per task")
+    ap.add_argument("--reuse", default=None, help="an earlier real_model.json (e.g. the committed one): its rows, "
+                    "quantize and zeroshot results with the same config are taken instead of rerun")
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     ap.add_argument("--out", default="out/real")
     args = ap.parse_args()
-    unknown = [r for r in args.rows.split(",") if r not in ROWS]
+    steps = args.rows.split(",")
+    unknown = [r for r in steps if r not in STEPS]
     if unknown:
-        raise SystemExit(f"unknown row(s) {unknown}; choose from {', '.join(ROWS)}")
+        raise SystemExit(f"unknown step(s) {unknown}; choose from {', '.join(STEPS)}")
+    if args.reuse and not Path(args.reuse).is_file():
+        raise SystemExit(f"--reuse {args.reuse}: no such file")
     if args.threads:
         torch.set_num_threads(args.threads)
     configure(quiet=True)
     t0 = time.perf_counter()
     Path(args.out).mkdir(parents=True, exist_ok=True)
+    earlier = json.loads(Path(args.reuse).read_text()) if args.reuse else {}
+    prior = {r["row"]: r for r in earlier.get("rows", [])}
     result: dict = {"model": args.model, "eval_text": str(WIKITEXT_TEST.relative_to(DATA)), "eval_tokens": args.eval_tokens,
                     "host": stages.host(), "rows": []}
     dump = lambda: (Path(args.out) / "real_model.json").write_text(json.dumps(portable(result), indent=2))  # noqa: E731
     calibrations: dict = {}
-    for name in args.rows.split(","):
-        result["rows"].append(run_row(name, ROWS[name], args, calibrations))
-        dump()  # a long run that dies keeps every finished row
-    print("\n" + perplexity_table(result["rows"]))
-    base = next((r for r in result["rows"] if r["row"] == "uniform-50"), None)
-    if base is not None and not args.no_quantize:
-        q = result["quantized"] = quantized(base, args)
-        dump()
-        print(f"\nquantized SPON ({q['from_row']}) on wikitext-2 test: TEAL fp32 {q['teal_fp32']:.2f}, SPON fp32 "
-              f"{q['spon_fp32']:.2f}, " + ", ".join(f"SPON {k} {v['spon']:.2f}" for k, v in q["schemes"].items()))
-    if base is not None and args.zeroshot_limit > 0:
-        result["zeroshot"] = zeroshot(base, args)
-        dump()
-        print(f"\nzero-shot accuracy ({base['row']}, first {args.zeroshot_limit} items per task)\n")
-        print(zeroshot_table(result["zeroshot"]))
+    rows: dict[str, dict] = {}
+
+    def base() -> dict:
+        """uniform-50 with its fused model on disk (rerun when only its numbers were reused)."""
+        if "uniform-50" not in rows or not Path(rows["uniform-50"]["fused"]).is_dir():
+            rows["uniform-50"] = run_row("uniform-50", args, calibrations, {})
+        return rows["uniform-50"]
+
+    for step in steps:
+        if step in ROWS:
+            rows[step] = run_row(step, args, calibrations, prior)
+            result["rows"] = [rows[n] for n in STEPS if n in rows]
+        elif step == "quantize":
+            old = earlier.get("quantized")
+            same = old and old.get("from_config") == what_it_is(row_config("uniform-50", args))
+            q = result["quantized"] = old if same else quantized(base(), args)
+            print(f"\nquantized SPON ({q['from_row']}) on wikitext-2 test: TEAL fp32 {q['teal_fp32']:.2f}, SPON fp32 "
+                  f"{q['spon_fp32']:.2f}, " + ", ".join(f"SPON {k} {v['spon']:.2f}" for k, v in q["schemes"].items()))
+        elif step == "zeroshot":
+            old = earlier.get("zeroshot")
+            same = (old and old.get("from_config") == what_it_is(row_config("uniform-50", args))
+                    and old.get("limit") == args.zeroshot_limit)
+            z = result["zeroshot"] = old if same else zeroshot(base(), args)
+            print(f"\nzero-shot accuracy ({z['from_row']}, first {z['limit']} items per task)\n")
+            print(zeroshot_table(z))
+        dump()  # a long run that dies keeps every finished step
+    if result["rows"]:
+        print("\n" + perplexity_table(result["rows"]))
     result["wall_s"] = round(time.perf_counter() - t0, 1)
     result["peak_rss_gb"] = round(peak_rss_gb(), 2)
     dump()

@@ -9,6 +9,7 @@ from spon.errors import SponError
 from spon.model import load_model, find_projections, PROJECTIONS
 from spon.sparse import SparseLinear, SparsifyConfig, sparsify, sparsify_, set_mode, sparse_linears
 from spon.fuse import load_sparse_model, save_fused
+from spon.kernel_backend import use_kernels
 
 __all__ = [
     "SponError",
@@ -23,5 +24,6 @@ __all__ = [
     "sparse_linears",
     "load_sparse_model",
     "save_fused",
+    "use_kernels",
 ]
 __version__ = "0.1.0"

@@ -190,15 +190,25 @@ def cmd_generate(args) -> int:
     inputs.check_fused_dir(args.model_dir)
     inputs.check_context(inputs.model_config(args.model_dir), args.model_dir, new_tokens=args.max_new_tokens)
 
+    import time
+
     import torch
 
     from spon.fuse import load_sparse_model
+    from spon.kernel_backend import use_kernels
 
     model, tok, _ = load_sparse_model(args.model_dir, args.device, args.dtype)
+    use_kernels(model, args.kernels)
     ids = tok(args.prompt, return_tensors="pt").input_ids.to(model.device)
+    t0 = time.perf_counter()
     with torch.no_grad():
-        out = model.generate(ids, max_new_tokens=args.max_new_tokens, do_sample=False)
+        out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=args.max_new_tokens,
+                             do_sample=False)
+    wall = time.perf_counter() - t0
+    new = out.shape[1] - ids.shape[1]
     print(tok.decode(out[0], skip_special_tokens=True))
+    print(f"{new} new tokens in {wall:.2f} s ({new / wall:.1f} tok/s incl. the prompt's prefill; "
+          f"kernels {'on' if args.kernels else 'off'})", file=sys.stderr)
     return 0
 
 
@@ -214,6 +224,8 @@ def _add_model_dir_command(sub, name, func, helptext):
     else:
         q.add_argument("--prompt", required=True)
         q.add_argument("--max-new-tokens", type=int, default=64)
+        q.add_argument("--kernels", action=argparse.BooleanOptionalAction, default=True,
+                       help="sparse kernels for decode, q/k/v and gate/up fused (default on; --no-kernels: torch)")
     q.set_defaults(func=func)
 
 

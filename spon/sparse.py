@@ -42,9 +42,10 @@ class SparseLinear(nn.Module):
         self.count_zeros = False
         self.zeros = 0
         self.seen = 0
-        # Inference backend: Wt = W^T in the kernels' layout (Triton on CUDA, the fused
-        # gather-reduce on CPU for decode). Costs a second copy of this weight; None = torch.
-        self.register_buffer("weight_t", None, persistent=False)
+        # Inference backend (spon.kernel_backend.use_kernels): the sparse kernels, q/k/v and
+        # gate/up fused; None = torch.
+        self.kernel = None
+        self.kernel_index = 0
 
     @property
     def fused(self) -> bool:
@@ -68,17 +69,19 @@ class SparseLinear(nn.Module):
             return b - self.fused_delta
         return b
 
+    def sparse_bias(self) -> torch.Tensor | None:
+        """The bias of the sparse modes: b' = b + W alpha in spon (fused), b in teal."""
+        return self.linear.bias if self.mode == "spon" else self._original_bias()
+
     def _dense(self, x):
         return F.linear(x, self.linear.weight, self._original_bias())
 
     def _sparse(self, x):
-        bias = self.linear.bias if self.mode == "spon" else self._original_bias()
-        if self.weight_t is not None and not torch.is_grad_enabled() and (self.mode == "teal" or self.fused):
+        if self.kernel is not None and not torch.is_grad_enabled() and (self.mode == "teal" or self.fused):
             if self.count_zeros:
                 self._count(self.keep(x))
-            from spon.kernels import sparse_linear  # reads only the rows of W^T whose input survives
-
-            return sparse_linear(x, self.weight_t, bias, self.threshold)
+            return self.kernel.forward(self, x)  # reads only the rows of W^T whose input survives
+        bias = self.sparse_bias()
         # One mask per call, shared by the sparsifier and the zero counter (an elementwise pass
         # over the activations costs as much as this tiny model's matmuls).
         keep = self.keep(x)
@@ -160,19 +163,6 @@ def sparsify(model, kinds=PROJECTIONS) -> list[SparseLinear]:
             setattr(p.parent, p.attr, mod)
         wrapped.append(mod)
     return wrapped
-
-
-def use_kernels(model, enabled: bool = True) -> None:
-    """Route sparse (teal / fused spon) inference through kernels/: the Triton sparse GEMV on
-    CUDA, the gather-reduce decode path on CPU (<= 8 rows), the torch reference otherwise.
-    Same numbers within dtype tolerance; training and calibration always use torch."""
-    for m in sparse_linears(model):
-        if enabled:
-            from spon.kernels import prepare_weight
-
-            m.weight_t = prepare_weight(m.linear.weight)
-        else:
-            m.weight_t = None
 
 
 def sparse_linears(model) -> list[SparseLinear]:

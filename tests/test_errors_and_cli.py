@@ -83,11 +83,11 @@ def test_cli_bad_input_one_line_exit_2(args, message, tmp_path):
 def test_spon_run_end_to_end(stories_path, sample_txt, tmp_path):
     out = tmp_path / "run"
     r = spon_cli(
-        "-q", "run", "--model", str(stories_path), "--sparsity", "0.5", "--out", str(out),
+        # 60 %: there these 40 steps beat TEAL by far more than fp32 rounding moves between CPU kinds
+        # (18.9 vs 24.2 on an Intel Xeon); at 50 % they land within it (7.46 vs 7.43 on the Xeon, the
+        # other way round on an AMD EPYC), and the last assertion below flipped with the machine.
+        "-q", "run", "--model", str(stories_path), "--sparsity", "0.6", "--out", str(out),
         "--eval-text", str(sample_txt), "--steps", "40", "--calib-blocks", "64", "--calib-len", "64", "--batch-size", "8",
-        # TEAL's dense-activation thresholds: on this 40-step run the selected alpha beats TEAL with
-        # them (asserted below); with the sparse-model ones (default) it does not (7.852 vs 7.828)
-        "--calibrate-on", "dense",
         # keep the pipeline's embedded MLflow store and model store out of the repo's out/
         "--tracking-uri", f"sqlite:///{tmp_path}/mlflow.db", "--store", str(tmp_path / "store"),
     )
@@ -96,7 +96,7 @@ def test_spon_run_end_to_end(stories_path, sample_txt, tmp_path):
     for key in ("model", "sparsity", "protocol", "realized_sparsity", "perplexity", "fused_model_dir"):
         assert key in s
     assert s["protocol"] == "all"
-    assert abs(s["realized_sparsity"] - 0.5) <= 0.02
+    assert abs(s["realized_sparsity"] - 0.6) <= 0.02
     ppl = s["perplexity"]
     assert ppl["dense"] == pytest.approx(3.548, abs=0.005)
     # What the product guarantees: alpha is selected on the held-out calibration blocks, so SPON's
@@ -107,7 +107,7 @@ def test_spon_run_end_to_end(stories_path, sample_txt, tmp_path):
     worse = ppl["spon"] > ppl["teal"]
     assert bool(s["quality_warnings"]) == worse
     assert s["champion"] == (not worse)
-    # On this small run (both CPUs it was measured on) the selected alpha does beat TEAL.
+    # On this small run at 60 % the selected alpha beats TEAL by a margin no CPU kind erases.
     assert ppl["dense"] < ppl["spon"] <= ppl["teal"]
     assert (out / "fused" / "model.safetensors").is_file()
 

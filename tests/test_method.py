@@ -158,12 +158,11 @@ def test_fusion_is_exact_for_every_projection_type(stories_path, calib):
         close(m(x), dense[m.name])
         kinds.add(m.kind)
     assert kinds == set(PROJECTIONS)
-    set_mode(model, "spon")
-    close(model(ids).logits, unfused_logits)
-    set_mode(model, "teal")
-    close(model(ids).logits, teal_logits)
-    set_mode(model, "dense")
-    close(model(ids).logits, dense_logits)
+    # End to end the per-module rounding compounds over the layers: 1.1e-5 on an Intel Xeon (below
+    # 1e-5 on an AMD EPYC). 5e-5 still catches a fusion error or a flipped mask (>= 1e-3 here).
+    for name, ref in (("spon", unfused_logits), ("teal", teal_logits), ("dense", dense_logits)):
+        set_mode(model, name)
+        torch.testing.assert_close(model(ids).logits, ref, atol=5e-5, rtol=1.3e-6)
 
 
 @torch.no_grad()

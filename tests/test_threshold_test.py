@@ -24,6 +24,7 @@ import torch
 from torch import nn
 
 import spon.kernels as K
+from spon.kernel_backend import KernelSingle
 from spon.kernels import cpu_sparse_gemv as cpu
 from spon.kernels.cpu_native import native_op
 from spon.kernels.reference import keep_mask, quantize_weight_int8
@@ -97,7 +98,8 @@ def method_linear(dtype, tau: float, kernels: bool) -> SparseLinear:
     m = SparseLinear(identity_linear(dtype), "0.q", "q")
     m.threshold.fill_(tau)
     m.mode = "teal"
-    m.weight_t = K.prepare_weight(m.linear.weight) if kernels else None
+    if kernels:
+        KernelSingle(m)  # what use_kernels gives a projection outside a shared-input group
     return m
 
 

@@ -44,17 +44,21 @@ def stop(proc: subprocess.Popen) -> None:
             os.killpg(proc.pid, 9)
 
 
-def tiny_config(out: Path, sample_txt: Path, sparsity: float = 0.5, quality: bool = False):
+QUALITY_SPARSITY = 0.6
+
+
+def tiny_config(out: Path, sample_txt: Path, sparsity: float | None = None, quality: bool = False):
     """Few distillation steps, small calibration: the pipeline's plumbing, not the method's quality
     (such a SPON is usually worse than TEAL on the eval text, and the gate refuses it champion).
-    quality=True: still seconds, but enough that SPON beats TEAL (the champion path)."""
+    quality=True: still seconds, but enough that SPON beats TEAL (the champion path) on every CPU:
+    at 60 % (18.9 vs 24.2 on an Intel Xeon), where the margin dwarfs what fp32 rounding moves
+    between CPU kinds. At 50 % these 40 steps land within it (7.46 vs 7.43 on the Xeon, the other
+    way round on an AMD EPYC): the quality assertion that flipped with the machine."""
     from spon.config import RunConfig
 
     calib, steps = ({"num_blocks": 64, "block_len": 64, "heldout_blocks": 16}, {"steps": 40, "batch_size": 8, "checkpoint_every": 10}) \
         if quality else ({"num_blocks": 8, "block_len": 32, "heldout_blocks": 2}, {"steps": 2, "batch_size": 4, "checkpoint_every": 1})
-    # quality=True keeps TEAL's dense-activation thresholds: with them these 40 steps beat TEAL on the
-    # eval text; with the sparse-model ones (the default) they do not (the champion path needs it)
-    sp = {"sparsity": sparsity, **({"calibrate_on": "dense"} if quality else {})}
+    sp = {"sparsity": sparsity if sparsity is not None else QUALITY_SPARSITY if quality else 0.5}
     return RunConfig.model_validate({
         "out": str(out), "sparsity": sp, "calibration": calib, "distill": steps,
         "eval": {"files": [str(sample_txt)], "window": 128, "stride": 128},

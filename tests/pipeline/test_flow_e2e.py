@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from pipeline_helpers import BUCKET, tiny_config
+from pipeline_helpers import BUCKET, QUALITY_SPARSITY, tiny_config
 
 pytestmark = pytest.mark.slow  # services / subprocesses: not in the fast tier
 
@@ -51,7 +51,7 @@ def test_run_tracked_registered_and_stored(first, settings, cfg):
         assert k in m, k
     assert abs(m["perplexity_spon"] - first["perplexity"]["spon"]) < 1e-9
     assert [x.step for x in c.get_metric_history(run.info.run_id, "kl")] == list(range(40))
-    assert run.data.params["sparsity.sparsity"] == "0.5" and run.data.params["distill.steps"] == "40"
+    assert run.data.params["sparsity.sparsity"] == str(QUALITY_SPARSITY) and run.data.params["distill.steps"] == "40"
     assert first["perplexity"]["spon"] < first["perplexity"]["teal"] and not first["quality_warnings"]
     top = {a.path for a in c.list_artifacts(run.info.run_id)}
     assert {"summary.json", "thresholds", "alpha", "distill", "fused_model"} <= top
@@ -63,7 +63,7 @@ def test_run_tracked_registered_and_stored(first, settings, cfg):
     mv = c.get_model_version_by_alias(name, "candidate")
     assert mv.version == first["version"] and mv.run_id == run.info.run_id
     assert mv.tags["store_uri"] == first["store_uri"] == f"s3://{BUCKET}/models/{name}/{run.info.run_id}"
-    assert mv.tags["sparsity"] == "0.5" and mv.tags["protocol"] == "all" and "stories260K" in mv.tags["source_model"]
+    assert mv.tags["sparsity"] == str(QUALITY_SPARSITY) and mv.tags["protocol"] == "all" and "stories260K" in mv.tags["source_model"]
     assert c.get_model_version_by_alias(name, "champion").version == mv.version  # first version: champion
     keys = [o["Key"] for o in s3.list_objects_v2(Bucket=BUCKET, Prefix=f"models/{name}/{run.info.run_id}/")["Contents"]]
     assert f"models/{name}/{run.info.run_id}/manifest.json" in keys

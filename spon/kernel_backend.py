@@ -1,0 +1,144 @@
+"""The sparse model at decode speed: SparseLinear backed by spon.kernels, shared inputs fused.
+
+`use_kernels(model)` gives every SparseLinear a kernel backend for its sparse modes (teal, and
+spon once fused): the Triton sparse GEMV on CUDA, the native gather-reduce op on CPU (<= 8 rows,
+i.e. decode), the torch reference otherwise (prefill). Projections that read one input, q/k/v
+and gate/up of a layer, become one group: the first member called runs one fused kernel for all
+of them (one pass over the rows of the concatenated Wᵀ that survive, one launch, per-projection
+thresholds) and the others take their slice. transformers' attention and MLP call them one after
+another on the same tensor, so the group recognises its input by identity and version; a
+different tensor (another architecture, a hook that rewrites it) falls back to the member's own
+slice of the group's weight.
+
+One copy of the weights: each member's W becomes a view of its group's Wᵀ (W = Wᵀ[:, cols].T),
+so the dense mode (F.linear on a transposed view: same BLAS call, other flags) and the kernels
+read the same memory. `use_kernels(model, False)` gives each linear a contiguous weight back
+(what saving a checkpoint needs).
+
+Per call the backend does as little Python as it can (a decode step is ~100 such calls per
+30-layer model, and at width 576 the GEMV itself is ~10-50 us): thresholds and biases are read
+into Python floats / concatenated once and kept until their tensors change (their `_version`).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from spon.kernels import sparse_linear, sparse_linear_fused
+from spon.sparse import SparseLinear, sparse_linears
+
+SHARED_INPUT = (("q", "k", "v"), ("gate", "up"))  # projections of one layer that read the same tensor
+
+
+class KernelGroup:
+    """Projections sharing one input, behind one concatenated Wᵀ [in, sum(out)]."""
+
+    def __init__(self, members: list[SparseLinear]):
+        self.members = members
+        self.out_features = [m.linear.out_features for m in members]
+        self.weight_t = torch.cat([m.linear.weight.detach() for m in members], dim=0).t().contiguous()
+        start = 0
+        self.cols: list[slice] = []
+        for i, m in enumerate(members):
+            cols = slice(start, start + self.out_features[i])
+            start = cols.stop
+            self.cols.append(cols)
+            # The weight is frozen at inference; a view keeps one copy for dense and sparse modes.
+            m.linear.weight = nn.Parameter(self.weight_t[:, cols].t(), requires_grad=False)
+            m.kernel = self
+            m.kernel_index = i
+        self._input: torch.Tensor | None = None
+        self._input_version = -1
+        self._outputs: list[torch.Tensor | None] = []
+        self._left = 0
+        self._consts_key = None
+        self._taus: list[float] = []
+        self._bias: torch.Tensor | None = None
+
+    def _constants(self, mode: str):
+        """Per-projection thresholds (floats) and the concatenated bias of `mode`, recomputed only
+        when a threshold or bias tensor was written since (fusion, set_thresholds)."""
+        key = (mode, *((m.threshold._version, _version(m.linear.bias), _version(m.fused_delta)) for m in self.members))
+        if key != self._consts_key:
+            self._taus = [float(m.threshold) for m in self.members]
+            biases = [m.sparse_bias() for m in self.members]
+            if all(b is None for b in biases):
+                self._bias = None
+            else:
+                w = self.weight_t
+                self._bias = torch.cat([b.detach() if b is not None else w.new_zeros(n)
+                                        for b, n in zip(biases, self.out_features)])
+            self._consts_key = key
+        return self._taus, self._bias
+
+    def forward(self, m: SparseLinear, x: torch.Tensor) -> torch.Tensor:
+        i = m.kernel_index
+        if self._left and x is self._input and x._version == self._input_version and self._outputs[i] is not None:
+            y, self._outputs[i] = self._outputs[i], None
+            self._left -= 1
+            if not self._left:
+                self._input, self._outputs = None, []  # nothing kept past the group's last call
+            return y
+        taus, bias = self._constants(m.mode)
+        ys = sparse_linear_fused(x, self.weight_t, self.out_features, bias, taus)
+        if any(o.mode != m.mode for o in self.members):  # a group switched piecemeal: nothing to share
+            return ys[i]
+        self._input, self._input_version = x, x._version
+        self._outputs = list(ys)
+        self._outputs[i] = None
+        self._left = len(ys) - 1
+        return ys[i]
+
+
+class KernelSingle:
+    """One projection with its own Wᵀ [in, out] (o, down; or any member of an incomplete group)."""
+
+    def __init__(self, m: SparseLinear):
+        self.weight_t = m.linear.weight.detach().t().contiguous()
+        m.linear.weight = nn.Parameter(self.weight_t.t(), requires_grad=False)
+        m.kernel = self
+        m.kernel_index = 0
+        self.member = m
+        self._consts_key = None
+        self._tau = 0.0
+        self._bias: torch.Tensor | None = None
+
+    def forward(self, m: SparseLinear, x: torch.Tensor) -> torch.Tensor:
+        key = (m.mode, m.threshold._version, _version(m.linear.bias), _version(m.fused_delta))
+        if key != self._consts_key:
+            self._tau = float(m.threshold)
+            b = m.sparse_bias()
+            self._bias = None if b is None else b.detach()
+            self._consts_key = key
+        return sparse_linear(x, self.weight_t, self._bias, self._tau)
+
+
+def _version(t: torch.Tensor | None) -> tuple[int, int] | None:
+    """Which tensor, and how often written in place: fusion replaces or updates biases."""
+    return None if t is None else (id(t), t._version)
+
+
+def use_kernels(model, enabled: bool = True) -> None:
+    """Route sparse (teal / fused spon) inference through spon.kernels, q/k/v and gate/up fused;
+    one copy of the weights. Same numbers as the torch path within fp32 rounding (masks can flip
+    where |x| is within rounding of tau); training and calibration always use torch.
+    `enabled=False` restores plain contiguous weights."""
+    mods = sparse_linears(model)
+    for m in mods:
+        if m.kernel is not None:
+            m.linear.weight = nn.Parameter(m.linear.weight.detach().contiguous(), requires_grad=False)
+            m.kernel = None
+    if not enabled:
+        return
+    layers: dict[str, dict[str, SparseLinear]] = {}
+    for m in mods:
+        layer, _ = m.name.rsplit(".", 1)
+        layers.setdefault(layer, {})[m.kind] = m
+    for by_kind in layers.values():
+        for kinds in SHARED_INPUT:
+            if all(k in by_kind for k in kinds):
+                KernelGroup([by_kind[k] for k in kinds])
+        for m in by_kind.values():
+            if m.kernel is None:
+                KernelSingle(m)
