@@ -245,20 +245,20 @@ def main() -> None:
             rows["uniform-50"] = run_row("uniform-50", args, calibrations, {})
         return rows["uniform-50"]
 
+    base_config = what_it_is(row_config("uniform-50", args))  # what quantize and zeroshot start from
     for step in steps:
         if step in ROWS:
             rows[step] = run_row(step, args, calibrations, prior)
             result["rows"] = [rows[n] for n in STEPS if n in rows]
         elif step == "quantize":
             old = earlier.get("quantized")
-            same = old and old.get("from_config") == what_it_is(row_config("uniform-50", args))
+            same = old and old.get("from_config") == base_config
             q = result["quantized"] = old if same else quantized(base(), args)
             print(f"\nquantized SPON ({q['from_row']}) on wikitext-2 test: TEAL fp32 {q['teal_fp32']:.2f}, SPON fp32 "
                   f"{q['spon_fp32']:.2f}, " + ", ".join(f"SPON {k} {v['spon']:.2f}" for k, v in q["schemes"].items()))
         elif step == "zeroshot":
             old = earlier.get("zeroshot")
-            same = (old and old.get("from_config") == what_it_is(row_config("uniform-50", args))
-                    and old.get("limit") == args.zeroshot_limit)
+            same = old and old.get("from_config") == base_config and old.get("limit") == args.zeroshot_limit
             z = result["zeroshot"] = old if same else zeroshot(base(), args)
             print(f"\nzero-shot accuracy ({z['from_row']}, first {z['limit']} items per task)\n")
             print(zeroshot_table(z))

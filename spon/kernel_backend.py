@@ -49,7 +49,7 @@ class KernelGroup:
             m.kernel = self
             m.kernel_index = i
         self._input: torch.Tensor | None = None
-        self._input_version = -1
+        self._input_version = 0
         self._outputs: list[torch.Tensor | None] = []
         self._left = 0
         self._consts_key = None
@@ -91,27 +91,12 @@ class KernelGroup:
         return ys[i]
 
 
-class KernelSingle:
-    """One projection with its own Wᵀ [in, out] (o, down; or any member of an incomplete group)."""
+class KernelSingle(KernelGroup):
+    """A projection that shares its input with no other (o, down; any member of an incomplete
+    group): a group of one, its own Wᵀ [in, out]."""
 
     def __init__(self, m: SparseLinear):
-        self.weight_t = m.linear.weight.detach().t().contiguous()
-        m.linear.weight = nn.Parameter(self.weight_t.t(), requires_grad=False)
-        m.kernel = self
-        m.kernel_index = 0
-        self.member = m
-        self._consts_key = None
-        self._tau = 0.0
-        self._bias: torch.Tensor | None = None
-
-    def forward(self, m: SparseLinear, x: torch.Tensor) -> torch.Tensor:
-        key = (m.mode, m.threshold._version, _version(m.linear.bias), _version(m.fused_delta))
-        if key != self._consts_key:
-            self._tau = float(m.threshold)
-            b = m.sparse_bias()
-            self._bias = None if b is None else b.detach()
-            self._consts_key = key
-        return sparse_linear(x, self.weight_t, self._bias, self._tau)
+        super().__init__([m])
 
 
 def _version(t: torch.Tensor | None) -> tuple[int, int] | None:
