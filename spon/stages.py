@@ -98,8 +98,10 @@ def distill(model_path: str, calib_dir: str | Path, thresholds_dir: str | Path, 
     if checkpoint_key is None:  # what these checkpoints continue: never another calibration's
         checkpoint_key = content_key(model_path, Path(calib_dir) / CALIBRATION_FILE,
                                      Path(thresholds_dir) / THRESHOLDS_FILE, cfg, protocol, device, dtype)
+    # Held-out text (not the model's own samples): its next tokens also guard perplexity.
+    calib_source = json.loads(_metadata(Path(calib_dir) / CALIBRATION_FILE).get("config", "{}")).get("source")
     r = distill_alpha(model, train, heldout, cfg, checkpoint_dir=checkpoint_dir, checkpoint_key=checkpoint_key,
-                      progress=progress, on_step=on_step)
+                      progress=progress, on_step=on_step, nll_guard=calib_source != "samples")
     save_file({k: v.contiguous() for k, v in r.alphas.items()}, str(out / ALPHA_FILE))
     write_json(out / DISTILL_FILE, {**r.record(), "config": cfg.model_dump(mode="json")})
 
@@ -193,6 +195,7 @@ def summarize(cfg: RunConfig, source: str, calib_dir, thresholds_dir, distill_di
         "heldout_kl": {"teal": d["heldout_kl_before"], "spon_init": d["heldout_kl_init"], "spon": d["heldout_kl_after"],
                        "spon_last_step": d["heldout_kl_last"]},
         "heldout_kl_by_step": d["heldout_kl_by_step"],
+        "heldout_nll": {"teal": d.get("heldout_nll_before"), "by_step": d.get("heldout_nll_by_step", {})},
         "alpha_selection": {"selected_step": d["selected_step"], "selection": d["selection"]},
         "kl_history": d["kl_history"],
         "quality_warnings": quality_warnings(ppl),

@@ -9,7 +9,7 @@ from transformers import AutoModelForCausalLM
 
 from spon.calibration import read_documents, sample_blocks, text_blocks, token_stream
 from spon.config import DistillConfig, SparsityConfig
-from spon.distill import distill, heldout_kl
+from spon.distill import distill, heldout_kl, heldout_scores
 from spon.fuse import fuse_alpha, load_sparse_model, save_fused
 from spon.model import PROJECTIONS, load_model
 from spon.perplexity import perplexity
@@ -258,6 +258,45 @@ def test_distill_selects_the_checkpoint_with_the_lowest_heldout_kl(stories_path,
     assert any(torch.count_nonzero(a) > 0 for a in r.alphas.values())
     with mode(model, "spon"):
         assert heldout_kl(model, held) == pytest.approx(r.heldout_kl_after, rel=1e-6)
+
+
+def test_selection_never_takes_a_checkpoint_whose_heldout_nll_is_above_teals(stories_path, calib, monkeypatch):
+    """The NLL guard: among checkpoints, the lowest held-out KL of those whose held-out NLL (the
+    blocks' own next tokens) is not above TEAL's. A checkpoint whose NLL is above the limit is never
+    taken, whatever its KL; lowering the limit below every checkpoint's NLL leaves alpha = 0."""
+    train, held = calib[:40], calib[40:]
+    cfg = DistillConfig(steps=8, lr=1e-2, batch_size=8, warmup=2, init="zeros", seed=1, checkpoint_every=2)
+    model, _ = fresh(stories_path)
+    thresholds(model, train, 0.5)
+    r = distill(model, train, held, cfg, progress=False)
+    nll, by_step = r.heldout_nll_by_step, r.heldout_kl_by_step
+    assert set(nll) == set(by_step) == {2, 4, 6, 8}
+    eligible = [s for s in by_step if nll[s] <= r.heldout_nll_before]
+    assert r.selected_step == min(eligible, key=lambda s: (by_step[s], s))
+    with mode(model, "teal"):
+        assert heldout_scores(model, held)[1] == pytest.approx(r.heldout_nll_before, rel=1e-6)
+    with mode(model, "spon"):  # the model holds the selected alpha, whose NLL is what was recorded
+        assert heldout_scores(model, held)[1] == pytest.approx(nll[r.selected_step], rel=1e-6)
+
+    # The same training judged against a TEAL that (on these blocks) predicts the text better
+    # than every checkpoint: nothing qualifies, alpha = 0.
+    import spon.distill as distill_module
+
+    real = distill_module.heldout_scores
+    calls = {"n": 0}
+
+    def teal_scores_lowered(m, blocks, batch_size=16):
+        kl, nll_value = real(m, blocks, batch_size)
+        calls["n"] += 1
+        return (kl, nll_value - 10.0) if calls["n"] == 1 else (kl, nll_value)  # the first call scores TEAL
+
+    model2, _ = fresh(stories_path)
+    thresholds(model2, train, 0.5)
+    monkeypatch.setattr(distill_module, "heldout_scores", teal_scores_lowered)
+    r2 = distill(model2, train, held, cfg, progress=False)
+    assert r2.heldout_kl_by_step == pytest.approx(by_step, rel=1e-6)  # same training, only the limit moved
+    assert r2.selected_step is None and "zeros" in r2.selection
+    assert all(torch.count_nonzero(a) == 0 for a in r2.alphas.values())
 
 
 @torch.no_grad()
