@@ -4,7 +4,9 @@ The checkpoint is a standard transformers directory (safetensors + config.json w
 `attention_bias`/`mlp_bias` turned on where alpha lives) that vanilla
 `AutoModelForCausalLM.from_pretrained` loads. Projections whose architecture has no bias slot
 (Mistral everywhere; Qwen2 o/gate/up/down; Qwen3 gate/up/down) cannot carry b' in a vanilla
-checkpoint: their alpha is kept in the sidecar and the spon loader fuses it on load.
+checkpoint: their alpha is kept in the sidecar and the spon loader fuses it on load. The directory
+also carries its own modeling code (spon.remote_code: `trust_remote_code=True` gives the sparse
+model without spon) and a model card.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from torch import nn
 
 from spon.errors import SponError
 from spon.model import bias_slot, load_model
+from spon.remote_code import install as install_remote_code, write_model_card
 from spon.sparse import SparseLinear, SparsifyConfig, sparse_linears, sparsify_
 
 log = logging.getLogger(__name__)
@@ -122,6 +125,8 @@ def save_fused(model, tokenizer, out_dir: str | Path, metadata: dict) -> Path:
         **metadata,
     }
     (out / SIDECAR).write_text(json.dumps(sidecar, indent=2, sort_keys=True))
+    install_remote_code(out)
+    write_model_card(out)
     return out
 
 
