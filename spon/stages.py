@@ -31,6 +31,7 @@ from spon.errors import SponError
 from spon.fuse import load_sparse_model, read_alpha, save_fused
 from spon.model import default_model_path, load_model
 from spon.perplexity import perplexities
+from spon.remote_code import write_model_card
 from spon.sparse import SparsifyConfig, counting_zeros, mode, sparsify_
 
 log = logging.getLogger(__name__)
@@ -174,7 +175,9 @@ def _metadata(path: Path) -> dict:
 
 def summarize(cfg: RunConfig, source: str, calib_dir, thresholds_dir, distill_dir, fused_dir, eval_dir,
               walls: dict[str, float]) -> dict:
-    """summary.json: what a run produced, read back from the stage outputs."""
+    """summary.json: what a run produced, read back from the stage outputs. Every writer of
+    summary.json calls this, so it also brings the fused checkpoint's model card up to date with
+    the perplexities measured after fusion (the fuse stage wrote it without them)."""
     ppl = read_json(Path(eval_dir) / EVAL_FILE)
     d = read_json(Path(distill_dir) / DISTILL_FILE)
     sidecar = read_json(Path(fused_dir) / "spon.json")
@@ -208,6 +211,7 @@ def summarize(cfg: RunConfig, source: str, calib_dir, thresholds_dir, distill_di
     if first:
         dn, t, s = (summary["perplexity"][m] for m in ("dense", "teal", "spon"))
         summary["gap_closed"] = (t - s) / (t - dn) if t != dn else 0.0
+    write_model_card(fused_dir, summary)
     return summary
 
 
