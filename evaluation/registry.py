@@ -89,6 +89,21 @@ def discover(task_dirs: list[str | Path] = ()) -> dict[str, TaskSpec]:
     return specs
 
 
+def export(names: list[str], out_dir: str | Path, task_dirs: list[str | Path] = ()) -> Path:
+    """Registry tasks as plain lm-eval YAMLs for lm-eval's own CLI (`lm_eval --include_path
+    OUT_DIR --tasks ...`): data roots substituted, data prepared, the spon_prepare block gone.
+    lm-eval reads YAMLs as they are, so ${SPON_EVAL_DATA} would reach it as a literal path."""
+    specs = discover(task_dirs)
+    unknown = [n for n in names if n not in specs]
+    if unknown:
+        raise SponError(f"not registry tasks: {unknown}; known: {', '.join(sorted(specs))}")
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    for name in names:
+        (out / f"{name}.yaml").write_text(yaml.safe_dump(specs[name].config(), sort_keys=False), encoding="utf-8")
+    return out
+
+
 def build_tasks(names: list[str], task_dirs: list[str | Path] = ()) -> dict[str, object]:
     """name -> lm-eval Task object (registry YAMLs) or the plain name (lm-eval built-ins)."""
     from lm_eval.api.task import ConfigurableTask
