@@ -1,4 +1,5 @@
-"""Fixtures for the evaluation tests: a small fused spon model and tiny task data made here."""
+"""Fixtures for the evaluation tests: tiny task data made here (the fused model, `fused_dir`, is
+shared from tests/conftest.py)."""
 
 from __future__ import annotations
 
@@ -6,7 +7,6 @@ import json
 from pathlib import Path
 
 import pytest
-import torch
 
 TASK_YAML = """\
 task: tiny_mc
@@ -58,25 +58,3 @@ def tiny_task_dir(tmp_path, monkeypatch) -> Path:
     monkeypatch.setenv("SPON_EVAL_DATA", str(data))
     monkeypatch.setenv("SPON_EVAL_CACHE", str(tmp_path / "cache"))
     return tasks
-
-
-@pytest.fixture(scope="session")
-def fused_dir(tmp_path_factory, stories_path) -> Path:
-    """stories260K at 50% uniform sparsity with the closed-form alpha (spon's distillation init:
-    a real, cheap alpha; no training steps), fused and saved."""
-    from spon.calibration import sample_blocks
-    from spon.config import SparsityConfig
-    from spon.fuse import save_fused
-    from spon.model import load_model
-    from spon.distill import closed_form_alpha
-    from spon.sparse import load_alphas, set_thresholds, sparsify
-    from spon.thresholds import compute_thresholds
-
-    torch.manual_seed(0)
-    model, tok = load_model(str(stories_path))
-    sparsify(model)
-    blocks = sample_blocks(model, tok, num_blocks=16, block_len=64, seed=0)
-    taus, _ = compute_thresholds(model, blocks, SparsityConfig(sparsity=0.5))
-    set_thresholds(model, taus)
-    load_alphas(model, closed_form_alpha(model, blocks))
-    return save_fused(model, tok, tmp_path_factory.mktemp("fused") / "fused", {"sparsity": 0.5, "protocol": "all"})
