@@ -88,3 +88,19 @@ def test_registry_substitutes_data_root_and_rejects_missing_data(tiny_task_dir, 
     monkeypatch.setenv("SPON_EVAL_DATA", str(tmp_path / "nowhere"))
     with pytest.raises(SponError, match="data file does not exist"):
         spec.config()
+
+
+def test_lambada_scores_the_last_word_after_its_space():
+    """lm-eval gives a loglikelihood task no target delimiter: the registry's LAMBADA target must
+    carry the space itself, else the model is asked for the context glued to the word (every model
+    scored 0). The request is (context, " " + last word), and context + target is the passage."""
+    import json
+
+    from spon.evaluation.registry import data_root
+
+    task = build_tasks(["lambada"])["lambada"]
+    doc = next(iter(task.test_docs()))
+    (req,) = [task.construct_requests(doc, task.doc_to_text(doc))]
+    context, target = req.arguments
+    first = json.loads((data_root() / "lambada_openai.jsonl").open().readline())
+    assert (context, target) == (first["context"], " " + first["continuation"])
