@@ -62,6 +62,17 @@ STEPS = ["uniform-50", "uniform-60", "zeroshot", "uniform-25", "uniform-40", "qu
          "greedy-50", "last_half-50", "samples-calib-50"]
 
 
+# The method's code a row ran (calibration, thresholds, alpha and its selection, fusion, scoring):
+# rows and steps record its digest so a table that mixes runs says which code made which row.
+METHOD_CODE = ("spon.calibration", "spon.thresholds", "spon.distill", "spon.fuse", "spon.perplexity")
+
+
+def method_code() -> str:
+    from spon.runtime.cache import code_digest
+
+    return code_digest(METHOD_CODE)[:16]
+
+
 def peak_rss_gb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6  # KiB on Linux
 
@@ -124,6 +135,7 @@ def run_row(name: str, args, calibrations: dict, prior: dict) -> dict:
     timed("evaluate", stages.evaluate, dirs["fused"], cfg.eval, *rt, dirs["eval"])
     s = stages.summarize(cfg, cfg.model, calib, dirs["thresholds"], dirs["distill"], dirs["fused"], dirs["eval"], walls)
     s["peak_rss_gb"] = round(peak_rss_gb(), 2)
+    s["method_code"] = method_code()
     stages.write_json(done, s)
     return row_record(name, cfg, s, dirs, walls)
 
@@ -135,7 +147,8 @@ def row_record(name: str, cfg, s: dict, dirs: dict, walls: dict) -> dict:
         **{k: s[k] for k in ("sparsity", "allocation", "protocol", "perplexity_by_file", "realized_sparsity_by_file",
                              "heldout_kl", "alpha_selection", "gap_closed", "quality_warnings", "preset")},
         "alpha_targets": cfg.distill.targets or cfg.sparsity.targets, "calibration_source": cfg.calibration.source,
-        "eval": cfg.eval.model_dump(mode="json"), "config": what_it_is(cfg)})
+        "eval": cfg.eval.model_dump(mode="json"), "config": what_it_is(cfg),
+        "method_code": s.get("method_code", method_code()), "host": s.get("host")})
 
 
 def gap(teal: float, spon: float, dense: float) -> float:
@@ -144,7 +157,7 @@ def gap(teal: float, spon: float, dense: float) -> float:
 
 def perplexity_table(rows: list[dict]) -> str:
     lines = ["| row | realized (wikitext) | dense | TEAL | SPON | gap closed | TinyStories TEAL -> SPON (gap) "
-             "| held-out KL TEAL -> SPON | alpha | wall s |", "|---|---|---|---|---|---|---|---|---|---|"]
+             "| held-out KL TEAL -> SPON | alpha | wall s | code / CPU |", "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         wt, ts = portable(str(WIKITEXT_TEST)), portable(str(TINYSTORIES))
         wp, tp = r["perplexity_by_file"][wt], r["perplexity_by_file"][ts]
@@ -154,7 +167,8 @@ def perplexity_table(rows: list[dict]) -> str:
             f"| {wp['spon']:.2f} | {100 * gap(wp['teal'], wp['spon'], wp['dense']):.1f}% "
             f"| {tp['teal']:.2f} -> {tp['spon']:.2f} ({100 * gap(tp['teal'], tp['spon'], tp['dense']):.1f}%) "
             f"| {r['heldout_kl']['teal']:.4f} -> {r['heldout_kl']['spon']:.4f} "
-            f"| {'zeros' if sel is None else f'step {sel}'} | {r['wall_s_total']:.0f} |")
+            f"| {'zeros' if sel is None else f'step {sel}'} | {r['wall_s_total']:.0f} "
+            f"| {r.get('method_code', 'earlier')[:8]} / {(r.get('host') or {}).get('cpu', '?')} |")
     return "\n".join(lines)
 
 
@@ -167,7 +181,7 @@ def quantized(row: dict, args) -> dict:
     stages.quantize(row["fused"], ["int8", "int4"], cfg.eval, cfg.device, out)
     q = stages.read_json(out / stages.QUANT_FILE)
     wp = row["perplexity_by_file"][portable(str(WIKITEXT_TEST))]
-    return {"from_row": row["row"], "from_config": row["config"], "teal_fp32": wp["teal"], "spon_fp32": wp["spon"], "dense_fp32": wp["dense"],
+    return {"from_row": row["row"], "from_config": row["config"], "from_code": row["method_code"], "teal_fp32": wp["teal"], "spon_fp32": wp["spon"], "dense_fp32": wp["dense"],
             "schemes": {k: {"spon": v["perplexity"]["spon"], "weight_bytes": v["info"]["weight_bytes"]}
                         for k, v in q.items()}, "wall_s": round(time.perf_counter() - t0, 1)}
 
@@ -181,7 +195,7 @@ def zeroshot(row: dict, args) -> dict:
     acc = {v: {t: {"acc": r["metrics"].get("acc,none"), "stderr": r["metrics"].get("acc_stderr,none"),
                    "realized_sparsity": r.get("realized_sparsity")} for t, r in e["tasks"].items()}
            for v, e in doc["variants"].items()}
-    return {"from_row": row["row"], "from_config": row["config"], "limit": args.zeroshot_limit, "items": "the first N items of each task file",
+    return {"from_row": row["row"], "from_config": row["config"], "from_code": row["method_code"], "limit": args.zeroshot_limit, "items": "the first N items of each task file",
             "accuracy": acc, "wall_s": doc["wall_s"]}
 
 
@@ -215,8 +229,9 @@ def main() -> None:
     ap.add_argument("--config", default=None, help="RunConfig JSON/YAML under every row (flags of rows win)")
     ap.add_argument("--eval-tokens", type=int, default=25600, help="wikitext-2 test tokens scored (same text every row)")
     ap.add_argument("--zeroshot-limit", type=int, default=100, help="items per task")
-    ap.add_argument("--reuse", default=None, help="an earlier real_model.json (e.g. the committed one): its rows, "
-                    "quantize and zeroshot results with the same config are taken instead of rerun")
+    ap.add_argument("--reuse", default=None, help="an earlier real_model.json (e.g. the committed one): its rows "
+                    "with the same config (each records the method code and host that made it), and its quantize "
+                    "and zeroshot results with the same config and method code, are taken instead of rerun")
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     ap.add_argument("--out", default="out/real")
     args = ap.parse_args()
@@ -252,13 +267,14 @@ def main() -> None:
             result["rows"] = [rows[n] for n in STEPS if n in rows]
         elif step == "quantize":
             old = earlier.get("quantized")
-            same = old and old.get("from_config") == base_config
+            same = old and old.get("from_config") == base_config and old.get("from_code") == method_code()
             q = result["quantized"] = old if same else quantized(base(), args)
             print(f"\nquantized SPON ({q['from_row']}) on wikitext-2 test: TEAL fp32 {q['teal_fp32']:.2f}, SPON fp32 "
                   f"{q['spon_fp32']:.2f}, " + ", ".join(f"SPON {k} {v['spon']:.2f}" for k, v in q["schemes"].items()))
         elif step == "zeroshot":
             old = earlier.get("zeroshot")
-            same = old and old.get("from_config") == base_config and old.get("limit") == args.zeroshot_limit
+            same = (old and old.get("from_config") == base_config and old.get("from_code") == method_code()
+                    and old.get("limit") == args.zeroshot_limit)
             z = result["zeroshot"] = old if same else zeroshot(base(), args)
             print(f"\nzero-shot accuracy ({z['from_row']}, first {z['limit']} items per task)\n")
             print(zeroshot_table(z))
