@@ -83,22 +83,27 @@ def test_every_supported_architecture_has_a_sparse_class():
     assert set(SPARSE_CLASSES) == set(SUPPORTED)
 
 
-def test_the_checkpoint_carries_its_code_and_card(fused_dir):
-    config = json.loads((fused_dir / "config.json").read_text())
-    assert config["model_type"] == "llama" and config["architectures"] == ["LlamaForCausalLM"]  # vanilla
-    assert config["auto_map"] == {"AutoModelForCausalLM": "modeling_spon.SponLlamaForCausalLM"}
+def test_the_checkpoint_carries_its_code_and_card(tiny_fused):
     source = Path(sys.modules[SPARSE_CLASSES["llama"].__module__].__file__)
-    assert (fused_dir / MODELING_FILE).read_bytes() == source.read_bytes()  # verbatim
     imports = {ln.split()[1].split(".")[0] for ln in source.read_text().splitlines() if ln.startswith(("import ", "from "))}
     assert imports <= {"__future__", "json", "torch", "transformers", "safetensors"}, imports
-    card = (fused_dir / CARD_FILE).read_text()
-    header = card.split("---\n")[1]
-    assert "library_name: transformers" in header and "- spon" in header and "- llama" in header
-    assert "| target sparsity | 0.5 (uniform allocation over q, k, v, o, gate, up, down) |" in card
-    assert "| protocol | all " in card and "trust_remote_code=True" in card
-    assert "Not measured yet" in card  # save_fused alone has no perplexities
+    for arch, d in tiny_fused.items():
+        config = json.loads((d / "config.json").read_text())
+        assert config["model_type"] == arch and config["architectures"] == [type(  # vanilla, as transformers writes it
+            AutoModelForCausalLM.from_pretrained(d)).__name__]
+        assert config["auto_map"] == {"AutoModelForCausalLM": f"modeling_spon.{SPARSE_CLASSES[arch].__name__}"}
+        assert (d / MODELING_FILE).read_bytes() == source.read_bytes()  # verbatim
+        meta = json.loads((d / "spon.json").read_text())
+        card = (d / CARD_FILE).read_text()
+        header = card.split("---\n")[1]
+        assert "library_name: transformers" in header and "- spon" in header and f"- {arch}" in header
+        assert "| target sparsity | 0.5 (uniform allocation over q, k, v, o, gate, up, down) |" in card
+        assert f"| protocol | {meta['protocol']} " in card and "trust_remote_code=True" in card
+        assert ("alpha outside the biases" in card) == bool(meta["unfusable_projections"])
+        assert "Not measured yet" in card  # save_fused alone has no perplexities
 
 
+@pytest.mark.slow  # subprocesses and the fused stories260K (~40 s)
 @torch.no_grad()
 def test_trust_remote_code_without_spon_gives_spons_sparse_model(fused_dir, tiny_fused, stories_path, tmp_path):
     """stories260K (through a store push + verified pull, as a user gets it) and a tiny model of
@@ -133,7 +138,7 @@ def test_trust_remote_code_without_spon_gives_spons_sparse_model(fused_dir, tiny
             assert (got["sparse"] - ref(x).logits).abs().max() > 1e-3, name
 
 
-@pytest.mark.slow
+@pytest.mark.slow  # lm-eval's CLI in a subprocess (~45 s)
 def test_lm_eval_cli_scores_the_sparse_model_as_spon_eval_does(fused_dir, tmp_path):
     """`lm_eval --model hf --model_args pretrained=DIR,trust_remote_code=True` over a registry task
     exported for lm-eval's own CLI, spon blocked in that process: the accuracies of `spon eval
@@ -173,7 +178,7 @@ assert [m for m in sys.modules if m.endswith(".modeling_spon")], "lm-eval did no
         assert abs(theirs[metric] - ours["metrics"][metric]) <= stderr, (metric, theirs[metric], ours["metrics"][metric])
 
 
-@pytest.mark.slow
+@pytest.mark.slow  # the whole chain, tiny settings (1-8 s here, depending on load)
 def test_spon_run_writes_the_perplexities_into_the_card(stories_path, sample_txt, tmp_path):
     """The fuse stage writes the card without perplexities; summary.json's writer fills them in."""
     from spon.config import load_config
