@@ -16,6 +16,6 @@ echo "== run";   $S -q run --out r --eval-text $A/data/tinystories/sample.txt --
 echo "== pull";  $S -q pull models:/spon-stories260K-s50-all@candidate --out pulled --tracking-uri sqlite:///$PWD/out/mlflow.db
 echo "== generate"; $S -q generate pulled --prompt "Once upon a time" --max-new-tokens 8
 echo "== eval";  $S -q eval r/fused --variants dense,spon --tasks arc_easy --limit 8 --out ev | tail -2
-echo "== bench"; $S bench --device cpu --shapes 256x256 --dtypes fp32 --batches 1 --sparsities 0,0.5 --no-e2e --no-plot --reps 3 --min-time 0.05 --threads 1 --out b | tail -3
+echo "== bench"; $S bench --device cpu --shapes 256x256 --dtypes fp32 --batches 1 --sparsities 0,0.5 --no-plot --reps 3 --min-time 0.05 --threads 1 --out b | tail -3
 echo "== sweep"; $S -q sweep --sparsities 0.3,0.5 --steps 2 --calib-blocks 8 --calib-len 32 --batch-size 4 --out sw --dask-workers 1 | tail -3
 echo "WHEEL CHECK OK ($W)"

@@ -1,4 +1,4 @@
-"""Benchmarks: kernel-level sparse vs dense linear, and end-to-end decode.
+"""Kernel-level benchmark: sparse vs dense linear, side by side in one process.
 
     python -m kernels.bench --device cpu --shapes 4096x14336,14336x4096 --dtypes fp32,bf16 --batches 1
     python -m kernels.bench --device cuda            # full GPU suite (see bench_gpu.sh)
@@ -10,13 +10,9 @@ times, the ratio, the ideal ratio 1/(1-s_eff) where s_eff is the fraction of
 weight rows the batch can skip (every batch row must drop the feature), and
 achieved GB/s of weight traffic against the measured device copy bandwidth.
 
-End to end: a Llama-3.2-1B-shaped decoder (random weights, plain torch,
-built in memory) generating tokens with a KV cache; the dense model and the
-sparse model (same weights; q/k/v and gate/up fused; o and down single; LM
-head dense) are timed side by side, with a third decoder that runs the sparse
-kernels keeping every activation (what skipping rows buys, apart from how the
-kernels stream compared with F.linear).  Thresholds are calibrated per linear
-input so that the target fraction of activations is dropped.
+End to end (transformers' own ``model.generate`` with the kernels on the
+shipped path, ``spon.use_kernels``): ``benchmarks/decode.py`` — it needs
+transformers and spon, which this module (torch + triton only) does not import.
 
 Writes ``<out>/bench_<device>.json`` and, if matplotlib is importable,
 ``<out>/bench_<device>.png``.
@@ -187,175 +183,6 @@ def bench_kernels(args, device: torch.device, timer: Timer, copy_bw: float, rows
     return rows
 
 
-# ----------------------------------------------------------------------------- end to end
-LLAMA32_1B = dict(hidden=2048, intermediate=8192, layers=16, heads=32, kv_heads=8, head_dim=64, vocab=128256)
-
-
-class _Decoder:
-    """Llama-style decoder stack (RMSNorm, GQA attention with RoPE + KV cache,
-    SwiGLU MLP), random weights, plain tensors.  ``sparse=True`` routes the
-    attention/MLP projections through sparse_linear*."""
-
-    def __init__(self, cfg, dtype, device, layers, max_len, seed=0):
-        self.cfg, self.dtype, self.device, self.max_len = cfg, dtype, device, max_len
-        g = torch.Generator().manual_seed(seed)
-        H, I = cfg["hidden"], cfg["intermediate"]
-        nq, nkv, hd = cfg["heads"], cfg["kv_heads"], cfg["head_dim"]
-
-        def lin(o, i):
-            return (torch.randn(o, i, generator=g) / math.sqrt(i)).to(device=device, dtype=dtype)
-
-        self.embed = (torch.randn(cfg["vocab"], H, generator=g) * 0.02).to(device=device, dtype=dtype)
-        self.qkv_sizes = [nq * hd, nkv * hd, nkv * hd]
-        self.layers = []
-        for _ in range(layers):
-            L = dict(
-                qkv=lin(sum(self.qkv_sizes), H),  # q/k/v concatenated [out, in]
-                o=lin(H, nq * hd),
-                gate_up=lin(2 * I, H),
-                down=lin(H, I),
-            )
-            for k in ("qkv", "o", "gate_up", "down"):
-                L[k + "_t"] = prepare_weight(L[k])
-            self.layers.append(L)
-        inv = 1.0 / (10000.0 ** (torch.arange(0, hd, 2, dtype=torch.float32) / hd))
-        ang = torch.outer(torch.arange(max_len, dtype=torch.float32), inv)
-        self.cos = ang.cos().to(device=device, dtype=dtype)
-        self.sin = ang.sin().to(device=device, dtype=dtype)
-        self.thresholds = None  # per layer: dict site -> tau
-
-    def reset(self, batch):
-        c = self.cfg
-        shape = (len(self.layers), batch, c["kv_heads"], self.max_len, c["head_dim"])
-        self.k_cache = torch.zeros(shape, device=self.device, dtype=self.dtype)
-        self.v_cache = torch.zeros(shape, device=self.device, dtype=self.dtype)
-
-    @staticmethod
-    def _rms(x):
-        xf = x.float()
-        return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + 1e-5)).to(x.dtype)
-
-    def _rope(self, x, pos):  # x [B, h, T, hd]
-        T = x.shape[2]
-        cos, sin = self.cos[pos : pos + T], self.sin[pos : pos + T]
-        x1, x2 = x[..., ::2], x[..., 1::2]
-        return torch.stack((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1).flatten(-2)
-
-    def _proj(self, L, name, x, sparse, record, sizes=None):
-        if record is not None:
-            record.setdefault(name, []).append(x.detach().abs().float().flatten())
-        if not sparse:
-            y = F.linear(x, L[name])
-            return torch.split(y, sizes, dim=-1) if sizes else y
-        tau = self.thresholds[id(L)][name]
-        if sizes:
-            return sparse_linear_fused(x, L[name + "_t"], sizes, None, tau)
-        return sparse_linear(x, L[name + "_t"], None, tau)
-
-    def forward(self, tokens, pos, sparse=False, record=None):
-        c = self.cfg
-        B, T = tokens.shape
-        nq, nkv, hd = c["heads"], c["kv_heads"], c["head_dim"]
-        h = self.embed[tokens]
-        for li, L in enumerate(self.layers):
-            rec = None if record is None else record.setdefault(li, {})
-            a = self._rms(h)
-            q, k, v = self._proj(L, "qkv", a, sparse, rec, self.qkv_sizes)
-            q = self._rope(q.view(B, T, nq, hd).transpose(1, 2), pos)
-            k = self._rope(k.view(B, T, nkv, hd).transpose(1, 2), pos)
-            v = v.view(B, T, nkv, hd).transpose(1, 2)
-            self.k_cache[li, :, :, pos : pos + T] = k
-            self.v_cache[li, :, :, pos : pos + T] = v
-            kk = self.k_cache[li, :, :, : pos + T].repeat_interleave(nq // nkv, dim=1)
-            vv = self.v_cache[li, :, :, : pos + T].repeat_interleave(nq // nkv, dim=1)
-            att = F.scaled_dot_product_attention(q, kk, vv, is_causal=T > 1)
-            h = h + self._proj(L, "o", att.transpose(1, 2).reshape(B, T, nq * hd), sparse, rec)
-            m = self._rms(h)
-            gate, up = self._proj(L, "gate_up", m, sparse, rec, [c["intermediate"]] * 2)
-            h = h + self._proj(L, "down", F.silu(gate) * up, sparse, rec)
-        return F.linear(self._rms(h[:, -1:]), self.embed)  # tied LM head, dense in both models
-
-    def calibrate(self, sparsity, tokens):
-        rec = {}
-        self.reset(tokens.shape[0])
-        self.forward(tokens, 0, sparse=False, record=rec)
-        self.thresholds = {}
-        for li, L in enumerate(self.layers):
-            taus = {name: (-1.0 if sparsity <= 0 else _quantile_safe(torch.cat(v), sparsity)) for name, v in rec[li].items()}
-            if self.device.type == "cuda":  # device tensors: no per-call fill kernel
-                taus = {k: torch.tensor([v], dtype=torch.float32, device=self.device) for k, v in taus.items()}
-            self.thresholds[id(L)] = taus
-
-
-def _quantile_safe(t: torch.Tensor, q: float) -> float:
-    return float(t.quantile(q)) if t.numel() <= 16_000_000 else float(t[:: t.numel() // 8_000_000 + 1].quantile(q))
-
-
-def bench_e2e(args, device: torch.device) -> list[dict]:
-    rows = []
-    for dname in args.e2e_dtypes:
-        dtype = DTYPES[dname]
-        cfg = dict(LLAMA32_1B)
-        n_layers = args.e2e_layers or cfg["layers"]
-        prompt_len, new = args.e2e_prompt, args.e2e_tokens
-        model = _Decoder(cfg, dtype, device, n_layers, prompt_len + new + 1)
-        g = torch.Generator().manual_seed(1)
-        prompt = torch.randint(0, cfg["vocab"], (args.e2e_batch, prompt_len), generator=g).to(device)
-        with torch.no_grad():
-            model.calibrate(0.0, prompt)  # tau = -1: the sparse kernels keep every activation
-            taus_all = model.thresholds
-            model.calibrate(args.e2e_sparsity, prompt)
-            taus_sparse = model.thresholds
-
-            def decode(sparse, taus=None):
-                model.thresholds = taus
-                model.reset(prompt.shape[0])
-                logits = model.forward(prompt, 0, sparse=False)  # prefill dense in both
-                tok = logits[:, -1].argmax(-1, keepdim=True)
-                _sync(device)
-                t0 = time.perf_counter()
-                for i in range(new):
-                    logits = model.forward(tok, prompt_len + i, sparse=sparse)
-                    tok = logits[:, -1].argmax(-1, keepdim=True)
-                _sync(device)
-                return time.perf_counter() - t0
-
-            # Three decoders, interleaved: dense F.linear; the sparse kernels at the target
-            # sparsity; the sparse kernels keeping everything (separates what skipping rows
-            # buys from how fast the kernel streams compared with F.linear).
-            decode(False), decode(True, taus_sparse), decode(True, taus_all)  # warmup (+ autotune on GPU)
-            td, ts, t0s = [], [], []
-            for _ in range(args.e2e_repeats):
-                td.append(decode(False))
-                ts.append(decode(True, taus_sparse))
-                t0s.append(decode(True, taus_all))
-        t_d, t_s, t_0 = statistics.median(td), statistics.median(ts), statistics.median(t0s)
-        tok = new * args.e2e_batch
-        row = dict(
-            model="llama-3.2-1b-shape (random weights)",
-            dtype=dname,
-            layers=n_layers,
-            batch=args.e2e_batch,
-            new_tokens=new,
-            sparsity=args.e2e_sparsity,
-            dense_tok_s=tok / t_d,
-            sparse_tok_s=tok / t_s,
-            speedup=t_d / t_s,
-            speedup_of_min=min(td) / min(ts),
-            kernels_at_0_tok_s=tok / t_0,
-            speedup_vs_kernels_at_0=t_0 / t_s,
-        )
-        rows.append(row)
-        print(
-            f"e2e {dname} layers={n_layers} batch={args.e2e_batch}: dense {row['dense_tok_s']:.2f} tok/s, "
-            f"sparse@{args.e2e_sparsity:.0%} {row['sparse_tok_s']:.2f} tok/s, x{row['speedup']:.2f} "
-            f"(sparse kernels at 0%: {row['kernels_at_0_tok_s']:.2f} tok/s, sparsity alone x{row['speedup_vs_kernels_at_0']:.2f})",
-            flush=True,
-        )
-        del model
-    return rows
-
-
 def _sync(device):
     if device.type == "cuda":
         torch.cuda.synchronize()
@@ -475,15 +302,6 @@ def build_parser() -> argparse.ArgumentParser:
                    help="CPU decode path: the native op (falls back to embedding_bag if it cannot be built) "
                    "or embedding_bag")
     p.add_argument("--bag-rows", type=_at_least(1), default=None, help="CPU path: surviving rows per embedding bag")
-    p.add_argument("--no-kernel", action="store_true", help="skip kernel-level benchmark")
-    p.add_argument("--no-e2e", action="store_true", help="skip end-to-end decode benchmark")
-    p.add_argument("--e2e-dtypes", type=_csv(_choice(*DTYPES)), default=None, help="default bf16")
-    p.add_argument("--e2e-layers", type=_at_least(1), default=None, help="decoder layers (default: all 16)")
-    p.add_argument("--e2e-tokens", type=_at_least(1), default=None, help="decode steps (default 128 cuda / 16 cpu)")
-    p.add_argument("--e2e-prompt", type=_at_least(1), default=8)
-    p.add_argument("--e2e-batch", type=_at_least(1), default=1)
-    p.add_argument("--e2e-sparsity", type=_sparsity, default=0.5)
-    p.add_argument("--e2e-repeats", type=_at_least(1), default=3)
     p.add_argument("--out", default=None, help="output dir (default $OUT or runs/bench)")
     p.add_argument("--no-plot", action="store_true")
     return p
@@ -500,8 +318,6 @@ def main(argv: list[str] | None = None) -> int:
     gpu = device.type == "cuda"
     args.dtypes = args.dtypes or (["fp16", "bf16", "int8"] if gpu else ["fp32", "bf16"])
     args.batches = args.batches or ([1, 4, 8] if gpu else [1])
-    args.e2e_dtypes = args.e2e_dtypes or ["bf16"]
-    args.e2e_tokens = args.e2e_tokens or (128 if gpu else 16)
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.bag_rows:
@@ -528,16 +344,13 @@ def main(argv: list[str] | None = None) -> int:
         meta["copy_GBps"] = copy_bandwidth(device, timer)
     print(f"device {meta['device']}  copy bandwidth {meta['copy_GBps']:.1f} GB/s  threads {meta['threads']}  "
           + (f"cpu path {meta['cpu_path']}  " if not gpu else "") + f"loadavg {meta['loadavg_start']}")
-    result = dict(meta=meta, kernel=[], e2e=[])
+    result = dict(meta=meta, kernel=[])
     json_path = out_dir / f"bench_{device.type}.json"
 
     def save():
         json_path.write_text(json.dumps(result, indent=1))
 
-    if not args.no_kernel:
-        bench_kernels(args, device, timer, meta["copy_GBps"], result["kernel"], save)
-    if not args.no_e2e:
-        result["e2e"] = bench_e2e(args, device)
+    bench_kernels(args, device, timer, meta["copy_GBps"], result["kernel"], save)
     meta["loadavg_end"] = _loadavg()
     save()
     print(f"wrote {json_path}")

@@ -25,7 +25,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from spon.kernels import sparse_linear, sparse_linear_fused
+from spon.kernels import sparse_linear_fused
+from spon.kernels.cpu_native import native_op
 from spon.sparse import SparseLinear, sparse_linears
 
 SHARED_INPUT = (("q", "k", "v"), ("gate", "up"))  # projections of one layer that read the same tensor
@@ -55,6 +56,7 @@ class KernelGroup:
         self._consts_key = None
         self._taus: list[float] = []
         self._bias: torch.Tensor | None = None
+        self._bias_f32: torch.Tensor | None = None  # what the native op reads (it sums in fp32)
 
     def _constants(self, mode: str):
         """Per-projection thresholds (floats) and the concatenated bias of `mode`, recomputed only
@@ -69,6 +71,7 @@ class KernelGroup:
                 w = self.weight_t
                 self._bias = torch.cat([b.detach() if b is not None else w.new_zeros(n)
                                         for b, n in zip(biases, self.out_features)])
+            self._bias_f32 = None if self._bias is None else self._bias.float().contiguous()
             self._consts_key = key
         return self._taus, self._bias
 
@@ -80,8 +83,7 @@ class KernelGroup:
             if not self._left:
                 self._input, self._outputs = None, []  # nothing kept past the group's last call
             return y
-        taus, bias = self._constants(m.mode)
-        ys = sparse_linear_fused(x, self.weight_t, self.out_features, bias, taus)
+        ys = self._run(x, *self._constants(m.mode))
         if any(o.mode != m.mode for o in self.members):  # a group switched piecemeal: nothing to share
             return ys[i]
         self._input, self._input_version = x, x._version
@@ -89,6 +91,19 @@ class KernelGroup:
         self._outputs[i] = None
         self._left = len(ys) - 1
         return ys[i]
+
+
+    def _run(self, x: torch.Tensor, taus: list[float], bias: torch.Tensor | None) -> tuple[torch.Tensor, ...]:
+        """Decode on CPU (<= 4 rows) calls the native op directly: the public API's layers
+        (argument normalisation, dispatch, threshold conversion; ~20-30 us of Python a call) cost
+        as much as a 576-wide GEMV. Anything else goes through spon.kernels' dispatch."""
+        rows = x.numel() // x.shape[-1]
+        if rows <= 4 and x.device.type == "cpu" and x.dtype == self.weight_t.dtype:
+            op = native_op()
+            if op is not None:
+                y = op(x.reshape(rows, -1), self.weight_t, self._bias_f32, taus, self.out_features, None)
+                return y.view(*x.shape[:-1], y.shape[-1]).split(self.out_features, -1)
+        return sparse_linear_fused(x, self.weight_t, self.out_features, bias, taus)
 
 
 class KernelSingle(KernelGroup):

@@ -16,7 +16,7 @@ from spon.tasks.policies import UNCACHED
 from spon.runtime.refs import StageRef
 
 SMALL_CPU = ["--device", "cpu", "--shapes", "512x512,512x1376", "--dtypes", "fp32", "--batches", "1",
-             "--reps", "5", "--min-time", "0.1", "--no-e2e", "--no-plot", "--threads", "1"]
+             "--reps", "5", "--min-time", "0.1", "--no-plot", "--threads", "1"]
 
 
 @task(name="benchmark_kernels", **UNCACHED)
