@@ -3,18 +3,21 @@
     .venv/bin/python benchmarks/decode.py out/real/uniform-50/fused --threads 2     # a fused spon checkpoint
     .venv/bin/python benchmarks/decode.py --shape llama-3.2-1b --threads 2 \\
         --dtypes bf16,fp32 --sparsities 0,0.25,0.4,0.5,0.6,0.7                      # random weights, that shape
+    .venv/bin/python benchmarks/decode.py --model smollm2-135m --threads 2 \\
+        --dtypes bf16,fp32 --sparsities 0,0.25,0.4,0.5,0.6,0.7                      # a real model, TEAL levels
 
 What is timed is transformers' own `model.generate` (batch 1, greedy, `--new-tokens` new tokens after a
 short prompt, KV cache), never a re-implementation of the decoder. Variants, timed interleaved
 (`--reps` rounds, the median per variant, after one warm-up generation each):
 
   dense        plain nn.Linear / F.linear: what the user runs without spon. For a checkpoint, its
-               source model (sidecar provenance) loaded by transformers; for a shape, the same random
-               model with every projection unwrapped back to its contiguous nn.Linear.
+               source model (sidecar provenance) loaded by transformers; for a shape or a model, the
+               same model with every projection unwrapped back to its contiguous nn.Linear.
   sparse       `spon.use_kernels`: every sparsified projection through the sparse kernels, q/k/v and
-               gate/up fused (what `spon generate` runs). A checkpoint at its own thresholds; a shape at
-               each `--sparsities` level, thresholds calibrated on random prompts (`sparse@0%` keeps every
-               activation: the kernels' own speed, apart from what skipping rows buys).
+               gate/up fused (what `spon generate` runs). A checkpoint at its own thresholds; a shape or
+               a model at each `--sparsities` level (TEAL, uniform), thresholds calibrated on random
+               tokens (shape) or wikitext-2 validation text (model); `sparse@0%` keeps every
+               activation: the kernels' own speed, apart from what skipping rows buys.
   torch        (checkpoint only) the same sparse model on the torch path (`--no-kernels`).
   kernels@0%   (checkpoint only) the kernels with every threshold at 0.
 
@@ -154,16 +157,31 @@ def checkpoint_run(args, dtype: str) -> dict:
             "greedy_token_agreement": sum(a == b for a, b in zip(k, t)) / args.new_tokens}
 
 
-def shape_run(args, dtype: str) -> dict:
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(0)
-    with torch.device(args.device):
-        model = LlamaForCausalLM(LlamaConfig(**SHAPES[args.shape])).to(DTYPES[dtype]).eval()
-    sparsify_(model, SparsifyConfig(mode="teal"))
+def levels_run(args, dtype: str) -> dict:
+    """A shape (random weights, random calibration tokens) or a model (its weights, wikitext-2
+    validation text), timed dense and at each TEAL level."""
     g = torch.Generator().manual_seed(1)
-    calib = torch.randint(0, model.config.vocab_size, (4, 64), generator=g).to(args.device)
-    ids = torch.randint(0, model.config.vocab_size, (1, 16), generator=g).to(args.device)
+    if args.shape:
+        from transformers import LlamaConfig, LlamaForCausalLM
+
+        torch.manual_seed(0)
+        with torch.device(args.device):
+            model = LlamaForCausalLM(LlamaConfig(**SHAPES[args.shape])).to(DTYPES[dtype]).eval()
+        calib = torch.randint(0, model.config.vocab_size, (4, 64), generator=g)
+        ids = torch.randint(0, model.config.vocab_size, (1, 16), generator=g)
+        source = f"{args.shape} (transformers LlamaForCausalLM, random weights)"
+    else:
+        from spon.calibration import dataset_blocks, text_blocks
+        from spon.presets import wikitext2_validation
+
+        model, tok = load_model(args.model, device=args.device, dtype=dtype)
+        spec = wikitext2_validation()  # the local copy, else the hub's split
+        calib = (text_blocks(tok, spec["files"], 128, 8) if "files" in spec else
+                 dataset_blocks(tok, spec["dataset"], 128, 8, config=spec["dataset_config"], split=spec["split"]))
+        ids = tok(args.prompt, return_tensors="pt").input_ids
+        source = args.model
+    calib, ids = calib.to(args.device), ids.to(args.device)
+    sparsify_(model, SparsifyConfig(mode="teal"))
     levels = {}
     for s in args.sparsities:
         levels[s] = compute_thresholds(model, calib, SparsityConfig(sparsity=s))[0] if s > 0 else \
@@ -173,7 +191,7 @@ def shape_run(args, dtype: str) -> dict:
     for s, taus in levels.items():
         variants[f"sparse@{s:.0%}"] = lambda taus=taus: thresholds_at(model, taus)
     times, _, zeros = time_variants(variants, ids, args.new_tokens, args.reps)
-    run = {"source": f"{args.shape} (transformers LlamaForCausalLM, random weights)", "prompt_tokens": ids.shape[1],
+    run = {"source": source, "prompt_tokens": ids.shape[1],
            **summarize(times, args.new_tokens, "dense")}
     baseline = "sparse@0%" if 0.0 in levels else None
     run["levels"] = {}
@@ -216,9 +234,10 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("model_dir", nargs="?", help="a fused spon checkpoint (or use --shape)")
     ap.add_argument("--shape", choices=sorted(SHAPES), help="a transformers model of this shape, random weights")
+    ap.add_argument("--model", default=None, help="a model (name, directory, .gguf) timed at --sparsities levels")
     ap.add_argument("--dense", default=None, help="checkpoint: the dense model (default: the sidecar's source model)")
     ap.add_argument("--dtypes", default="fp32", help="comma list of fp32, bf16")
-    ap.add_argument("--sparsities", default="0,0.5", help="shape: comma list of target sparsities (0 = kernels at 0%%)")
+    ap.add_argument("--sparsities", default="0,0.5", help="shape/model: comma list of target sparsities (0 = kernels at 0%%)")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--new-tokens", type=int, default=128)
@@ -226,8 +245,8 @@ def main() -> None:
     ap.add_argument("--prompt", default=PROMPT)
     ap.add_argument("--out", default=None, help="JSON file (default: print only)")
     args = ap.parse_args()
-    if bool(args.model_dir) == bool(args.shape):
-        ap.error("give a fused checkpoint directory or --shape, not both")
+    if sum(map(bool, (args.model_dir, args.shape, args.model))) != 1:
+        ap.error("give one of: a fused checkpoint directory, --shape, --model")
     dtypes = args.dtypes.split(",")
     if any(d not in DTYPES for d in dtypes):
         ap.error(f"--dtypes: choose from {', '.join(DTYPES)}")
@@ -237,7 +256,7 @@ def main() -> None:
     result = {"threads": torch.get_num_threads(), "new_tokens": args.new_tokens, "reps": args.reps,
               "device": args.device, "host": host(), "runs": {}}
     for dtype in dtypes:
-        run = checkpoint_run(args, dtype) if args.model_dir else shape_run(args, dtype)
+        run = checkpoint_run(args, dtype) if args.model_dir else levels_run(args, dtype)
         result["runs"][dtype] = run
         print(report(run, dtype, args), flush=True)
         if args.out:
