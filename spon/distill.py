@@ -3,6 +3,9 @@
 The teacher is the same model with sparsity switched off; only the alpha vectors train.
 Training is deterministic given the seed: the batch order of step k depends only on (seed, k),
 so resuming from a checkpoint replays exactly the uninterrupted trajectory.
+
+Under torchrun (spon.distributed) every rank trains the same alpha on its slice of each step's
+global batch; the checkpoints hold only global state, so a run resumes with any number of ranks.
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
+from spon import distributed
 from spon.config import DistillConfig
 from spon.errors import SponError
 from spon.sparse import alphas, load_alphas, mode, sparse_linears
@@ -35,6 +39,7 @@ class DistillResult:
     selected_step: int | None = None  # None: alpha = 0 (no step beat TEAL); 0: the initialisation
     selection: str = ""
     resumed_from: int = 0
+    world_size: int = 1  # processes that trained it (spon.distributed)
 
     def record(self) -> dict:
         """Everything but the tensors, as JSON (distill.json, the summary, the sidecar)."""
@@ -44,7 +49,8 @@ class DistillResult:
                 "heldout_kl_by_step": {str(k): v for k, v in self.heldout_kl_by_step.items()},
                 "heldout_nll_before": self.heldout_nll_before,
                 "heldout_nll_by_step": {str(k): v for k, v in self.heldout_nll_by_step.items()},
-                "selected_step": self.selected_step, "selection": self.selection, "resumed_from": self.resumed_from}
+                "selected_step": self.selected_step, "selection": self.selection, "resumed_from": self.resumed_from,
+                "world_size": self.world_size}
 
 
 @torch.no_grad()
@@ -82,6 +88,7 @@ class Teacher:
 
     def __init__(self, model, blocks: torch.Tensor, budget_gb: float = 0.0, batch_size: int = 16):
         self.model, self.blocks, self.batch_size = model, blocks, batch_size
+        self.sharded = False  # True: `blocks` are this rank's shard of a set (spon.distributed)
         vocab = model.get_output_embeddings().weight.shape[0]
         self.cached: torch.Tensor | None = None
         if len(blocks) and blocks.numel() * vocab * 4 <= budget_gb * 1e9:
@@ -112,17 +119,21 @@ class Teacher:
 @torch.no_grad()
 def heldout_scores(model, blocks: torch.Tensor | Teacher, batch_size: int = 16) -> tuple[float, float]:
     """Mean KL(dense || current mode) and mean next-token cross-entropy (NLL) over held-out blocks
-    (a tensor, or a Teacher over them)."""
+    (a tensor, or a Teacher over them; a Teacher over this rank's shard (`sharded`): the means over
+    every rank's shard, the same numbers on each)."""
     teacher = blocks if isinstance(blocks, Teacher) else Teacher(model, blocks)
-    if len(teacher) == 0:
-        return float("nan"), float("nan")
     kl_total = nll_total = 0.0
+    n = len(teacher)
     for i in range(0, len(teacher), batch_size):
         idx = torch.arange(i, min(i + batch_size, len(teacher)))
         kl, nll = teacher.kl_and_nll(idx)
         kl_total += kl.item() * len(idx)
         nll_total += nll.item() * len(idx)
-    return kl_total / len(teacher), nll_total / len(teacher)
+    if teacher.sharded and distributed.world_size() > 1:
+        kl_total, nll_total, n = distributed.all_reduce_sum([kl_total, nll_total, n])
+    if n == 0:
+        return float("nan"), float("nan")
+    return kl_total / n, nll_total / n
 
 
 def heldout_kl(model, blocks: torch.Tensor | Teacher, batch_size: int = 16) -> float:
@@ -203,7 +214,13 @@ def distill(
     result = DistillResult(alphas={})
     zeros = {m.name: torch.zeros_like(m.alpha) for m in sparse_linears(model)}  # TEAL: alpha = 0 everywhere
     train = Teacher(model, train_blocks, cfg.teacher_cache_gb)
-    heldout = Teacher(model, heldout_blocks, cfg.teacher_cache_gb)
+    # Held-out selection across ranks: each scores its shard and the sums are all-reduced, so every
+    # rank gets the same bits to select on (and the evaluation costs 1/N). Scoring all blocks on
+    # every rank would promise that only if every rank's forward were bitwise equal; one rank
+    # taking another checkpoint would then train on from another alpha without anyone noticing.
+    heldout = Teacher(model, distributed.shard(heldout_blocks), cfg.teacher_cache_gb)
+    heldout.sharded = True
+    result.world_size = distributed.world_size()
 
     with mode(model, "teal"):
         result.heldout_kl_before, result.heldout_nll_before = heldout_scores(model, heldout)
@@ -234,23 +251,30 @@ def distill(
             init = closed_form_alpha(model, train_blocks)
             load_alphas(model, {m.name: init[m.name] for m in mods})
         best = (result.heldout_kl_before, None, zeros)  # alpha = 0 is TEAL: what every step must beat
+    if result.world_size > 1:  # every rank continues the same run from the same alpha
+        distributed.agree(start, "the checkpoint step to resume from")
+        distributed.broadcast_(params)
 
     with mode(model, "spon"):
         if start == 0:
             result.heldout_kl_init, nll = heldout_scores(model, heldout)
             best = _better(best, result.heldout_kl_init, nll, nll_limit, 0, model)
-        bar = _progress(range(start, cfg.steps), cfg.steps, start, progress)
+        bar = _progress(range(start, cfg.steps), cfg.steps, start, progress and distributed.is_main())
         micro = max(cfg.batch_size // cfg.grad_accum, 1)
         for step in bar:
             idx = batch_indices(len(train_blocks), cfg.batch_size, cfg.seed, step)
             opt.zero_grad(set_to_none=True)
             loss_sum = 0.0
-            for j in range(0, len(idx), micro):
-                part = idx[j : j + micro]
+            mine = distributed.shard(idx)  # this rank's slice of the global batch (all of it alone)
+            for j in range(0, len(mine), micro):
+                part = mine[j : j + micro]
                 with _student_precision(cfg.compute_dtype, device):
+                    # weighted by its share of the global batch: the sum over ranks is its mean
                     loss = train.kl(part) * (len(part) / len(idx))
                 loss.backward()
                 loss_sum += loss.item()
+            if result.world_size > 1:
+                loss_sum = distributed.all_reduce_grads(params, loss_sum)
             if not math.isfinite(loss_sum):
                 raise SponError(f"distillation diverged: KL is {loss_sum} at step {step} (lower --lr)")
             opt.step()
@@ -265,7 +289,7 @@ def distill(
                 kl, nll = heldout_scores(model, heldout)
                 result.heldout_kl_by_step[done], result.heldout_nll_by_step[done] = kl, nll
                 best = _better(best, kl, nll, nll_limit, done, model)
-                if checkpoint_dir is not None:
+                if checkpoint_dir is not None and distributed.is_main():
                     _save_checkpoint(checkpoint_dir, done, model, opt, sched, result, best, checkpoint_key)
         result.heldout_kl_last = result.heldout_kl_by_step.get(cfg.steps, result.heldout_kl_init)
 
