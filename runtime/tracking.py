@@ -34,6 +34,13 @@ def flatten(d: dict, prefix: str = "") -> dict[str, str]:
     return out
 
 
+def run_params(summary: dict) -> dict:
+    """A pipeline run's params: its config, and how many processes distilled its alpha
+    (`world_size`, spon.distributed): not part of the config, since any number trains the same alpha
+    (to float noise) and resumes the other's checkpoints, but the run's numbers depend on it."""
+    return {**summary["config"], "world_size": summary.get("world_size", 1)}
+
+
 def experiment_id(c, settings: PipelineSettings) -> str:
     exp = c.get_experiment_by_name(settings.experiment)
     if exp is not None:

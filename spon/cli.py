@@ -4,7 +4,9 @@ cause prints one line and exits 2; a missing optional dependency names the extra
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -68,17 +70,28 @@ def config_from_args(args):
 
 def cmd_run_in_process(args) -> int:
     """`spon run --in-process`: the method's chain (spon.stages.run) without Prefect, MLflow or a store."""
-    from spon import inputs
+    from spon import distributed, inputs
     from spon.console import result_lines, say, stage_line
     from spon.stages import run
 
     cfg = config_from_args(args)
     inputs.check_run(cfg, args.config)  # every input, before the first stage writes anything
-    with inputs.new_out_dir(cfg.out):
+    distributed.init(cfg.device)  # under torchrun: distill on every rank, the other stages on rank 0
+    with _main_rank_out_dir(cfg.out):
         summary = run(cfg, progress=not args.quiet, on_stage=lambda name, s: say(stage_line(name, s)))
+    if not distributed.is_main():
+        return 0
     print("\n".join(result_lines(summary)))
     print(f"summary:      {Path(cfg.out) / 'summary.json'}")
     return 0
+
+
+def _main_rank_out_dir(out):
+    """new_out_dir on rank 0 (the only writer; it alone may remove what a failed command made)."""
+    from spon import distributed
+    from spon.inputs import new_out_dir
+
+    return new_out_dir(out) if distributed.is_main() else contextlib.nullcontext()
 
 
 def _model(cfg) -> str:
@@ -116,16 +129,19 @@ def cmd_calibrate(args) -> int:
 
 def cmd_distill(args) -> int:
     """spon.stages.distill on a calibrated directory -> DIR/alpha.safetensors, DIR/distill.json."""
-    from spon import stages
+    from spon import distributed, stages
 
-    from spon.inputs import check_calib_dir, new_out_dir
+    from spon.inputs import check_calib_dir
 
     cfg = config_from_args(args)
     _check_stage(cfg, args, ("the --calib directory", check_calib_dir(args.calib)))
+    distributed.init(cfg.device)  # under torchrun: data-parallel over the ranks (spon.distributed)
     out = Path(cfg.out)
-    with new_out_dir(out):
+    with _main_rank_out_dir(out):
         stages.distill(_model(cfg), args.calib, args.calib, cfg.distill, cfg.protocol, cfg.device, cfg.dtype, out,
                        checkpoint_dir=out / "alpha_checkpoints", progress=not args.quiet)
+    if not distributed.is_main():
+        return 0
     d = stages.read_json(out / stages.DISTILL_FILE)
     print(f"held-out KL: teal {d['heldout_kl_before']:.4f} -> spon {d['heldout_kl_after']:.4f} ({d['selection']}); "
           f"alpha -> {out / stages.ALPHA_FILE}")
@@ -287,6 +303,20 @@ EXTRAS = {"prefect": "pipeline", "prefect_dask": "pipeline", "dask": "pipeline",
           "lm_eval": "eval", "torchao": "eval", "triton": "kernels", "bitsandbytes": "nf4"}
 
 
+def check_launcher(args) -> None:
+    """Under torchrun (WORLD_SIZE > 1) only the commands that share their work across ranks run;
+    any other would run N copies of itself writing the same files."""
+    n = int(os.environ.get("WORLD_SIZE", "1") or 1)
+    if n <= 1 or args.command == "distill" or (args.command == "run" and args.in_process):
+        return
+    if args.command == "run":  # the Prefect flow: one flow run, its stages tasks of one process
+        raise SponError(f"`spon run` (the Prefect flow) does not run under torchrun (WORLD_SIZE={n}): use "
+                        "`spon run --in-process` (distillation on every rank) or `spon distill` under torchrun; "
+                        "for Prefect, the spon-torchrun deployment (deployments/README.md)")
+    raise SponError(f"`spon {args.command}` does not run under torchrun (WORLD_SIZE={n}): only `spon distill` "
+                    "and `spon run --in-process` do; start it without torchrun")
+
+
 def build_parser() -> argparse.ArgumentParser:
     from spon.evaluation.cli import register as register_eval
     from spon.flows.cli import register as register_pipeline
@@ -313,6 +343,7 @@ def main(argv: list[str] | None = None) -> int:
 
     configure(verbose=args.verbose, quiet=args.quiet)
     try:
+        check_launcher(args)
         return args.func(args)
     except SponError as e:  # every user-caused failure is a SponError (or a subclass)
         print(f"spon: error: {e}", file=sys.stderr)
@@ -324,6 +355,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"spon: error: `spon {args.command}` needs {e.name}, which is not installed: "
               f"pip install 'spon[{extra}]'", file=sys.stderr)
         return 2
+    finally:
+        if "spon.distributed" in sys.modules:  # imported only by commands that may have joined a group
+            sys.modules["spon.distributed"].close()
 
 
 if __name__ == "__main__":

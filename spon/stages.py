@@ -24,6 +24,7 @@ from typing import Callable
 import torch
 from safetensors.torch import load_file, save_file
 
+from spon import distributed
 from spon.calibration import build_calibration
 from spon.config import CalibrationConfig, DistillConfig, EvalConfig, RunConfig, SparsityConfig
 from spon.distill import distill as distill_alpha
@@ -95,7 +96,9 @@ def distill(model_path: str, calib_dir: str | Path, thresholds_dir: str | Path, 
             device: str, dtype: str, out: Path, checkpoint_dir: Path | None = None, checkpoint_key: str | None = None,
             progress: bool = False, on_step: Callable[[int, float], None] | None = None) -> None:
     train, heldout = calibration_blocks(calib_dir)
-    model, _ = sparse_model(model_path, thresholds_dir, protocol, device, dtype)
+    # under torchrun each rank on its own GPU; the key keeps the device asked for, so a run resumes
+    # with any number of ranks
+    model, _ = sparse_model(model_path, thresholds_dir, protocol, distributed.local_device(device), dtype)
     if checkpoint_key is None:  # what these checkpoints continue: never another calibration's
         checkpoint_key = content_key(model_path, Path(calib_dir) / CALIBRATION_FILE,
                                      Path(thresholds_dir) / THRESHOLDS_FILE, cfg, protocol, device, dtype)
@@ -103,6 +106,8 @@ def distill(model_path: str, calib_dir: str | Path, thresholds_dir: str | Path, 
     calib_source = json.loads(_metadata(Path(calib_dir) / CALIBRATION_FILE).get("config", "{}")).get("source")
     r = distill_alpha(model, train, heldout, cfg, checkpoint_dir=checkpoint_dir, checkpoint_key=checkpoint_key,
                       progress=progress, on_step=on_step, nll_guard=calib_source != "samples")
+    if not distributed.is_main():  # every rank holds the same result; rank 0 alone writes it
+        return
     save_file({k: v.contiguous() for k, v in r.alphas.items()}, str(out / ALPHA_FILE))
     write_json(out / DISTILL_FILE, {**r.record(), "config": cfg.model_dump(mode="json")})
 
@@ -201,6 +206,7 @@ def summarize(cfg: RunConfig, source: str, calib_dir, thresholds_dir, distill_di
         "heldout_nll": {"teal": d.get("heldout_nll_before"), "by_step": d.get("heldout_nll_by_step", {})},
         "alpha_selection": {"selected_step": d["selected_step"], "selection": d["selection"]},
         "kl_history": d["kl_history"],
+        "world_size": d.get("world_size", 1),  # processes that distilled alpha (spon.distributed)
         "quality_warnings": quality_warnings(ppl),
         "smoke_generation": sidecar.get("smoke"),
         "fused_model_dir": str(fused_dir),
@@ -252,14 +258,19 @@ def run(cfg: RunConfig, progress: bool = True, on_stage: Callable[[str, float], 
         t0 = time.perf_counter()
         fn(*args, **kw)
         walls[name] = round(time.perf_counter() - t0, 3)
-        if on_stage is not None:
+        if on_stage is not None and distributed.is_main():
             on_stage(name, walls[name])
 
     rt = (cfg.device, cfg.dtype)
-    stage("calibrate", calibrate, model, cfg.calibration, *rt, dirs["calibration"])
-    stage("thresholds", thresholds, model, dirs["calibration"], cfg.sparsity, *rt, dirs["thresholds"])
+    # Under torchrun only distill runs on every rank; rank 0 alone runs (and writes) the others.
+    if distributed.is_main():
+        stage("calibrate", calibrate, model, cfg.calibration, *rt, dirs["calibration"])
+        stage("thresholds", thresholds, model, dirs["calibration"], cfg.sparsity, *rt, dirs["thresholds"])
+    distributed.barrier()  # the other ranks read what rank 0 just wrote
     stage("distill", distill, model, dirs["calibration"], dirs["thresholds"], cfg.distill, cfg.protocol, *rt,
           dirs["distill"], checkpoint_dir=out / "alpha_checkpoints", progress=progress)
+    if not distributed.is_main():
+        return {}
     stage("fuse", fuse, model, dirs["calibration"], dirs["thresholds"], dirs["distill"], cfg.protocol, *rt,
           dirs["fused"], source=model)
     stage("evaluate", evaluate, dirs["fused"], cfg.eval, *rt, dirs["eval"])

@@ -63,7 +63,7 @@ def track_run(summary: dict, files: dict[str, str], settings: PipelineSettings, 
             log.info("this result is already tracked as MLflow run %s (%s): reusing it", saved["run_id"], record)
             return saved["run_id"]
     try:
-        run_id = tracking.start_run(settings, summary["config"], run_name, parent_run_id, tags)
+        run_id = tracking.start_run(settings, tracking.run_params(summary), run_name, parent_run_id, tags)
         tracking.log_metrics(settings, run_id, summary_metrics(summary), {"kl": summary.get("kl_history", [])})
         tracking.log_artifacts(settings, run_id, files)
         tracking.end_run(settings, run_id)
