@@ -123,6 +123,7 @@ def test_trust_remote_code_without_spon_gives_spons_sparse_model(fused_dir, tiny
         meta = json.loads((Path(d) / "spon.json").read_text())
         arch = json.loads((Path(d) / "config.json").read_text())["model_type"]
         plain = AutoModelForCausalLM.from_pretrained(d)  # this process: no flag, the vanilla model
+        assert type(plain).__module__.startswith("transformers.models."), type(plain)
         assert classes[name] == {"sparse": SPARSE_CLASSES[arch].__name__, "plain": type(plain).__name__,
                                  "sparse_linears": len(meta["thresholds"])}, (name, classes[name])
         ref, _, _ = load_sparse_model(d)
