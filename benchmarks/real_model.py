@@ -244,6 +244,7 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     configure(quiet=True)
+    method_code()  # digest the method's code as this process imported it (cached), not as edited later
     t0 = time.perf_counter()
     Path(args.out).mkdir(parents=True, exist_ok=True)
     earlier = json.loads(Path(args.reuse).read_text()) if args.reuse else {}
