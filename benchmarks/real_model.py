@@ -3,7 +3,8 @@
     .venv/bin/python benchmarks/real_model.py --out out/real
     .venv/bin/python benchmarks/real_model.py --out out/real --rows uniform-60   # one step
     .venv/bin/python benchmarks/real_model.py --out out/real --reuse benchmarks/results/real_model_smollm2.json
-        # takes the committed rows with the same config, runs the rest (a session's worth at a time)
+        # takes the committed rows with the same config, runs the rest (a session's worth at a time);
+        # --reuse A,B: rows of several earlier runs, a later file's row winning
 
 Model: `--model` (default the named SmolLM2-135M-Instruct, fetched and dequantized by spon itself)
 with its preset recipe (spon/presets.py) under every row. Perplexity: the first `--eval-tokens`
@@ -103,7 +104,7 @@ def run_row(name: str, args, calibrations: dict, prior: dict) -> dict:
         s = stages.read_json(done)
         return row_record(name, cfg, s, dirs, s["wall_time_s"])
     if name in prior and prior[name].get("config") == what_it_is(cfg):
-        print(f"  {name}: taken from {args.reuse} (same config)", flush=True)
+        print(f"  {name}: taken from an earlier result (--reuse, same config)", flush=True)
         return prior[name]
     for d in dirs.values():
         d.mkdir(parents=True, exist_ok=True)
@@ -229,7 +230,8 @@ def main() -> None:
     ap.add_argument("--config", default=None, help="RunConfig JSON/YAML under every row (flags of rows win)")
     ap.add_argument("--eval-tokens", type=int, default=25600, help="wikitext-2 test tokens scored (same text every row)")
     ap.add_argument("--zeroshot-limit", type=int, default=100, help="items per task")
-    ap.add_argument("--reuse", default=None, help="an earlier real_model.json (e.g. the committed one): its rows "
+    ap.add_argument("--reuse", default=None, help="earlier real_model.json files, comma separated (e.g. the committed "
+                    "one): their rows (a later file's win)"
                     "with the same config (each records the method code and host that made it), and its quantize "
                     "and zeroshot results with the same config and method code, are taken instead of rerun")
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
@@ -239,16 +241,18 @@ def main() -> None:
     unknown = [r for r in steps if r not in STEPS]
     if unknown:
         raise SystemExit(f"unknown step(s) {unknown}; choose from {', '.join(STEPS)}")
-    if args.reuse and not Path(args.reuse).is_file():
-        raise SystemExit(f"--reuse {args.reuse}: no such file")
+    reuse = [Path(f) for f in args.reuse.split(",")] if args.reuse else []
+    for f in reuse:
+        if not f.is_file():
+            raise SystemExit(f"--reuse {f}: no such file")
     if args.threads:
         torch.set_num_threads(args.threads)
     configure(quiet=True)
     method_code()  # digest the method's code as this process imported it (cached), not as edited later
     t0 = time.perf_counter()
     Path(args.out).mkdir(parents=True, exist_ok=True)
-    earlier = json.loads(Path(args.reuse).read_text()) if args.reuse else {}
-    prior = {r["row"]: r for r in earlier.get("rows", [])}
+    earlier = [json.loads(f.read_text()) for f in reuse]
+    prior = {r["row"]: r for e in earlier for r in e.get("rows", [])}
     result: dict = {"model": args.model, "eval_text": str(WIKITEXT_TEST.relative_to(DATA)), "eval_tokens": args.eval_tokens,
                     "host": stages.host(), "rows": []}
     dump = lambda: (Path(args.out) / "real_model.json").write_text(json.dumps(portable(result), indent=2))  # noqa: E731
@@ -267,16 +271,16 @@ def main() -> None:
             rows[step] = run_row(step, args, calibrations, prior)
             result["rows"] = [rows[n] for n in STEPS if n in rows]
         elif step == "quantize":
-            old = earlier.get("quantized")
-            same = old and old.get("from_config") == base_config and old.get("from_code") == method_code()
-            q = result["quantized"] = old if same else quantized(base(), args)
+            old = next((e["quantized"] for e in reversed(earlier) if e.get("quantized", {}).get("from_config")
+                        == base_config and e["quantized"].get("from_code") == method_code()), None)
+            q = result["quantized"] = old or quantized(base(), args)
             print(f"\nquantized SPON ({q['from_row']}) on wikitext-2 test: TEAL fp32 {q['teal_fp32']:.2f}, SPON fp32 "
                   f"{q['spon_fp32']:.2f}, " + ", ".join(f"SPON {k} {v['spon']:.2f}" for k, v in q["schemes"].items()))
         elif step == "zeroshot":
-            old = earlier.get("zeroshot")
-            same = (old and old.get("from_config") == base_config and old.get("from_code") == method_code()
-                    and old.get("limit") == args.zeroshot_limit)
-            z = result["zeroshot"] = old if same else zeroshot(base(), args)
+            old = next((e["zeroshot"] for e in reversed(earlier) if e.get("zeroshot", {}).get("from_config")
+                        == base_config and e["zeroshot"].get("from_code") == method_code()
+                        and e["zeroshot"].get("limit") == args.zeroshot_limit), None)
+            z = result["zeroshot"] = old or zeroshot(base(), args)
             print(f"\nzero-shot accuracy ({z['from_row']}, first {z['limit']} items per task)\n")
             print(zeroshot_table(z))
         dump()  # a long run that dies keeps every finished step
