@@ -1,7 +1,10 @@
 """Build and load the native CPU sparse GEMV (``csrc/cpu_sparse_gemv.cpp``).
 
 The op, ``torch.ops.spon_cpu.sparse_gemv(x[M<=8, K], weight_t, bias,
-thresholds, seg_sizes, scales)``, is the decode path on CPU: threshold test,
+thresholds, seg_sizes, scales, channel_thresholds=None)``, is the decode path
+on CPU (``thresholds``: one float per segment; ``channel_thresholds``, when
+given, fp32 ``[nseg, K]``, one per segment and input channel, and
+``thresholds`` is then ignored): threshold test,
 gather-scale-reduce over the rows of Wᵀ some batch row keeps, int8 scales,
 bias and cast in one pass (why native: see the comment at the top of the .cpp).
 

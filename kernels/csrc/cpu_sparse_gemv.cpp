@@ -5,8 +5,9 @@
 // reading only the rows of Wt = W^T [in, out] whose activation some batch row
 // keeps, each such row once for the whole batch.  Wt may be the column
 // concatenation of projections that share x (q/k/v, gate/up), each segment
-// with its own threshold.  Torch reference: kernels/reference.py; built and
-// loaded by kernels/cpu_native.py.
+// with its own threshold: one value, or one per input channel (tau[g][k],
+// the weighted criterion |x_k| * ||W[:, k]|| > tau as a vector tau / ||W[:, k]||).
+// Torch reference: kernels/reference.py; built and loaded by kernels/cpu_native.py.
 //
 // Why native: embedding_bag does the same gather-scale-reduce for one row,
 // but needs seven tensor ops around it (mask, nonzero, index_select, offsets,
@@ -163,35 +164,54 @@ struct Survivors {
   std::vector<float> val;
 };
 
-template <typename X>
-Survivors survivors(const X* x, int64_t M, int64_t MB, int64_t K, float tau) {
+// tau(k) is input k's threshold: a constant, or a read of the segment's row of
+// per-channel thresholds (one template, so both tests are the same code).
+template <typename X, typename Tau>
+Survivors survivors(const X* x, int64_t M, int64_t MB, int64_t K, Tau tau) {
   Survivors s;
   s.idx.reserve(K);
   s.val.reserve(K * MB);
   for (int64_t k = 0; k < K; ++k) {
+    const float t = tau(k);
     bool any = false;
-    for (int64_t m = 0; m < M; ++m) any |= std::fabs(as_float(x[m * K + k])) > tau;  // strict, fp32
+    for (int64_t m = 0; m < M; ++m) any |= std::fabs(as_float(x[m * K + k])) > t;  // strict, fp32
     if (!any) continue;
     s.idx.push_back(k);
     for (int64_t m = 0; m < MB; ++m) {
       const float v = m < M ? as_float(x[m * K + k]) : 0.0f;
-      s.val.push_back(std::fabs(v) > tau ? v : 0.0f);
+      s.val.push_back(std::fabs(v) > t ? v : 0.0f);
     }
   }
   return s;
 }
 
+// chan_taus: nullptr (taus[g] is segment g's threshold) or [nseg][K] fp32, one
+// threshold per segment and input channel (taus is then ignored).
 template <int MB, typename X, typename W>
 void sparse_gemv_impl(const X* x, int64_t M, int64_t K, const W* wt, int64_t N, const std::vector<double>& taus,
-                      const std::vector<int64_t>& seg_sizes, const float* bias, const float* scales, X* out) {
+                      const float* chan_taus, const std::vector<int64_t>& seg_sizes, const float* bias,
+                      const float* scales, X* out) {
   const size_t nseg = seg_sizes.size();
   std::vector<Survivors> segs(nseg);
   std::vector<int64_t> seg_start(nseg + 1, 0);
   int64_t bytes = 0;
   for (size_t g = 0; g < nseg; ++g) {
-    // Segments with equal thresholds share one scan of x.
-    if (g > 0 && taus[g] == taus[g - 1]) segs[g] = segs[g - 1];
-    else segs[g] = survivors(x, M, MB, K, static_cast<float>(taus[g]));
+    // Segments with equal thresholds share one scan of x.  Rows of per-channel
+    // thresholds are compared bitwise: NaN rows never match by value.
+    size_t same = g;
+    for (size_t h = 0; h < g && same == g; ++h) {
+      if (chan_taus ? std::memcmp(chan_taus + h * K, chan_taus + g * K, K * sizeof(float)) == 0 : taus[h] == taus[g])
+        same = h;
+    }
+    if (same < g) {
+      segs[g] = segs[same];
+    } else if (chan_taus) {
+      const float* row = chan_taus + g * K;
+      segs[g] = survivors(x, M, MB, K, [row](int64_t k) { return row[k]; });
+    } else {
+      const float t = static_cast<float>(taus[g]);
+      segs[g] = survivors(x, M, MB, K, [t](int64_t) { return t; });
+    }
     seg_start[g + 1] = seg_start[g] + seg_sizes[g];
     bytes += static_cast<int64_t>(segs[g].idx.size()) * seg_sizes[g] * static_cast<int64_t>(sizeof(W));
   }
@@ -223,30 +243,32 @@ void sparse_gemv_impl(const X* x, int64_t M, int64_t K, const W* wt, int64_t N, 
 
 template <typename X, typename W>
 void dispatch_batch(const X* x, int64_t M, int64_t K, const W* wt, int64_t N, const std::vector<double>& taus,
-                    const std::vector<int64_t>& sizes, const float* bias, const float* scales, X* out) {
+                    const float* ct, const std::vector<int64_t>& sizes, const float* bias, const float* scales,
+                    X* out) {
   // Batch rows padded to 1, 2, 4 or 8 so the per-row loop unrolls at compile time.
-  if (M == 1) sparse_gemv_impl<1>(x, M, K, wt, N, taus, sizes, bias, scales, out);
-  else if (M == 2) sparse_gemv_impl<2>(x, M, K, wt, N, taus, sizes, bias, scales, out);
-  else if (M <= 4) sparse_gemv_impl<4>(x, M, K, wt, N, taus, sizes, bias, scales, out);
-  else sparse_gemv_impl<8>(x, M, K, wt, N, taus, sizes, bias, scales, out);
+  if (M == 1) sparse_gemv_impl<1>(x, M, K, wt, N, taus, ct, sizes, bias, scales, out);
+  else if (M == 2) sparse_gemv_impl<2>(x, M, K, wt, N, taus, ct, sizes, bias, scales, out);
+  else if (M <= 4) sparse_gemv_impl<4>(x, M, K, wt, N, taus, ct, sizes, bias, scales, out);
+  else sparse_gemv_impl<8>(x, M, K, wt, N, taus, ct, sizes, bias, scales, out);
 }
 
 template <typename X>
 void run(const at::Tensor& x, const at::Tensor& weight_t, bool int8, int64_t M, int64_t K, int64_t N,
-         const std::vector<double>& taus, const std::vector<int64_t>& sizes, const float* bias,
+         const std::vector<double>& taus, const float* ct, const std::vector<int64_t>& sizes, const float* bias,
          const float* scales, at::Tensor& out) {
   if (int8) {
-    dispatch_batch<X, int8_t>(x.data_ptr<X>(), M, K, weight_t.data_ptr<int8_t>(), N, taus, sizes, bias, scales,
+    dispatch_batch<X, int8_t>(x.data_ptr<X>(), M, K, weight_t.data_ptr<int8_t>(), N, taus, ct, sizes, bias, scales,
                               out.data_ptr<X>());
   } else {
-    dispatch_batch<X, X>(x.data_ptr<X>(), M, K, weight_t.data_ptr<X>(), N, taus, sizes, bias, scales,
+    dispatch_batch<X, X>(x.data_ptr<X>(), M, K, weight_t.data_ptr<X>(), N, taus, ct, sizes, bias, scales,
                          out.data_ptr<X>());
   }
 }
 
 at::Tensor sparse_gemv(const at::Tensor& x, const at::Tensor& weight_t, const c10::optional<at::Tensor>& bias,
                        at::ArrayRef<double> thresholds, at::IntArrayRef seg_sizes,
-                       const c10::optional<at::Tensor>& scales) {
+                       const c10::optional<at::Tensor>& scales,
+                       const c10::optional<at::Tensor>& channel_thresholds) {
   TORCH_CHECK(x.device().is_cpu() && weight_t.device().is_cpu(), "sparse_gemv: CPU tensors only");
   TORCH_CHECK(weight_t.dim() == 2 && weight_t.is_contiguous(), "sparse_gemv: weight_t must be a contiguous [in, out] matrix");
   const int64_t K = weight_t.size(0), N = weight_t.size(1);
@@ -274,15 +296,27 @@ at::Tensor sparse_gemv(const at::Tensor& x, const at::Tensor& weight_t, const c1
     TORCH_CHECK(scales->numel() == N, "sparse_gemv: scales must have ", N, " elements");
     s = scales->to(at::kFloat).contiguous();
   }
+  at::Tensor ct;
+  if (channel_thresholds) {
+    const int64_t nseg = static_cast<int64_t>(seg_sizes.size());
+    TORCH_CHECK(channel_thresholds->device().is_cpu() && channel_thresholds->scalar_type() == at::kFloat,
+                "sparse_gemv: channel_thresholds must be a CPU fp32 tensor");
+    TORCH_CHECK(channel_thresholds->dim() == 2 && channel_thresholds->size(0) == nseg &&
+                    channel_thresholds->size(1) == K,
+                "sparse_gemv: channel_thresholds must be [", nseg, ", ", K, "] (segments, inputs), got ",
+                channel_thresholds->sizes());
+    ct = channel_thresholds->contiguous();
+  }
   at::Tensor out = at::empty({M, N}, x.options());
   const std::vector<double> taus(thresholds.begin(), thresholds.end());
   const std::vector<int64_t> sizes(seg_sizes.begin(), seg_sizes.end());
   const float* bp = bias ? b.data_ptr<float>() : nullptr;
   const float* sp = scales ? s.data_ptr<float>() : nullptr;
+  const float* cp = channel_thresholds ? ct.data_ptr<float>() : nullptr;
   AT_DISPATCH_SWITCH(x.scalar_type(), "sparse_gemv",
-      AT_DISPATCH_CASE(at::kFloat, [&] { run<scalar_t>(xc, weight_t, int8, M, K, N, taus, sizes, bp, sp, out); })
-      AT_DISPATCH_CASE(at::kHalf, [&] { run<scalar_t>(xc, weight_t, int8, M, K, N, taus, sizes, bp, sp, out); })
-      AT_DISPATCH_CASE(at::kBFloat16, [&] { run<scalar_t>(xc, weight_t, int8, M, K, N, taus, sizes, bp, sp, out); }));
+      AT_DISPATCH_CASE(at::kFloat, [&] { run<scalar_t>(xc, weight_t, int8, M, K, N, taus, cp, sizes, bp, sp, out); })
+      AT_DISPATCH_CASE(at::kHalf, [&] { run<scalar_t>(xc, weight_t, int8, M, K, N, taus, cp, sizes, bp, sp, out); })
+      AT_DISPATCH_CASE(at::kBFloat16, [&] { run<scalar_t>(xc, weight_t, int8, M, K, N, taus, cp, sizes, bp, sp, out); }));
   return out;
 }
 
@@ -290,8 +324,8 @@ at::Tensor sparse_gemv(const at::Tensor& x, const at::Tensor& weight_t, const c1
 
 TORCH_LIBRARY(spon_cpu, m) {
   m.def(
-      "sparse_gemv(Tensor x, Tensor weight_t, Tensor? bias, float[] thresholds, int[] seg_sizes, Tensor? scales) "
-      "-> Tensor");
+      "sparse_gemv(Tensor x, Tensor weight_t, Tensor? bias, float[] thresholds, int[] seg_sizes, Tensor? scales, "
+      "Tensor? channel_thresholds=None) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(spon_cpu, CPU, m) { m.impl("sparse_gemv", &sparse_gemv); }
