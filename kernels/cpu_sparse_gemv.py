@@ -29,6 +29,11 @@ used instead.  (The native op's batching rule: ``_native_pays``.)
 int8 weights without the native op: embedding_bag has no int8 table, so the
 path gathers only the surviving int8 rows (1 byte/weight) and multiplies
 after upcasting; a correctness path, not a tuned one.
+
+Thresholds: a float per projection, or a per-input-channel vector (fp32
+``[K]``; fused: ``[nseg, K]``), the weighted criterion's
+``tau / ||W[:, k]||``.  The native op takes the vectors as they are; on the
+embedding_bag path a vector only changes the mask (``keep_mask`` in fp32).
 """
 from __future__ import annotations
 
@@ -77,11 +82,12 @@ def _native_threshold(threshold: float, dtype: torch.dtype) -> float:
     return float(td)
 
 
-def _keep_mask_native(x: Tensor, threshold: float) -> Tensor:
+def _keep_mask_native(x: Tensor, threshold: float | Tensor) -> Tensor:
     """keep_mask(x, tau) without upcasting x: for x in a float dtype d,
     fp32(x) > tau  <=>  x > floor_d(tau), the largest d-value <= tau.  Saves an
-    fp32 copy of x per call (tens of microseconds on a 14336-wide input)."""
-    if x.dtype == torch.float32 or not (threshold >= 0.0):
+    fp32 copy of x per call (tens of microseconds on a 14336-wide input).
+    A per-channel vector tau is compared in fp32 as it is (the fallback: correct, not tuned)."""
+    if isinstance(threshold, Tensor) or x.dtype == torch.float32 or not (threshold >= 0.0):
         return keep_mask(x, threshold)
     return x.abs() > _native_threshold(threshold, x.dtype)
 
@@ -101,18 +107,61 @@ def cpu_sparse_gemv(
     x: Tensor,
     weight_t: Tensor,
     bias: Tensor | None,
-    threshold: float,
+    threshold: float | Tensor,
     scales: Tensor | None = None,
     rows_per_bag: int | None = None,
 ) -> Tensor:
-    """x: [M, K] (M <= 8) on CPU, weight_t: [K, N] contiguous.  Returns [M, N] in x.dtype."""
+    """x: [M, K] (M <= 8) on CPU, weight_t: [K, N] contiguous.  Returns [M, N] in x.dtype.
+
+    ``threshold``: a float (or one-element tensor), or fp32 ``[K]``, one per input channel."""
     assert x.dim() == 2 and x.shape[0] <= MAX_BATCH
+    threshold = normalize_thresholds(threshold, 1, x.shape[1])
     op = native_op() if _native_applies(x, weight_t, scales) else None
     if op is None:
-        return _embedding_bag_gemv(x, weight_t, bias, threshold, scales, rows_per_bag)
-    if _native_pays(x, [threshold], scales):
-        return op(x, weight_t, bias, [float(threshold)], [weight_t.shape[1]], scales)
-    return _dense_masked(x, _keep_mask_native(x, threshold), weight_t, bias)
+        return _embedding_bag_gemv(x, weight_t, bias, threshold[0], scales, rows_per_bag)
+    if isinstance(threshold, Tensor):
+        if _native_pays(x, threshold, scales):
+            return op(x, weight_t, bias, [0.0], [weight_t.shape[1]], scales, threshold)
+        return _dense_masked(x, keep_mask(x, threshold[0]), weight_t, bias)
+    if _native_pays(x, threshold, scales):
+        return op(x, weight_t, bias, threshold, [weight_t.shape[1]], scales)
+    return _dense_masked(x, _keep_mask_native(x, threshold[0]), weight_t, bias)
+
+
+def normalize_thresholds(thresholds, nseg: int, K: int, device="cpu") -> list[float] | Tensor:
+    """One float per segment (a list), or the per-channel form: contiguous fp32
+    [nseg, K] on ``device`` (what the native op's ``channel_thresholds`` takes).
+
+    Accepts a float, a one-element tensor, a [nseg] tensor, a [K] vector (one
+    segment), an [nseg, K] tensor, or a list of floats / [K] vectors (a float
+    item stands for that value on every channel)."""
+    if isinstance(thresholds, Tensor):
+        if thresholds.numel() == 1 or (thresholds.dim() == 1 and thresholds.numel() == nseg):
+            vals = [float(v) for v in thresholds.reshape(-1).tolist()]
+            return vals * nseg if len(vals) == 1 else vals
+        t = thresholds.detach().to(device=device, dtype=torch.float32)
+        if t.dim() == 1 and nseg == 1:
+            t = t.view(1, -1)
+        if tuple(t.shape) != (nseg, K):
+            raise ValueError(f"thresholds of shape {tuple(thresholds.shape)}: expected [{nseg}] or [{nseg}, {K}]")
+        return t.contiguous()
+    if not isinstance(thresholds, (list, tuple)):
+        return [float(thresholds)] * nseg
+    if len(thresholds) == 1:
+        thresholds = list(thresholds) * nseg  # one shared
+    if len(thresholds) != nseg:
+        raise ValueError(f"{len(thresholds)} thresholds for {nseg} segments")
+    if not any(isinstance(t, Tensor) and t.numel() > 1 for t in thresholds):
+        return [float(t) for t in thresholds]
+    rows = []
+    for t in thresholds:
+        if isinstance(t, Tensor) and t.numel() > 1:
+            if t.numel() != K:
+                raise ValueError(f"a per-channel threshold has {t.numel()} entries, the input {K}")
+            rows.append(t.detach().to(device=device, dtype=torch.float32).reshape(K))
+        else:
+            rows.append(torch.full((K,), float(t), dtype=torch.float32, device=device))
+    return torch.stack(rows)
 
 
 def _dense_masked(x: Tensor, keep: Tensor, weight_t: Tensor, bias: Tensor | None) -> Tensor:
@@ -121,7 +170,7 @@ def _dense_masked(x: Tensor, keep: Tensor, weight_t: Tensor, bias: Tensor | None
 
 
 def _embedding_bag_gemv(
-    x: Tensor, weight_t: Tensor, bias: Tensor | None, threshold: float, scales: Tensor | None, rows_per_bag: int | None
+    x: Tensor, weight_t: Tensor, bias: Tensor | None, threshold: float | Tensor, scales: Tensor | None, rows_per_bag: int | None
 ) -> Tensor:
     M, K = x.shape
     N = weight_t.shape[1]
@@ -186,13 +235,20 @@ def _gemv_one_row(x: Tensor, keep: Tensor, weight_t: Tensor, bias: Tensor | None
 NATIVE_MAX_UNION_DENSITY_BF16_8_ROWS = 0.75
 
 
-def _native_pays(x: Tensor, thresholds, scales: Tensor | None) -> bool:
+def _native_pays(x: Tensor, thresholds: list[float] | Tensor, scales: Tensor | None) -> bool:
+    """thresholds: one float per segment, or [nseg, K] per channel."""
     if x.shape[0] <= 4 or x.dtype != torch.bfloat16 or scales is not None:
         return True  # (int8: the dense alternative would dequantize all of Wᵀ)
-    taus = [float(t) for t in thresholds if float(t) == float(t)]  # NaN drops everything
-    if not taus:
-        return True
-    density = keep_mask(x, min(taus)).any(0).float().mean().item()
+    if isinstance(thresholds, Tensor):
+        # Per channel: the lowest threshold of any segment on each channel
+        # (fmin: a NaN entry drops everything, so it does not count).
+        tau = functools.reduce(torch.fmin, thresholds.unbind(0))
+    else:
+        taus = [float(t) for t in thresholds if float(t) == float(t)]  # NaN drops everything
+        if not taus:
+            return True
+        tau = min(taus)
+    density = keep_mask(x, tau).any(0).float().mean().item()
     return density < NATIVE_MAX_UNION_DENSITY_BF16_8_ROWS
 
 
@@ -221,27 +277,36 @@ def cpu_sparse_gemv_fused(
     x: Tensor,
     weight_t: Tensor,
     bias: Tensor | None,
-    thresholds: list[float],
+    thresholds: list[float | Tensor] | Tensor,
     seg_sizes: list[int],
     scales: Tensor | None = None,
 ) -> Tensor:
     """Concatenated shared-input projections on CPU.
 
-    With one shared threshold the concatenated rows are one table and a single
-    call reads each surviving row once for all projections.  With different
-    thresholds the native op sums each segment's columns over its own
-    surviving rows, still one pass; without it the segments are column slices
-    of Wᵀ, which embedding_bag would copy (non-contiguous table), so each
-    segment uses the dense masked matmul on its slice — correct, but without
-    the sparse saving.
+    ``thresholds``: one per segment (floats, [K] vectors, or both), or a
+    tensor [nseg] / [nseg, K].  With one shared threshold the concatenated
+    rows are one table and a single call reads each surviving row once for all
+    projections.  With different thresholds the native op sums each segment's
+    columns over its own surviving rows, still one pass; without it the
+    segments are column slices of Wᵀ, which embedding_bag would copy
+    (non-contiguous table), so each segment uses the dense masked matmul on
+    its slice — correct, but without the sparse saving.
     """
-    if len(set(thresholds)) == 1:
+    nseg = len(seg_sizes)
+    thresholds = normalize_thresholds(thresholds, nseg, x.shape[1])
+    if isinstance(thresholds, Tensor):
+        shared = bool((thresholds == thresholds[:1]).all())  # NaN rows never count as shared: still correct
+    else:
+        shared = len(set(thresholds)) == 1
+    if shared:
         return cpu_sparse_gemv(x, weight_t, bias, thresholds[0], scales)
     if _native_applies(x, weight_t, scales):
         op = native_op()
         if op is not None and _native_pays(x, thresholds, scales):
             # per-segment thresholds, still one pass over the surviving rows
-            return op(x, weight_t, bias, [float(t) for t in thresholds], list(seg_sizes), scales)
+            if isinstance(thresholds, Tensor):
+                return op(x, weight_t, bias, [0.0] * nseg, list(seg_sizes), scales, thresholds)
+            return op(x, weight_t, bias, thresholds, list(seg_sizes), scales)
     outs = []
     start = 0
     for n, tau in zip(seg_sizes, thresholds):

@@ -11,7 +11,9 @@ Conventions shared by all kernels:
   dropped activation means one contiguous row that is never read.
 * The sparsifier is ``S(x) = x * 1{|x| > tau}`` (strict ``>``, compared in
   fp32), so ``tau = 0``
-  only drops exact zeros and ``tau = inf`` drops everything.
+  only drops exact zeros and ``tau = inf`` drops everything.  ``tau`` may be
+  one value or a vector ``[in_features]`` (one threshold per input channel,
+  e.g. WINA's ``tau / ||W[:, k]||``), broadcast over the leading dims of x.
 * int8 weights are symmetric per-output-channel: ``W ≈ q * scales[:, None]``.
 """
 from __future__ import annotations
@@ -30,7 +32,7 @@ def keep_mask(x: Tensor, threshold: float | Tensor) -> Tensor:
     kernel compares in fp32, so all paths do, to agree on boundary elements.
     """
     if isinstance(threshold, Tensor):
-        threshold = threshold.float()
+        threshold = threshold.to(device=x.device, dtype=torch.float32)
     return x.abs().float() > threshold
 
 
@@ -79,13 +81,17 @@ def sparse_linear_fused_reference(
     weight_t: Tensor,
     out_features: Sequence[int],
     bias: Tensor | None,
-    thresholds: Sequence[float],
+    thresholds: float | Sequence[float | Tensor] | Tensor,
     scales: Tensor | None = None,
 ) -> Tensor:
     """Concatenated projections sharing one input; segment i uses thresholds[i].
 
-    Returns the concatenated output ``[..., sum(out_features)]``.
+    ``thresholds``: one value for all segments, one per segment (floats, or
+    ``[in_features]`` vectors, mixed freely), or a tensor ``[nseg]`` or
+    ``[nseg, in_features]``.  Returns the concatenated output ``[..., sum(out_features)]``.
     """
+    out_features = list(out_features)
+    thresholds = _per_segment(thresholds, len(out_features))
     outs = []
     start = 0
     for n, tau in zip(out_features, thresholds):
@@ -97,3 +103,20 @@ def sparse_linear_fused_reference(
             outs.append(sparse_linear_int8_reference(x, wt, scales[start : start + n], b, tau))
         start += n
     return torch.cat(outs, dim=-1)
+
+
+def _per_segment(thresholds, nseg: int) -> list:
+    """One threshold (float, 0-d tensor or [K] vector) per segment."""
+    if isinstance(thresholds, Tensor):
+        if thresholds.numel() == 1:
+            return [thresholds.reshape(())] * nseg
+        if thresholds.dim() == 1 and nseg == 1:
+            return [thresholds]  # one segment's [K] vector, not K segments
+        thresholds = list(thresholds)  # [nseg] -> 0-d items, [nseg, K] -> [K] rows
+    elif not isinstance(thresholds, (list, tuple)):
+        return [thresholds] * nseg
+    if len(thresholds) == 1:
+        return list(thresholds) * nseg  # one shared
+    if len(thresholds) != nseg:
+        raise ValueError(f"{len(thresholds)} thresholds for {nseg} segments")
+    return list(thresholds)
