@@ -43,7 +43,7 @@ def run(device: str, quick: bool = False) -> int:
         [(172, 64)] if quick else [(172, 64), (64, 172), (1000, 300)],
         [0.5] if quick else [0.0, 0.5, 1.0],
         [None, 3],
-        ["plain", "int8", "fused"],
+        ["plain", "int8", "fused", "channel"],
     ):
         x = torch.randn(M, K, generator=g).to(device, dtype)
         w = (torch.randn(N, K, generator=g) / K**0.5).to(device, dtype)
@@ -58,6 +58,15 @@ def run(device: str, quick: bool = False) -> int:
             q, sc = quantize_weight_int8(w)
             y = triton_sparse_gemv(x, q, b, thr, scales=sc, split_k=split_k)
             ref = sparse_linear_int8_reference(x.float(), q, sc, b.float(), tau)
+        elif mode == "channel":
+            # one threshold per segment and input channel (the weighted criterion), incl. +inf and < 0
+            sizes = [N // 3, N // 3, N - 2 * (N // 3)]
+            thr = torch.rand(3, K, generator=g) * 2 * _tau(x, 0.5)
+            thr[:, ::7] = float("inf")
+            thr[1, 1::5] = -1.0
+            wt = w.t().contiguous()
+            y = triton_sparse_gemv(x, wt, b, thr.to(device), seg_sizes=sizes, split_k=split_k)
+            ref = sparse_linear_fused_reference(x.float(), wt.float(), sizes, b.float(), thr.to(device))
         else:
             sizes = [N // 3, N // 3, N - 2 * (N // 3)]
             taus = [tau, _tau(x, 0.3), float("inf")]

@@ -27,6 +27,10 @@ Design (see kernels/README.md for the long version):
   concatenated along N and described by segments (start, length, threshold).
   Grid axis 2 is the segment; a tile never straddles segments, so each
   projection keeps its own threshold (and its own skipped rows).
+* Per-channel thresholds (the weighted criterion |x_k| * ||W[:, k]|| > tau,
+  i.e. tau_k = tau / ||W[:, k]||): thresholds ``[NSEG, K]`` instead of
+  ``[NSEG]``; with PER_CHANNEL the K loop loads the segment's ``BLOCK_K``
+  thresholds next to the x chunk (K floats per segment, against K rows of Wᵀ).
 * int8 weight-only.  Wᵀ is int8 with per-output-channel fp32 scales; the tile
   is converted to the activation dtype in registers (exact for |q| <= 127 in
   fp16 and bf16) and the scale is applied once per output after the reduction.
@@ -77,7 +81,7 @@ if HAS_TRITON:
             ]
         ]
 
-    @triton.autotune(configs=_configs(), key=["M_PAD", "K", "N", "K_PER_SPLIT", "DIRECT"])
+    @triton.autotune(configs=_configs(), key=["M_PAD", "K", "N", "K_PER_SPLIT", "DIRECT", "PER_CHANNEL"])
     # Sizes are not specialised (one binary serves every odd shape / batch);
     # stride_wk is, so aligned Wᵀ rows still get vectorised loads.
     @triton.jit(do_not_specialize=["M", "K", "N", "stride_xm", "K_PER_SPLIT"])
@@ -86,7 +90,7 @@ if HAS_TRITON:
         wt_ptr,  # [K, N_total] Wᵀ (same dtype as x, or int8), row stride stride_wk
         scale_ptr,  # [N_total] fp32 per-output-channel scales (int8 only)
         bias_ptr,  # [N_total] bias (only read when DIRECT and HAS_BIAS)
-        tau_ptr,  # [NSEG] fp32 thresholds, one per segment
+        tau_ptr,  # fp32 thresholds: [NSEG], one per segment, or [NSEG, K] with PER_CHANNEL
         seg_start_ptr,  # [NSEG] int32 first output column of each segment
         seg_len_ptr,  # [NSEG] int32 width of each segment
         out_ptr,  # DIRECT: [M, N_total] result; else [SPLIT_K, M, N_total] fp32 partials
@@ -102,6 +106,7 @@ if HAS_TRITON:
         DIRECT: tl.constexpr,  # SPLIT_K == 1: write final output
         UPCAST_DOT: tl.constexpr,  # interpreter only: its tl.dot mishandles bf16
         IS_FP32: tl.constexpr,  # fp32 activations: exact (ieee) dot, no tf32
+        PER_CHANNEL: tl.constexpr,  # tau_ptr is [NSEG, K]: one threshold per input channel
         BLOCK_N: tl.constexpr,
         BLOCK_K: tl.constexpr,
     ):
@@ -112,7 +117,8 @@ if HAS_TRITON:
         seg_len = tl.load(seg_len_ptr + seg)
         if pid_n * BLOCK_N >= seg_len:
             return  # grid axis 0 is sized for the widest segment
-        tau = tl.load(tau_ptr + seg)
+        if not PER_CHANNEL:
+            tau = tl.load(tau_ptr + seg)
 
         offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
         n_mask = offs_n < seg_len
@@ -129,7 +135,11 @@ if HAS_TRITON:
             x_mask = m_mask[:, None] & k_mask[None, :]
             x = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :], mask=x_mask, other=0.0)
             # `& x_mask`: padding must never keep a row (tau may be negative).
-            keep = (tl.abs(x.to(tl.float32)) > tau) & x_mask
+            if PER_CHANNEL:
+                tau_k = tl.load(tau_ptr + seg * K + offs_k, mask=k_mask, other=float("inf"))
+                keep = (tl.abs(x.to(tl.float32)) > tau_k[None, :]) & x_mask
+            else:
+                keep = (tl.abs(x.to(tl.float32)) > tau) & x_mask
             x = tl.where(keep, x, tl.zeros_like(x))
             # A row of Wᵀ is needed if any batch row keeps its feature.
             row_keep = tl.max(keep.to(tl.int32), axis=0) > 0
@@ -230,7 +240,8 @@ def triton_sparse_gemv(
 ) -> Tensor:
     """Launch the Triton kernel(s).  x: [M, K] with M <= 8; returns [M, N].
 
-    ``thresholds``: fp32 tensor with one entry per segment (or one entry).
+    ``thresholds``: fp32 tensor with one entry per segment (or one entry), or
+    ``[nseg, K]`` (or ``[1, K]``, shared): one per segment and input channel.
     ``seg_sizes``: widths of the concatenated projections (default: one segment).
     ``split_k``: override the host heuristic (tests use it to cover both
     the direct-store and the two-stage reduction paths).
@@ -255,11 +266,19 @@ def triton_sparse_gemv(
         seg_sizes = [N]
     assert sum(seg_sizes) == N, f"segments {seg_sizes} do not sum to {N}"
     nseg = len(seg_sizes)
-    thresholds = thresholds.to(device=x.device, dtype=torch.float32).reshape(-1)
-    if thresholds.numel() == 1 and nseg > 1:
-        thresholds = thresholds.expand(nseg)
+    per_channel = thresholds.dim() == 2
+    thresholds = thresholds.to(device=x.device, dtype=torch.float32)
+    if per_channel:
+        assert thresholds.shape[1] == K and thresholds.shape[0] in (1, nseg), (
+            f"per-channel thresholds {tuple(thresholds.shape)}, expected [{nseg}, {K}]"
+        )
+        thresholds = thresholds.expand(nseg, K)
+    else:
+        thresholds = thresholds.reshape(-1)
+        if thresholds.numel() == 1 and nseg > 1:
+            thresholds = thresholds.expand(nseg)
+        assert thresholds.numel() == nseg
     thresholds = thresholds.contiguous()
-    assert thresholds.numel() == nseg
     seg_start, seg_len = _segment_tensors(tuple(seg_sizes), x.device)
     if bias is not None:
         bias = bias.contiguous()
@@ -299,6 +318,7 @@ def triton_sparse_gemv(
         DIRECT=direct,
         UPCAST_DOT=_interpreting() and x.dtype == torch.bfloat16,
         IS_FP32=x.dtype == torch.float32,
+        PER_CHANNEL=per_channel,
     )
     if not direct:
         MN = M * N
