@@ -12,8 +12,11 @@ Stable API (all take ``weight_t`` = Wᵀ ``[in, out]`` from ``prepare_weight``):
                         scales=None) -> tuple of y_i
     SparseLinear  (nn.Module wrapper, SparseLinear.from_linear(linear, threshold))
 
-``threshold`` is a float or a 0-d/1-element tensor; S(x) = x * 1{|x| > threshold}.
-Dispatch: CUDA -> Triton; CPU with <= 8 rows -> embedding_bag decode path;
+``threshold`` is a float, a 0-d/1-element tensor, or an fp32 ``[in]`` vector (one
+threshold per input channel, e.g. the weighted criterion's tau / ||W[:, k]||);
+S(x) = x * 1{|x| > threshold}, compared in fp32.  ``sparse_linear_fused`` takes one
+per projection (floats and/or ``[in]`` vectors), or a tensor ``[nseg]`` / ``[nseg, in]``.
+Dispatch: CUDA -> Triton; CPU with <= 8 rows -> native op (embedding_bag if it cannot be built);
 otherwise (or when autograd needs gradients) -> torch reference.
 
 Only torch (and, optionally, triton) are imported.
@@ -74,7 +77,7 @@ def _call(x, weight_t, bias, threshold, seg_sizes, scales):
     x2 = x.reshape(-1, K)
     if torch.compiler.is_compiling():
         # One opaque node in the graph (schema + fake impl registered in ops.py).
-        taus = _ops.thresholds_tensor(threshold, len(seg_sizes), x.device)
+        taus = _ops.thresholds_tensor(threshold, len(seg_sizes), x.device, K)
         y = torch.ops.spon_kernels.sparse_gemv(x2, weight_t, bias, taus, list(seg_sizes), scales)
     else:
         y = _ops.dispatch(x2, weight_t, bias, threshold, list(seg_sizes), scales)
@@ -108,21 +111,22 @@ def sparse_linear_fused(
     weight_t: Tensor,
     out_features: Sequence[int],
     biases: Tensor | Sequence[Tensor | None] | None = None,
-    thresholds: float | Sequence[float] | Tensor = 0.0,
+    thresholds: float | Sequence[float | Tensor] | Tensor = 0.0,
     scales: Tensor | None = None,
 ) -> tuple[Tensor, ...]:
     """Projections sharing input x (q/k/v, gate/up) in one launch.
 
     weight_t: from ``prepare_weight_fused`` (or the int8 quantization of the
-    concatenated weight, with ``scales``).  thresholds: one per projection
-    (or one shared).  biases: concatenated bias, per-projection list (None
-    entries allowed), or None.  Returns one output per projection (views).
+    concatenated weight, with ``scales``).  thresholds: one shared, or one per
+    projection, each a float or an fp32 ``[in]`` vector (per input channel);
+    or a tensor ``[nseg]`` / ``[nseg, in]``.  biases: concatenated bias,
+    per-projection list (None entries allowed), or None.  Returns one output
+    per projection (views).
     """
     out_features = [int(n) for n in out_features]
     bias = _concat_bias(biases, out_features, weight_t, x)
     if _needs_grad(x, weight_t, bias):
-        taus = thresholds if isinstance(thresholds, (list, tuple)) else [thresholds] * len(out_features)
-        y = sparse_linear_fused_reference(x, weight_t, out_features, bias, list(taus), scales)
+        y = sparse_linear_fused_reference(x, weight_t, out_features, bias, thresholds, scales)
     else:
         y = _call(x, weight_t, bias, thresholds, out_features, scales)
     return tuple(torch.split(y, out_features, dim=-1))
@@ -140,16 +144,21 @@ def _concat_bias(biases, out_features, weight_t, x):
 
 
 class SparseLinear(nn.Module):
-    """Drop-in for nn.Linear at inference: y = sparse_linear(x, Wᵀ, b, threshold)."""
+    """Drop-in for nn.Linear at inference: y = sparse_linear(x, Wᵀ, b, threshold).
 
-    def __init__(self, weight: Tensor, bias: Tensor | None = None, threshold: float = 0.0):
+    ``threshold``: a float, or an fp32 ``[in_features]`` vector (kept as a buffer)."""
+
+    def __init__(self, weight: Tensor, bias: Tensor | None = None, threshold: float | Tensor = 0.0):
         super().__init__()
         self.register_buffer("weight_t", prepare_weight(weight))
         self.register_buffer("bias", None if bias is None else bias.detach().clone())
-        self.threshold = float(threshold)
+        if isinstance(threshold, Tensor) and threshold.numel() > 1:
+            self.register_buffer("threshold", threshold.detach().float().reshape(-1).clone())
+        else:
+            self.threshold = float(threshold)
 
     @classmethod
-    def from_linear(cls, linear: nn.Linear, threshold: float = 0.0) -> "SparseLinear":
+    def from_linear(cls, linear: nn.Linear, threshold: float | Tensor = 0.0) -> "SparseLinear":
         return cls(linear.weight, linear.bias, threshold)
 
     @property
@@ -164,4 +173,6 @@ class SparseLinear(nn.Module):
         return sparse_linear(x, self.weight_t, self.bias, self.threshold)
 
     def extra_repr(self) -> str:
-        return f"in_features={self.in_features}, out_features={self.out_features}, threshold={self.threshold}"
+        t = self.threshold
+        t = f"per-channel [{t.numel()}]" if isinstance(t, Tensor) else t
+        return f"in_features={self.in_features}, out_features={self.out_features}, threshold={t}"

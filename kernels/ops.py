@@ -29,24 +29,29 @@ def _reference(x, weight_t, bias, taus, seg_sizes, scales):
     return _ref.sparse_linear_fused_reference(x, weight_t, seg_sizes, bias, taus, scales)
 
 
-def thresholds_tensor(threshold, n: int, device) -> Tensor:
-    """float | sequence | tensor -> fp32 tensor [n] on device (what the kernel reads)."""
+def thresholds_tensor(threshold, n: int, device, K: int | None = None) -> Tensor:
+    """float | sequence | tensor -> fp32 tensor on device (what the kernel reads):
+    [n], one per segment, or [n, K], one per segment and input channel.
+
+    Per channel: a [K] tensor for one segment, an [n, K] tensor, or a list
+    whose items are floats or [K] tensors.  Tensors are reshaped, never read
+    on the host, so torch.compile traces through."""
+    if isinstance(threshold, (list, tuple)) and any(isinstance(t, Tensor) and t.numel() > 1 for t in threshold):
+        return torch.stack([
+            t.detach().to(device=device, dtype=torch.float32).reshape(K)
+            if isinstance(t, Tensor) and t.numel() > 1
+            else torch.full((K,), float(t), dtype=torch.float32, device=device)
+            for t in threshold
+        ])
     if isinstance(threshold, Tensor):
-        t = threshold.detach().to(device=device, dtype=torch.float32).reshape(-1)
+        t = threshold.detach().to(device=device, dtype=torch.float32)
+        if t.dim() == 2 or (t.dim() == 1 and n == 1 and t.numel() > 1):
+            return t.reshape(n, -1).contiguous()  # per channel
+        t = t.reshape(-1)
         return t.expand(n).contiguous() if t.numel() == 1 and n > 1 else t
     if isinstance(threshold, (list, tuple)):
         return torch.tensor([float(v) for v in threshold], dtype=torch.float32, device=device)
     return torch.full((n,), float(threshold), dtype=torch.float32, device=device)
-
-
-def _threshold_floats(threshold, n: int) -> list:
-    if isinstance(threshold, Tensor):
-        vals = [float(t) for t in threshold.reshape(-1).tolist()]
-    elif isinstance(threshold, (list, tuple)):
-        vals = [float(t) for t in threshold]
-    else:
-        vals = [float(threshold)]
-    return vals * n if len(vals) == 1 and n > 1 else vals
 
 
 def dispatch(x, weight_t, bias, threshold, seg_sizes, scales):
@@ -56,13 +61,14 @@ def dispatch(x, weight_t, bias, threshold, seg_sizes, scales):
     CPU, comparable to a whole small GEMV, so the public API only goes
     through the registered op while torch.compile is tracing.
     """
-    M = x.shape[0]
+    M, K = x.shape
     if M == 0:
         return x.new_empty((0, weight_t.shape[1]))
     if x.is_cuda and HAS_TRITON and M <= MAX_BATCH:
-        taus = thresholds_tensor(threshold, len(seg_sizes), x.device)
+        taus = thresholds_tensor(threshold, len(seg_sizes), x.device, K)
         return triton_sparse_gemv(x, weight_t, bias, taus, list(seg_sizes), scales)
-    taus = _threshold_floats(threshold, len(seg_sizes))
+    # floats, one per segment, or [nseg, K] per channel
+    taus = _cpu.normalize_thresholds(threshold, len(seg_sizes), K, x.device)
     if x.device.type == "cpu" and M <= _cpu.MAX_BATCH:
         if len(seg_sizes) == 1:
             return _cpu.cpu_sparse_gemv(x, weight_t, bias, taus[0], scales)
@@ -82,7 +88,8 @@ def sparse_gemv(
     """y[M, N] = concat_s( S_{tau_s}(x) @ Wᵀ[:, seg_s] ) (* scales) + bias.
 
     x: [M, K]; weight_t: [K, N] (x.dtype, or int8 with ``scales`` [N] fp32);
-    thresholds: fp32 [len(seg_sizes)] (or [1]); seg_sizes sum to N.
+    thresholds: fp32 [len(seg_sizes)] (or [1]), or [len(seg_sizes), K] (one
+    per segment and input channel); seg_sizes sum to N.
     """
     return dispatch(x, weight_t, bias, thresholds, seg_sizes, scales)
 
