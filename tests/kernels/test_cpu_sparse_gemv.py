@@ -211,6 +211,12 @@ for dtype in (torch.float32, torch.bfloat16, torch.float16):
             y = op(x, wt, b, taus, sizes, scales)
             ref = sparse_linear_fused_reference(x.float(), wt if int8 else wt.float(), sizes, b.float(), taus, scales)
             assert_close(y, ref, dtype)
+            # per input channel: each segment its own vector
+            ct = torch.rand(len(sizes), K, generator=torch.Generator().manual_seed(K)) * 2 * taus[0]
+            ct[:, ::7] = float("inf")
+            y = op(x, wt, b, [0.0] * len(sizes), sizes, scales, ct)
+            ref = sparse_linear_fused_reference(x.float(), wt if int8 else wt.float(), sizes, b.float(), ct, scales)
+            assert_close(y, ref, dtype)
 print("ok")
 """
 
