@@ -56,11 +56,14 @@ ROWS: dict[str, dict] = {
     "last_half-50": {"sparsity.sparsity": 0.50, "protocol": "last_half"},
     "down-only-50": {"sparsity.sparsity": 0.50, "distill.targets": ["down"]},
     "samples-calib-50": {"sparsity.sparsity": 0.50, **SAMPLES_CALIBRATION},
+    # WINA's weighted criterion (|x_i| * ||W[:, i]||_2 against tau): benchmarks/criteria.py
+    "wina-50": {"sparsity.sparsity": 0.50, "sparsity.criterion": "weighted"},
+    "wina-60": {"sparsity.sparsity": 0.60, "sparsity.criterion": "weighted"},
 }
 # What runs, in order: the headline row first, then what the targets need soonest. `quantize` and
 # `zeroshot` work on uniform-50's fused model. Each step is ~20 min on 2 cores.
 STEPS = ["uniform-50", "uniform-60", "zeroshot", "uniform-25", "uniform-40", "quantize", "down-only-50",
-         "greedy-50", "last_half-50", "samples-calib-50"]
+         "greedy-50", "last_half-50", "samples-calib-50", "wina-50", "wina-60"]
 
 
 # The method's code a row ran (calibration, thresholds, alpha and its selection, fusion, scoring):
@@ -87,8 +90,11 @@ def row_config(name: str, args):
 def what_it_is(cfg) -> dict:
     """A row's full config (a RunConfig or its JSON) as committed: where it ran is not what it is,
     and assets paths are portable."""
-    d = cfg if isinstance(cfg, dict) else cfg.model_dump(mode="json")
-    return portable({k: v for k, v in d.items() if k != "out"})
+    if isinstance(cfg, dict):  # a committed row: its fields as this code's config has them (new
+        from spon.config import validate  # fields at their defaults: what that row ran)
+
+        cfg = validate({**cfg, "out": "-"})
+    return portable({k: v for k, v in cfg.model_dump(mode="json").items() if k != "out"})
 
 
 def run_row(name: str, args, calibrations: dict, prior: dict) -> dict:
@@ -103,7 +109,7 @@ def run_row(name: str, args, calibrations: dict, prior: dict) -> dict:
         print(f"  {name}: finished earlier with this config, reusing {done}", flush=True)
         s = stages.read_json(done)
         return row_record(name, cfg, s, dirs, s["wall_time_s"])
-    if name in prior and prior[name].get("config") == what_it_is(cfg):
+    if name in prior and what_it_is(prior[name]["config"]) == what_it_is(cfg):
         print(f"  {name}: taken from an earlier result (--reuse, same config)", flush=True)
         return prior[name]
     for d in dirs.values():
@@ -271,14 +277,16 @@ def main() -> None:
             rows[step] = run_row(step, args, calibrations, prior)
             result["rows"] = [rows[n] for n in STEPS if n in rows]
         elif step == "quantize":
-            old = next((e["quantized"] for e in reversed(earlier) if e.get("quantized", {}).get("from_config")
-                        == base_config and e["quantized"].get("from_code") == method_code()), None)
+            old = next((e["quantized"] for e in reversed(earlier) if "quantized" in e
+                        and what_it_is(e["quantized"]["from_config"]) == base_config
+                        and e["quantized"].get("from_code") == method_code()), None)
             q = result["quantized"] = old or quantized(base(), args)
             print(f"\nquantized SPON ({q['from_row']}) on wikitext-2 test: TEAL fp32 {q['teal_fp32']:.2f}, SPON fp32 "
                   f"{q['spon_fp32']:.2f}, " + ", ".join(f"SPON {k} {v['spon']:.2f}" for k, v in q["schemes"].items()))
         elif step == "zeroshot":
-            old = next((e["zeroshot"] for e in reversed(earlier) if e.get("zeroshot", {}).get("from_config")
-                        == base_config and e["zeroshot"].get("from_code") == method_code()
+            old = next((e["zeroshot"] for e in reversed(earlier) if "zeroshot" in e
+                        and what_it_is(e["zeroshot"]["from_config"]) == base_config
+                        and e["zeroshot"].get("from_code") == method_code()
                         and e["zeroshot"].get("limit") == args.zeroshot_limit), None)
             z = result["zeroshot"] = old or zeroshot(base(), args)
             print(f"\nzero-shot accuracy ({z['from_row']}, first {z['limit']} items per task)\n")

@@ -24,6 +24,8 @@ CONFIG_FLAGS = {
     "--protocol": ("protocol", str, "all (every token sparse) or last_half (TEAL's prefill protocol)"),
     "--sparsity": ("sparsity.sparsity", float, "target sparsity in [0, 1)"),
     "--allocation": ("sparsity.allocation", str, "uniform or greedy"),
+    "--criterion": ("sparsity.criterion", str, "which activations are dropped: magnitude (TEAL, |x| <= tau) or "
+                    "weighted (WINA, |x| * ||W[:, i]|| <= tau)"),
     "--targets": ("sparsity.targets", lambda s: s.split(","), "comma list of q,k,v,o,gate,up,down"),
     "--calib-source": ("calibration.source", str, "samples (model's own), text or dataset"),
     "--calib-files": ("calibration.files", lambda s: s.split(","), "comma list of text files"),

@@ -40,6 +40,9 @@ class CalibrationConfig(_Strict):
 class SparsityConfig(_Strict):
     sparsity: float = Field(0.5, ge=0.0, lt=1.0)
     allocation: Literal["uniform", "greedy"] = "uniform"
+    criterion: Literal["magnitude", "weighted"] = Field(
+        "magnitude", description="which activations are dropped: 'magnitude' TEAL's |x_i| <= tau; 'weighted' "
+        "WINA's |x_i| * ||W[:, i]||_2 <= tau (a per-input-channel threshold, same kernels and fusion)")
     targets: list[Literal["q", "k", "v", "o", "gate", "up", "down"]] = Field(default_factory=lambda: list(PROJECTIONS))
     greedy_step: float = Field(0.05, gt=0, lt=1)
     greedy_blocks: int = Field(16, ge=1)

@@ -150,7 +150,7 @@ def closed_form_alpha(model, blocks: torch.Tensor, batch_size: int = 16) -> dict
 
     def hook(m, args):
         x = args[0].detach().float()
-        dropped = x * (x.abs() <= m.threshold)
+        dropped = x * ~m.keep(x)
         sums[m.name] += dropped.reshape(-1, x.shape[-1]).sum(0).double().cpu()
 
     handles = [m.register_forward_pre_hook(hook) for m in sparse_linears(model)]

@@ -23,12 +23,16 @@ from torch import nn
 from spon.errors import SponError
 from spon.model import bias_slot, load_model
 from spon.remote_code import install as install_remote_code, write_model_card
-from spon.sparse import SparseLinear, SparsifyConfig, sparse_linears, sparsify_
+from spon.sparse import SparseLinear, SparsifyConfig, channel_norms, sparse_linears, sparsify_
 
 log = logging.getLogger(__name__)
 SIDECAR = "spon.json"
 ALPHA_FILE = "spon_alpha.safetensors"
+CHANNEL_NORMS_FILE = "spon_channel_norms.safetensors"  # the weighted criterion's c = ||W[:, i]||_2
+# spon/1: TEAL's magnitude criterion. spon/2 adds `criterion` (and, for "weighted", the channel
+# norms file): a reader that knows only spon/1 must refuse it rather than apply tau to |x|.
 FORMAT = "spon/1"
+FORMATS = ("spon/1", "spon/2")
 
 
 @torch.no_grad()
@@ -116,8 +120,12 @@ def save_fused(model, tokenizer, out_dir: str | Path, metadata: dict) -> Path:
         model.save_pretrained(out, safe_serialization=True)
     tokenizer.save_pretrained(out)
     save_file({m.name: m.alpha.detach().float().cpu().contiguous() for m in mods}, str(out / ALPHA_FILE))
+    norms = channel_norms(model)
+    if norms:
+        save_file(norms, str(out / CHANNEL_NORMS_FILE))
     sidecar = {
-        "format": FORMAT,
+        "format": "spon/2" if norms else FORMAT,
+        "criterion": "weighted" if norms else "magnitude",
         "thresholds": {m.name: float(m.threshold) for m in mods},
         "targets": sorted({m.kind for m in mods}, key="q k v o gate up down".split().index),
         "fused_in_checkpoint": {m.name: fusable(model, m.kind) for m in mods},
@@ -135,8 +143,8 @@ def read_sidecar(model_dir: str | Path) -> dict:
     if not path.is_file():
         raise SponError(f"{model_dir} is not a spon model: no {SIDECAR}")
     meta = json.loads(path.read_text())
-    if meta.get("format") != FORMAT:
-        raise SponError(f"{path}: unknown format {meta.get('format')!r}, expected {FORMAT}")
+    if meta.get("format") not in FORMATS:
+        raise SponError(f"{path}: unknown format {meta.get('format')!r}, expected one of {', '.join(FORMATS)}")
     return meta
 
 
@@ -147,8 +155,21 @@ def load_sparse_model(model_dir: str | Path, device: str = "cpu", dtype: str = "
     """
     meta = read_sidecar(model_dir)
     model, tokenizer = load_model(str(model_dir), device=device, dtype=dtype, device_map=device_map)
-    sparsify_(model, SparsifyConfig.from_sidecar(meta, read_alpha(Path(model_dir) / ALPHA_FILE)))
+    sparsify_(model, SparsifyConfig.from_sidecar(meta, read_alpha(Path(model_dir) / ALPHA_FILE),
+                                                 read_channel_norms(model_dir, meta)))
     return model, tokenizer, meta
+
+
+def read_channel_norms(model_dir: str | Path, meta: dict) -> dict[str, torch.Tensor] | None:
+    """The weighted criterion's channel norms of a checkpoint (None for the magnitude criterion)."""
+    if meta.get("criterion", "magnitude") != "weighted":
+        return None
+    path = Path(model_dir) / CHANNEL_NORMS_FILE
+    try:
+        return load_file(str(path))
+    except Exception as e:
+        raise SponError(f"cannot read channel norms {path} (criterion 'weighted'): "
+                        f"{str(e).splitlines()[0] if str(e) else type(e).__name__}") from e
 
 
 def read_alpha(path: str | Path) -> dict[str, torch.Tensor]:

@@ -169,9 +169,11 @@ def check_fused_dir(path: str | Path) -> dict:
     if not (p / SIDECAR).is_file():
         raise SponError(f"{path} is not a spon model: no {SIDECAR}")
     meta = check_json_file(p / SIDECAR, "sidecar")
-    if meta.get("format") != "spon/1":
-        raise SponError(f"{p / SIDECAR}: unknown format {meta.get('format')!r}, expected spon/1")
+    if meta.get("format") not in ("spon/1", "spon/2"):  # = spon.fuse.FORMATS
+        raise SponError(f"{p / SIDECAR}: unknown format {meta.get('format')!r}, expected spon/1 or spon/2")
     check_safetensors(p / FUSED_ALPHA, "alpha file")
+    if meta.get("criterion", "magnitude") == "weighted":
+        check_safetensors(p / "spon_channel_norms.safetensors", "channel norms file")  # = spon.fuse.CHANNEL_NORMS_FILE
     return meta
 
 

@@ -57,13 +57,21 @@ class KernelGroup:
         self._taus: list[float] = []
         self._bias: torch.Tensor | None = None
         self._bias_f32: torch.Tensor | None = None  # what the native op reads (it sums in fp32)
+        self._channel_taus: torch.Tensor | None = None  # [members, in] fp32: the weighted criterion's
 
     def _constants(self, mode: str):
         """Per-projection thresholds (floats) and the concatenated bias of `mode`, recomputed only
         when a threshold or bias tensor was written since (fusion, set_thresholds)."""
-        key = (mode, *((m.threshold._version, _version(m.linear.bias), _version(m.fused_delta)) for m in self.members))
+        key = (mode, *((_version(m.threshold), _version(m.channel_norm), _version(m.linear.bias),
+                        _version(m.fused_delta)) for m in self.members))
         if key != self._consts_key:
             self._taus = [float(m.threshold) for m in self.members]
+            # Weighted criterion: one row of per-input-channel thresholds tau / c per member (a
+            # magnitude member in the same group gets its tau in every channel).
+            self._channel_taus = None
+            if any(m.channel_norm is not None for m in self.members):
+                k = self.weight_t.shape[0]
+                self._channel_taus = torch.stack([m.cutoff().float().expand(k) for m in self.members]).contiguous()
             biases = [m.sparse_bias() for m in self.members]
             if all(b is None for b in biases):
                 self._bias = None
@@ -83,7 +91,8 @@ class KernelGroup:
             if not self._left:
                 self._input, self._outputs = None, []  # nothing kept past the group's last call
             return y
-        ys = self._run(x, *self._constants(m.mode))
+        taus, bias = self._constants(m.mode)
+        ys = self._run(x, taus if self._channel_taus is None else self._channel_taus, bias)
         if any(o.mode != m.mode for o in self.members):  # a group switched piecemeal: nothing to share
             return ys[i]
         self._input, self._input_version = x, x._version
@@ -93,15 +102,21 @@ class KernelGroup:
         return ys[i]
 
 
-    def _run(self, x: torch.Tensor, taus: list[float], bias: torch.Tensor | None) -> tuple[torch.Tensor, ...]:
-        """Decode on CPU (<= 4 rows) calls the native op directly: the public API's layers
+    def _run(self, x: torch.Tensor, taus: list[float] | torch.Tensor,
+             bias: torch.Tensor | None) -> tuple[torch.Tensor, ...]:
+        """`taus`: one threshold per member, or [members, in] per-channel thresholds (weighted).
+        Decode on CPU (<= 4 rows) calls the native op directly: the public API's layers
         (argument normalisation, dispatch, threshold conversion; ~20-30 us of Python a call) cost
         as much as a 576-wide GEMV. Anything else goes through spon.kernels' dispatch."""
         rows = x.numel() // x.shape[-1]
         if rows <= 4 and x.device.type == "cpu" and x.dtype == self.weight_t.dtype:
             op = native_op()
             if op is not None:
-                y = op(x.reshape(rows, -1), self.weight_t, self._bias_f32, taus, self.out_features, None)
+                x2 = x.reshape(rows, -1)
+                if isinstance(taus, torch.Tensor):
+                    y = op(x2, self.weight_t, self._bias_f32, self._taus, self.out_features, None, taus)
+                else:
+                    y = op(x2, self.weight_t, self._bias_f32, taus, self.out_features, None)
                 return y.view(*x.shape[:-1], y.shape[-1]).split(self.out_features, -1)
         return sparse_linear_fused(x, self.weight_t, self.out_features, bias, taus)
 

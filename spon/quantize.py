@@ -32,7 +32,7 @@ SCHEMES = ("int8", "int4", "nf4")
 QUANT_FILE = "quantized.safetensors"
 QUANT_META = "quantization.json"
 # What a quantized directory keeps from its fused source (no fp weights).
-_COPY = ("config.json", "generation_config.json", "spon.json", "spon_alpha.safetensors")
+_COPY = ("config.json", "generation_config.json", "spon.json", "spon_alpha.safetensors", "spon_channel_norms.safetensors")
 
 
 def _torchao():
@@ -214,7 +214,7 @@ def load_quantized(model_dir: str | Path, device: str = "cpu"):
     from torchao.prototype.safetensors.safetensors_support import unflatten_tensor_state_dict
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-    from spon.fuse import read_sidecar
+    from spon.fuse import read_channel_norms, read_sidecar
     from spon.sparse import SparsifyConfig, sparsify_
 
     d = Path(model_dir)
@@ -225,7 +225,8 @@ def load_quantized(model_dir: str | Path, device: str = "cpu"):
     config = AutoConfig.from_pretrained(d)
     model = AutoModelForCausalLM.from_config(config)  # skeleton; every persistent tensor is replaced below
     # Thresholds, alpha and the fused biases come with the state dict below.
-    sparsify_(model, SparsifyConfig(targets=meta["targets"], protocol=meta.get("protocol", "all"), mode="spon"))
+    sparsify_(model, SparsifyConfig(targets=meta["targets"], protocol=meta.get("protocol", "all"), mode="spon",
+                                    criterion=meta.get("criterion", "magnitude"), channel_norms=read_channel_norms(d, meta)))
     for m in sparse_linears(model):  # declare the buffer so the state dict key is accepted
         m.fused_delta = torch.empty(m.linear.out_features)
         if m.linear.bias is None:

@@ -1,5 +1,11 @@
 """The sparse linear: y = W (S(x) + alpha) + b with S(x) = x * 1{|x| > tau}.
 
+Two criteria decide which activations S drops:
+  magnitude  TEAL:  drop x_i when |x_i| <= tau
+  weighted   WINA (arXiv 2505.19427): drop x_i when |x_i| * c_i <= tau, c_i = ||W[:, i]||_2, the size
+             of the contribution x_i makes to the output; the same test as a per-input-channel
+             threshold tau_i = tau / c_i, so kernels and fusion stay as they are.
+
 One module, three modes over the same frozen weights:
   dense  W x + b                  (the teacher; never a second copy of the weights)
   teal   W S(x) + b               (TEAL)
@@ -24,6 +30,13 @@ from spon.model import PROJECTIONS, find_projections
 
 MODES = ("dense", "teal", "spon")
 PROTOCOLS = ("all", "last_half")
+CRITERIA = ("magnitude", "weighted")
+
+
+def column_norms(weight: torch.Tensor) -> torch.Tensor:
+    """c_i = ||W[:, i]||_2 in fp32, summed in float64 so every CPU kind and thread count rounds it
+    the same (a one-ulp difference in c would move the mask of a boundary activation)."""
+    return weight.detach().double().pow(2).sum(0).sqrt().float()
 
 
 class SparseLinear(nn.Module):
@@ -33,6 +46,8 @@ class SparseLinear(nn.Module):
         self.name = name  # "layer.kind", e.g. "3.down"
         self.kind = kind
         self.register_buffer("threshold", torch.zeros((), dtype=torch.float32))
+        # WINA's c_i = ||W[:, i]||_2 (criterion "weighted"); None: TEAL's magnitude criterion.
+        self.register_buffer("channel_norm", None, persistent=False)
         # alpha lives in the linear's input space; fp32 even for a bf16 model so small updates survive.
         self.alpha = nn.Parameter(torch.zeros(linear.in_features, dtype=torch.float32, device=linear.weight.device))
         # After fusion linear.bias holds b + W alpha; fused_delta = W alpha lets dense/teal modes undo it.
@@ -51,8 +66,13 @@ class SparseLinear(nn.Module):
     def fused(self) -> bool:
         return self.fused_delta is not None
 
+    @property
+    def criterion(self) -> str:
+        return "magnitude" if self.channel_norm is None else "weighted"
+
     def extra_repr(self) -> str:
-        return f"name={self.name}, mode={self.mode}, tau={self.threshold.item():.4g}, fused={self.fused}"
+        return (f"name={self.name}, mode={self.mode}, criterion={self.criterion}, tau={self.threshold.item():.4g}, "
+                f"fused={self.fused}")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.mode == "dense":
@@ -97,10 +117,21 @@ class SparseLinear(nn.Module):
         self.zeros += keep.numel() - int(keep.sum())
         self.seen += keep.numel()
 
+    def cutoff(self) -> torch.Tensor:
+        """What |x| is compared with: tau (magnitude), or tau_i = tau / c_i per input channel
+        (weighted; fp32, so every path that reads it compares against the same numbers)."""
+        return self.threshold if self.channel_norm is None else self.threshold / self.channel_norm
+
+    def score(self, x: torch.Tensor) -> torch.Tensor:
+        """The criterion's importance of each activation, whose quantile calibrates tau:
+        |x| (magnitude) or |x| * c (weighted)."""
+        s = x.detach().float().abs()
+        return s if self.channel_norm is None else s * self.channel_norm
+
     def keep(self, x: torch.Tensor) -> torch.Tensor:
-        """1{|x| > tau}: the kernels' own test (compared in fp32, as calibration measured |x|), so
+        """1{|x| > cutoff}: the kernels' own test (compared in fp32, as calibration measured |x|), so
         the torch path, the CPU op and the Triton kernel keep the same elements in bf16/fp16 too."""
-        return keep_mask(x, self.threshold)
+        return keep_mask(x, self.cutoff())
 
     def S(self, x: torch.Tensor) -> torch.Tensor:
         """TEAL's sparsifier: x * 1{|x| > tau}."""
@@ -117,10 +148,15 @@ class SparsifyConfig:
     alpha: the spontaneous-neuron vectors (None: leave them; zeros for a fresh model).
     alpha_in_bias: names whose checkpoint bias already holds b + W alpha (a fused checkpoint);
         with fuse=True every other alpha is fused into its bias now (b' = b + W alpha).
+    criterion: "magnitude" (TEAL) or "weighted" (WINA: |x_i| * ||W[:, i]||_2 against tau).
+    channel_norms: the weighted criterion's c per "layer.kind" as calibrated (a fused checkpoint
+        carries them: a quantized copy's W no longer gives the same norms); None: from W now.
     """
 
     targets: list[str] = field(default_factory=lambda: list(PROJECTIONS))
     thresholds: dict[str, float] | None = None
+    criterion: str = "magnitude"
+    channel_norms: dict[str, torch.Tensor] | None = None
     protocol: str = "all"
     alpha: dict[str, torch.Tensor] | None = None
     alpha_in_bias: dict[str, bool] = field(default_factory=dict)
@@ -128,10 +164,12 @@ class SparsifyConfig:
     mode: str = "teal"
 
     @classmethod
-    def from_sidecar(cls, meta: dict, alpha: dict[str, torch.Tensor]) -> "SparsifyConfig":
+    def from_sidecar(cls, meta: dict, alpha: dict[str, torch.Tensor],
+                     channel_norms: dict[str, torch.Tensor] | None = None) -> "SparsifyConfig":
         """A fused checkpoint: thresholds and alpha from its sidecar; alpha already in the biases
         where the architecture has a slot, fused at load time elsewhere."""
         return cls(targets=list(meta["targets"]), thresholds=meta["thresholds"], protocol=meta.get("protocol", "all"),
+                   criterion=meta.get("criterion", "magnitude"), channel_norms=channel_norms,
                    alpha=alpha, alpha_in_bias=meta["fused_in_checkpoint"], fuse=True, mode="spon")
 
 
@@ -139,6 +177,7 @@ def sparsify_(model, config: SparsifyConfig) -> list[SparseLinear]:
     """Apply TEAL sparsity (and spontaneous neurons) to `model` in place, from one config object."""
     mods = sparsify(model, config.targets)
     set_protocol(model, config.protocol)
+    set_criterion(model, config.criterion, config.channel_norms)
     if config.thresholds is not None:
         set_thresholds(model, config.thresholds)
     if config.alpha is not None:
@@ -197,6 +236,29 @@ def mode(model, name: str) -> Iterator[None]:
     finally:
         for m, old in before.items():
             m.mode = old
+
+
+@torch.no_grad()
+def set_criterion(model, criterion: str, channel_norms: dict[str, torch.Tensor] | None = None) -> None:
+    """Which activations S drops: "magnitude" (|x| <= tau) or "weighted" (|x| * c <= tau, with c
+    given per projection or computed from W now)."""
+    if criterion not in CRITERIA:
+        raise SponError(f"unknown criterion {criterion!r}; choose one of {CRITERIA}")
+    for m in sparse_linears(model):
+        if criterion == "magnitude":
+            m.channel_norm = None
+            continue
+        c = column_norms(m.linear.weight) if channel_norms is None else channel_norms.get(m.name)
+        if c is None or c.shape != (m.linear.in_features,):
+            raise SponError(f"{m.name}: channel norms must have {m.linear.in_features} entries, "
+                            f"got {None if c is None else tuple(c.shape)}")
+        m.channel_norm = c.detach().to(device=m.linear.weight.device, dtype=torch.float32).clone()
+
+
+def channel_norms(model) -> dict[str, torch.Tensor]:
+    """The weighted criterion's c of every sparse linear that has one (what a checkpoint stores)."""
+    return {m.name: m.channel_norm.detach().cpu().contiguous() for m in sparse_linears(model)
+            if m.channel_norm is not None}
 
 
 def set_thresholds(model, thresholds: dict[str, float]) -> None:

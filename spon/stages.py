@@ -67,7 +67,8 @@ def sparse_model(model_path: str, thresholds_dir: str | Path, protocol: str, dev
     """The model a stage works on: loaded, then `sparsify_` with the calibrated thresholds."""
     t = read_json(Path(thresholds_dir) / THRESHOLDS_FILE)
     model, tok = load_model(model_path, device, dtype)
-    sparsify_(model, SparsifyConfig(targets=t["targets"], thresholds=t["thresholds"], protocol=protocol, alpha=alpha))
+    sparsify_(model, SparsifyConfig(targets=t["targets"], thresholds=t["thresholds"], protocol=protocol, alpha=alpha,
+                                    criterion=t["config"].get("criterion", "magnitude")))
     return model, tok
 
 
@@ -128,6 +129,7 @@ def fuse(model_path: str, calib_dir: str | Path, thresholds_dir: str | Path, dis
     meta = {
         "sparsity": t["config"]["sparsity"],
         "allocation": t["config"]["allocation"],
+        "criterion": t["config"].get("criterion", "magnitude"),
         "per_projection_sparsity": t["sparsities"],
         "realized_sparsity_heldout": realized,
         "protocol": protocol,
@@ -194,6 +196,7 @@ def summarize(cfg: RunConfig, source: str, calib_dir, thresholds_dir, distill_di
         "preset": cfg.preset,
         "sparsity": cfg.sparsity.sparsity,
         "allocation": cfg.sparsity.allocation,
+        "criterion": cfg.sparsity.criterion,
         "protocol": cfg.protocol,
         "realized_sparsity": first["teal"]["realized_sparsity"] if first else sidecar["realized_sparsity_heldout"],
         "realized_sparsity_heldout_calibration": sidecar["realized_sparsity_heldout"],

@@ -1,6 +1,10 @@
 """TEAL thresholds: streamed magnitude histograms per (layer, projection), then tau for a target.
 
-Memory is bounded: each projection keeps a fixed histogram of log10|x| (not the activations),
+What is histogrammed is the criterion's score of each activation (SparseLinear.score): |x| for
+TEAL's magnitude criterion, |x| * ||W[:, i]||_2 for WINA's weighted one; tau is its quantile either
+way, so the allocation (uniform, greedy) and the sparse-upstream calibration serve both.
+
+Memory is bounded: each projection keeps a fixed histogram of log10(score) (not the activations),
 fine enough (1e-3 decades per bin) that interpolated thresholds land within a hair of the
 exact quantile.
 """
@@ -15,7 +19,7 @@ import torch
 
 from spon.config import SparsityConfig
 from spon.errors import SponError
-from spon.sparse import SparseLinear, by_name, mode, set_thresholds, sparse_linears
+from spon.sparse import SparseLinear, by_name, mode, set_criterion, set_thresholds, sparse_linears
 
 LOG_MIN, LOG_MAX, BINS = -10.0, 6.0, 16_000
 
@@ -27,7 +31,8 @@ def check_sparsity(s: float) -> float:
 
 
 def magnitude_histogram(x: torch.Tensor) -> torch.Tensor:
-    """Counts of log10|x| in the fixed bins every threshold is read from (float64, on the CPU)."""
+    """Counts of log10|x| in the fixed bins every threshold is read from (float64, on the CPU);
+    x is an activation or a criterion's score of one."""
     logx = torch.log10(x.detach().float().abs().flatten().clamp_min(10**LOG_MIN))
     return torch.histc(logx, bins=BINS, min=LOG_MIN, max=LOG_MAX).cpu().double()
 
@@ -63,7 +68,7 @@ class Histograms:
         self._handles.clear()
 
     def _hook(self, module: SparseLinear, args):
-        self.counts[module.name] += magnitude_histogram(args[0])
+        self.counts[module.name] += magnitude_histogram(module.score(args[0]))
 
 
 @torch.no_grad()
@@ -186,7 +191,8 @@ def sparse_upstream_thresholds(model, blocks: torch.Tensor, sparsities: dict[str
     Thresholds taken on the dense model's activations do not give the sparsity they were set
     for: each sparsified projection shrinks what flows downstream, so later inputs have more
     mass below their tau (SmolLM2-135M at a 60 % target realizes 65 %). Here a pre-hook on each
-    sparse linear computes its tau from the input it actually receives in the sparse model and
+    sparse linear computes its tau (a quantile of its criterion's score) from the input it actually
+    receives in the sparse model and
     sets it before the module runs, so the realized sparsity on the calibration text is the
     target. The whole calibration set goes through as one batch (one call per module); memory
     is that of one forward over len(blocks) x block_len tokens, without the LM head.
@@ -198,7 +204,7 @@ def sparse_upstream_thresholds(model, blocks: torch.Tensor, sparsities: dict[str
         x = args[0]
         if module.protocol == "last_half" and x.dim() == 3 and x.shape[1] > 1:
             x = x[:, x.shape[1] // 2 :]  # only the positions this protocol sparsifies
-        taus[module.name] = threshold_from_histogram(magnitude_histogram(x), sparsities[module.name])
+        taus[module.name] = threshold_from_histogram(magnitude_histogram(module.score(x)), sparsities[module.name])
         module.threshold.fill_(taus[module.name])
 
     device = next(model.parameters()).device
@@ -220,6 +226,7 @@ def compute_thresholds(model, blocks: torch.Tensor, cfg: SparsityConfig) -> tupl
     if len(blocks) == 0:
         raise SponError("calibration data is empty: no blocks")
     names = list(by_name(model))
+    set_criterion(model, cfg.criterion)
     hists = None
     if cfg.allocation == "uniform":
         sp = {n: sparsity for n in names}

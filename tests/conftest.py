@@ -72,7 +72,7 @@ def tiny_models(tmp_path_factory) -> dict[str, Path]:
     return {a: make_tiny(a, base / a) for a in ("llama", "mistral", "qwen2", "qwen3")}
 
 
-def fuse_closed_form(model_path: Path, out: Path, protocol: str = "all") -> Path:
+def fuse_closed_form(model_path: Path, out: Path, protocol: str = "all", criterion: str = "magnitude") -> Path:
     """`model_path` at 50% uniform sparsity with the closed-form alpha (spon's distillation init:
     a real, cheap alpha; no training steps), fused and saved to `out` with `protocol`."""
     import torch
@@ -89,7 +89,7 @@ def fuse_closed_form(model_path: Path, out: Path, protocol: str = "all") -> Path
     model, tok = load_model(str(model_path))
     sparsify(model)
     blocks = sample_blocks(model, tok, num_blocks=16, block_len=64, seed=0)
-    taus, _ = compute_thresholds(model, blocks, SparsityConfig(sparsity=0.5))
+    taus, _ = compute_thresholds(model, blocks, SparsityConfig(sparsity=0.5, criterion=criterion))
     set_thresholds(model, taus)
     load_alphas(model, closed_form_alpha(model, blocks))
     return save_fused(model, tok, out, {"sparsity": 0.5, "protocol": protocol})
@@ -101,15 +101,17 @@ def fused_dir(tmp_path_factory, stories_path) -> Path:
     return fuse_closed_form(stories_path, tmp_path_factory.mktemp("fused") / "fused")
 
 
-# Each tiny architecture fused with one protocol: TEAL's last_half on an architecture whose alpha is
-# all in the biases (llama) and on one with projections it cannot carry (qwen2), `all` on the others.
-TINY_FUSED_PROTOCOLS = {"llama": "last_half", "mistral": "all", "qwen2": "last_half", "qwen3": "all"}
+# Each tiny architecture fused with one protocol and criterion: TEAL's last_half on an architecture
+# whose alpha is all in the biases (llama) and on one with projections it cannot carry (qwen2), `all`
+# on the others; WINA's weighted criterion on one of each protocol.
+TINY_FUSED = {"llama": ("last_half", "magnitude"), "mistral": ("all", "weighted"), "qwen2": ("last_half", "weighted"),
+              "qwen3": ("all", "magnitude")}
 
 
 @pytest.fixture(scope="session")
 def tiny_fused(tmp_path_factory, tiny_models) -> dict[str, Path]:
     base = tmp_path_factory.mktemp("tiny-fused")
-    return {a: fuse_closed_form(tiny_models[a], base / a, p) for a, p in TINY_FUSED_PROTOCOLS.items()}
+    return {a: fuse_closed_form(tiny_models[a], base / a, p, c) for a, (p, c) in TINY_FUSED.items()}
 
 
 # ----------------------------------------------------------------------------- SmolLM2-135M (slow tests)

@@ -68,6 +68,7 @@ def test_nan_loss_stops_distillation(stories_path):
         (["run", "--model", "./no/such/model"], "model path does not exist"),
         (["run", "--eval-text", "no_such.txt"], "text file does not exist: no_such.txt"),
         (["run", "--allocation", "random"], "sparsity.allocation"),
+        (["run", "--criterion", "wanda"], "sparsity.criterion"),
         (["run", "--targets", "q,nope"], "sparsity.targets"),
     ],
 )

@@ -99,6 +99,10 @@ def test_the_checkpoint_carries_its_code_and_card(tiny_fused):
         assert "library_name: transformers" in header and "- spon" in header and f"- {arch}" in header
         assert "| target sparsity | 0.5 (uniform allocation over q, k, v, o, gate, up, down) |" in card
         assert f"| protocol | {meta['protocol']} " in card and "trust_remote_code=True" in card
+        assert f"| criterion | {meta['criterion']} " in card
+        # the weighted criterion's channel norms travel with the checkpoint (and its format says so)
+        assert (d / "spon_channel_norms.safetensors").is_file() == (meta["criterion"] == "weighted")
+        assert meta["format"] == {"magnitude": "spon/1", "weighted": "spon/2"}[meta["criterion"]]
         assert ("alpha outside the biases" in card) == bool(meta["unfusable_projections"])
         assert "Not measured yet" in card  # save_fused alone has no perplexities
 

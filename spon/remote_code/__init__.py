@@ -86,6 +86,10 @@ def write_model_card(model_dir: str | Path, summary: dict | None = None) -> Path
     rows = [("source model", f"`{source}`"),
             ("target sparsity", f"{_fmt(meta.get('sparsity'))} ({meta.get('allocation', 'uniform')} allocation "
                                 f"over {', '.join(meta.get('targets', []))})"),
+            ("criterion", {"magnitude": "magnitude (TEAL: drop x_i when |x_i| ≤ τ)",
+                           "weighted": "weighted (WINA: drop x_i when |x_i| · ‖W[:, i]‖₂ ≤ τ; ‖W[:, i]‖₂ in "
+                                       "`spon_channel_norms.safetensors`)"}.get(meta.get("criterion", "magnitude"),
+                                                                                 meta.get("criterion"))),
             ("protocol", protocol_text.get(protocol, protocol))]
     if meta.get("realized_sparsity_heldout") is not None:
         rows.append(("realized sparsity, held-out calibration blocks", _fmt(meta["realized_sparsity_heldout"], ".4f")))

@@ -11,7 +11,8 @@ It depends on torch and transformers only (safetensors comes with transformers):
 
 At the input of every sparsified linear it applies TEAL's S(x) = x * 1{|x| > tau}, with tau from
 the sidecar `spon.json` keyed "layer.kind", compared in fp32 exactly as spon does, so the logits
-are spon's. The spontaneous neurons alpha are already in the biases where the architecture has a
+are spon's. A checkpoint of the weighted criterion (WINA: drop x_i when |x_i| * ||W[:, i]||_2 <=
+tau) compares |x_i| with tau / c_i, c from `spon_channel_norms.safetensors`. The spontaneous neurons alpha are already in the biases where the architecture has a
 bias slot; elsewhere (the sidecar's `unfusable_projections`) this code adds W alpha from
 `spon_alpha.safetensors` at load time, as spon's loader does.
 """
@@ -29,7 +30,9 @@ from transformers.utils import cached_file
 
 SIDECAR = "spon.json"
 ALPHA_FILE = "spon_alpha.safetensors"
-FORMAT = "spon/1"
+CHANNEL_NORMS_FILE = "spon_channel_norms.safetensors"
+FORMATS = ("spon/1", "spon/2")
+CRITERIA = ("magnitude", "weighted")
 ATTENTION = ("q", "k", "v", "o")
 PROTOCOLS = ("all", "last_half")
 # from_pretrained arguments that say where the checkpoint's files are; the sidecar is read from
@@ -44,19 +47,23 @@ class SponSparseLinear(nn.Linear):
     names; tau and W alpha are non-persistent buffers (they come from the sidecar, not the
     weights)."""
 
-    def __init__(self, linear: nn.Linear, threshold: float, protocol: str, alpha_delta: torch.Tensor | None):
+    def __init__(self, linear: nn.Linear, threshold: float, protocol: str, alpha_delta: torch.Tensor | None,
+                 channel_norm: torch.Tensor | None = None):
         super().__init__(linear.in_features, linear.out_features, bias=False, device="meta")
         self.weight = linear.weight
         self.bias = linear.bias
         self.protocol = protocol
-        self.register_buffer("threshold", torch.tensor(float(threshold), dtype=torch.float32,
-                                                       device=linear.weight.device), persistent=False)
+        tau = torch.tensor(float(threshold), dtype=torch.float32, device=linear.weight.device)
+        if channel_norm is not None:  # weighted criterion: tau_i = tau / c_i in fp32, as spon computes it
+            tau = tau / channel_norm.to(device=tau.device, dtype=torch.float32)
+        self.register_buffer("threshold", tau, persistent=False)
         # W alpha, needed only where the first half of a sequence runs dense (protocol last_half):
         # the dense model's bias there is b = b' - W alpha.
         self.register_buffer("alpha_delta", alpha_delta, persistent=False)
 
     def extra_repr(self) -> str:
-        return f"{super().extra_repr()}, tau={self.threshold.item():.4g}, protocol={self.protocol}"
+        tau = f"{self.threshold.item():.4g}" if self.threshold.dim() == 0 else "per-channel"
+        return f"{super().extra_repr()}, tau={tau}, protocol={self.protocol}"
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # TEAL's published prefill protocol: the first half of each sequence stays dense.
@@ -73,20 +80,28 @@ class SponSparseLinear(nn.Linear):
         return F.linear(x * keep, self.weight, self.bias)
 
 
-def read_sidecar(pretrained_model_name_or_path, **hub_kwargs) -> tuple[dict, dict[str, torch.Tensor]]:
-    """The checkpoint's spon.json and alpha vectors, from where its weights came from."""
+def read_sidecar(pretrained_model_name_or_path, **hub_kwargs):
+    """The checkpoint's spon.json, alpha vectors and (weighted criterion) channel norms, from where
+    its weights came from."""
     path = cached_file(pretrained_model_name_or_path, SIDECAR, **hub_kwargs)
     with open(path, encoding="utf-8") as f:
         meta = json.load(f)
-    if meta.get("format") != FORMAT:
-        raise ValueError(f"{path}: unknown spon format {meta.get('format')!r}, expected {FORMAT}")
+    if meta.get("format") not in FORMATS:
+        raise ValueError(f"{path}: unknown spon format {meta.get('format')!r}, expected one of {FORMATS}")
     if meta.get("protocol", "all") not in PROTOCOLS:
         raise ValueError(f"{path}: unknown protocol {meta.get('protocol')!r}; expected one of {PROTOCOLS}")
-    return meta, load_file(cached_file(pretrained_model_name_or_path, ALPHA_FILE, **hub_kwargs))
+    if meta.get("criterion", "magnitude") not in CRITERIA:
+        raise ValueError(f"{path}: unknown criterion {meta.get('criterion')!r}; expected one of {CRITERIA}")
+    alpha = load_file(cached_file(pretrained_model_name_or_path, ALPHA_FILE, **hub_kwargs))
+    norms = None
+    if meta.get("criterion", "magnitude") == "weighted":
+        norms = load_file(cached_file(pretrained_model_name_or_path, CHANNEL_NORMS_FILE, **hub_kwargs))
+    return meta, alpha, norms
 
 
 @torch.no_grad()
-def sparsify_loaded(model, meta: dict, alpha: dict[str, torch.Tensor]) -> None:
+def sparsify_loaded(model, meta: dict, alpha: dict[str, torch.Tensor],
+                    channel_norms: dict[str, torch.Tensor] | None = None) -> None:
     """Replace every sparsified projection ("layer.kind" in the sidecar) with SponSparseLinear."""
     protocol = meta.get("protocol", "all")
     thresholds, in_checkpoint = meta["thresholds"], meta["fused_in_checkpoint"]
@@ -103,7 +118,8 @@ def sparsify_loaded(model, meta: dict, alpha: dict[str, torch.Tensor]) -> None:
             if not in_checkpoint[name]:
                 # No bias slot in the vanilla architecture: b' = 0 + W alpha, fused here.
                 linear.bias = nn.Parameter(delta.clone(), requires_grad=False)
-            setattr(parent, f"{kind}_proj", SponSparseLinear(linear, thresholds[name], protocol, delta))
+            norm = None if channel_norms is None else channel_norms[name]
+            setattr(parent, f"{kind}_proj", SponSparseLinear(linear, thresholds[name], protocol, delta, norm))
 
 
 class SponSparseMixin:
