@@ -113,7 +113,8 @@ def cpu_sparse_gemv(
 ) -> Tensor:
     """x: [M, K] (M <= 8) on CPU, weight_t: [K, N] contiguous.  Returns [M, N] in x.dtype.
 
-    ``threshold``: a float (or one-element tensor), or fp32 ``[K]``, one per input channel."""
+    ``threshold``: a float (or one-element tensor), or fp32 ``[K]``, one per input
+    channel (anything ``normalize_thresholds`` takes for one segment)."""
     assert x.dim() == 2 and x.shape[0] <= MAX_BATCH
     threshold = normalize_thresholds(threshold, 1, x.shape[1])
     op = native_op() if _native_applies(x, weight_t, scales) else None
@@ -128,23 +129,28 @@ def cpu_sparse_gemv(
     return _dense_masked(x, _keep_mask_native(x, threshold[0]), weight_t, bias)
 
 
-def normalize_thresholds(thresholds, nseg: int, K: int, device="cpu") -> list[float] | Tensor:
+def normalize_thresholds(thresholds, nseg: int, K: int, device=None) -> list[float] | Tensor:
     """One float per segment (a list), or the per-channel form: contiguous fp32
-    [nseg, K] on ``device`` (what the native op's ``channel_thresholds`` takes).
+    [nseg, K] on ``device`` (default CPU; what the native op's ``channel_thresholds`` takes).
 
     Accepts a float, a one-element tensor, a [nseg] tensor, a [K] vector (one
     segment), an [nseg, K] tensor, or a list of floats / [K] vectors (a float
-    item stands for that value on every channel)."""
+    item stands for that value on every channel).  A tensor already in the
+    target form is returned as it is: this runs on every decode call, where
+    each tensor op costs ~1 us against a GEMV of 10-50 us at width 576."""
     if isinstance(thresholds, Tensor):
-        if thresholds.numel() == 1 or (thresholds.dim() == 1 and thresholds.numel() == nseg):
+        n = thresholds.numel()
+        if n == 1 or (n == nseg and thresholds.dim() == 1):
             vals = [float(v) for v in thresholds.reshape(-1).tolist()]
             return vals * nseg if len(vals) == 1 else vals
-        t = thresholds.detach().to(device=device, dtype=torch.float32)
+        t = thresholds.detach() if thresholds.requires_grad else thresholds
+        if t.dtype != torch.float32 or (not t.is_cpu if device is None else t.device != device):
+            t = t.to(device=device or "cpu", dtype=torch.float32)
         if t.dim() == 1 and nseg == 1:
             t = t.view(1, -1)
-        if tuple(t.shape) != (nseg, K):
+        if t.shape != (nseg, K):
             raise ValueError(f"thresholds of shape {tuple(thresholds.shape)}: expected [{nseg}] or [{nseg}, {K}]")
-        return t.contiguous()
+        return t if t.is_contiguous() else t.contiguous()
     if not isinstance(thresholds, (list, tuple)):
         return [float(thresholds)] * nseg
     if len(thresholds) == 1:
@@ -158,9 +164,9 @@ def normalize_thresholds(thresholds, nseg: int, K: int, device="cpu") -> list[fl
         if isinstance(t, Tensor) and t.numel() > 1:
             if t.numel() != K:
                 raise ValueError(f"a per-channel threshold has {t.numel()} entries, the input {K}")
-            rows.append(t.detach().to(device=device, dtype=torch.float32).reshape(K))
+            rows.append(t.detach().to(device=device or "cpu", dtype=torch.float32).reshape(K))
         else:
-            rows.append(torch.full((K,), float(t), dtype=torch.float32, device=device))
+            rows.append(torch.full((K,), float(t), dtype=torch.float32, device=device or "cpu"))
     return torch.stack(rows)
 
 

@@ -71,7 +71,7 @@ def dispatch(x, weight_t, bias, threshold, seg_sizes, scales):
     taus = _cpu.normalize_thresholds(threshold, len(seg_sizes), K, x.device)
     if x.device.type == "cpu" and M <= _cpu.MAX_BATCH:
         if len(seg_sizes) == 1:
-            return _cpu.cpu_sparse_gemv(x, weight_t, bias, taus[0], scales)
+            return _cpu.cpu_sparse_gemv(x, weight_t, bias, taus, scales)  # [tau] or [1, K]: as normalized
         return _cpu.cpu_sparse_gemv_fused(x, weight_t, bias, taus, list(seg_sizes), scales)
     return _reference(x, weight_t, bias, taus, list(seg_sizes), scales)
 
