@@ -5,7 +5,10 @@
 
 Kernel level: y = sparse_linear(x, Wᵀ, tau) vs the dense baseline
 ``F.linear(x, W)`` in the same dtype (W stored [out, in] as in the model),
-timed interleaved in one process.  For each point it records the median
+timed interleaved in one process.  ``--per-channel`` also times the
+per-input-channel threshold path (the weighted criterion: keep x_k iff
+|x_k|·||W[:, k]|| > tau, i.e. the vector tau / ||W[:, k]||, tau set for the
+same sparsity) against the scalar path, interleaved, and reports the ratio.  For each point it records the median
 times, the ratio, the ideal ratio 1/(1-s_eff) where s_eff is the fraction of
 weight rows the batch can skip (every batch row must drop the feature), and
 achieved GB/s of weight traffic against the measured device copy bandwidth.
@@ -170,6 +173,8 @@ def bench_kernels(args, device: torch.device, timer: Timer, copy_bw: float, rows
                         sparse_frac_copy_bw=sparse_bytes / t_sparse / 1e9 / copy_bw,
                         max_abs_err_vs_reference=err,
                     )
+                    if args.per_channel:
+                        _bench_per_channel(row, x, w, wt, scales, s, sparse, timer)
                     rows.append(row)
                     save()
                     print(
@@ -179,8 +184,50 @@ def bench_kernels(args, device: torch.device, timer: Timer, copy_bw: float, rows
                         f"{row['sparse_GBps']:7.1f} GB/s ({row['sparse_frac_copy_bw']:.0%} of copy)",
                         flush=True,
                     )
+                    if args.per_channel:
+                        print(
+                            f"{'':9s} per-channel (s={row['pc_sparsity_measured']:.2f}): scalar "
+                            f"{row['pc_scalar_ms']:8.3f} ms  per-channel {row['pc_per_channel_ms']:8.3f} ms  "
+                            f"per-channel/scalar {row['per_channel_over_scalar']:.3f} (min {row['per_channel_over_scalar_min']:.3f})",
+                            flush=True,
+                        )
             del w, wt
     return rows
+
+
+def _bench_per_channel(row: dict, x, w, wt, scales, s: float, scalar_sparse, timer: Timer) -> None:
+    """Per-channel thresholds vs the scalar one at the same realized sparsity, timed as a pair.
+
+    The vector is the weighted criterion's: tau_k = tau / ||W[:, k]||, with tau the s-quantile
+    of |x_k|·||W[:, k]||, so the same fraction of x is dropped (other elements than the scalar's)."""
+    col_norm = w.float().norm(dim=0).clamp_min(1e-12)  # [K]
+    if s <= 0:
+        tvec = torch.full_like(col_norm, -1.0)
+    else:
+        tvec = float((x.abs().float() * col_norm).flatten().quantile(s)) / col_norm
+    if scales is not None:
+
+        def per_channel():
+            return sparse_linear_int8(x, wt, scales, None, tvec)
+    else:
+
+        def per_channel():
+            return sparse_linear(x, wt, None, tvec)
+
+    with torch.no_grad():
+        err = (per_channel().float() - sparse_linear_reference(x, w.t(), None, tvec).float()).abs().max().item()
+        t_scalar, t_pc = timer.pair(scalar_sparse, per_channel)
+        min_scalar, min_pc = timer.last_min
+    keep = x.abs().float() > tvec
+    row.update(
+        pc_sparsity_measured=round(1.0 - keep.float().mean().item(), 4),
+        pc_sparsity_effective=round(1.0 - keep.any(0).float().mean().item(), 4),
+        pc_scalar_ms=t_scalar * 1e3,
+        pc_per_channel_ms=t_pc * 1e3,
+        per_channel_over_scalar=t_pc / t_scalar,
+        per_channel_over_scalar_min=min_pc / min_scalar,
+        pc_max_abs_err_vs_reference=err,
+    )
 
 
 def _sync(device):
@@ -302,6 +349,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="CPU decode path: the native op (falls back to embedding_bag if it cannot be built) "
                    "or embedding_bag")
     p.add_argument("--bag-rows", type=_at_least(1), default=None, help="CPU path: surviving rows per embedding bag")
+    p.add_argument("--per-channel", action="store_true",
+                   help="also time per-input-channel thresholds (tau / ||W[:, k]||) against the scalar threshold "
+                   "at the same sparsity, interleaved; JSON fields pc_* and per_channel_over_scalar")
     p.add_argument("--out", default=None, help="output dir (default $OUT or runs/bench)")
     p.add_argument("--no-plot", action="store_true")
     return p
