@@ -134,8 +134,8 @@ def normalize_thresholds(thresholds, nseg: int, K: int, device=None) -> list[flo
     [nseg, K] on ``device`` (default CPU; what the native op's ``channel_thresholds`` takes).
 
     Accepts a float, a one-element tensor, a [nseg] tensor, a [K] vector (one
-    segment), an [nseg, K] tensor, or a list of floats / [K] vectors (a float
-    item stands for that value on every channel).  A tensor already in the
+    segment), an [nseg, K] (or shared [1, K]) tensor, or a list of floats / [K]
+    vectors (a float item stands for that value on every channel).  A tensor already in the
     target form is returned as it is: this runs on every decode call, where
     each tensor op costs ~1 us against a GEMV of 10-50 us at width 576."""
     if isinstance(thresholds, Tensor):
@@ -148,6 +148,8 @@ def normalize_thresholds(thresholds, nseg: int, K: int, device=None) -> list[flo
             t = t.to(device=device or "cpu", dtype=torch.float32)
         if t.dim() == 1 and nseg == 1:
             t = t.view(1, -1)
+        elif t.dim() == 2 and t.shape[0] == 1 and nseg > 1:
+            t = t.expand(nseg, -1)  # one vector shared by every segment
         if t.shape != (nseg, K):
             raise ValueError(f"thresholds of shape {tuple(thresholds.shape)}: expected [{nseg}] or [{nseg}, {K}]")
         return t if t.is_contiguous() else t.contiguous()

@@ -37,16 +37,17 @@ def thresholds_tensor(threshold, n: int, device, K: int | None = None) -> Tensor
     whose items are floats or [K] tensors.  Tensors are reshaped, never read
     on the host, so torch.compile traces through."""
     if isinstance(threshold, (list, tuple)) and any(isinstance(t, Tensor) and t.numel() > 1 for t in threshold):
-        return torch.stack([
+        t = torch.stack([
             t.detach().to(device=device, dtype=torch.float32).reshape(K)
             if isinstance(t, Tensor) and t.numel() > 1
             else torch.full((K,), float(t), dtype=torch.float32, device=device)
             for t in threshold
         ])
+        return t.expand(n, -1).contiguous() if t.shape[0] == 1 else t  # one vector shared
     if isinstance(threshold, Tensor):
         t = threshold.detach().to(device=device, dtype=torch.float32)
         if t.dim() == 2 or (t.dim() == 1 and n == 1 and t.numel() > 1):
-            return t.reshape(n, -1).contiguous()  # per channel
+            return t.reshape(-1, t.shape[-1]).expand(n, -1).contiguous()  # per channel ([1, K]: shared)
         t = t.reshape(-1)
         return t.expand(n).contiguous() if t.numel() == 1 and n > 1 else t
     if isinstance(threshold, (list, tuple)):

@@ -278,6 +278,20 @@ def test_batch_rule_per_channel(monkeypatch):
     assert calls == [8]
 
 
+def test_shared_vector_forms():
+    """[1, K] (or a one-item list) is one vector for every segment, on every entry point."""
+    x, w, b = make_case(2, 64, 30, torch.float32, "cpu")
+    wt = w.t().contiguous()
+    tvec = channel_taus(x)
+    ref = _ref(x, wt, b, tvec)
+    for thr in (tvec.view(1, -1), [tvec]):
+        assert_close(torch.cat(kernels.sparse_linear_fused(x, wt, [10, 20], b, thr), -1), ref, torch.float32)
+        taus = kernels.ops.thresholds_tensor(thr, 2, x.device, 64)
+        assert taus.shape == (2, 64)
+        assert_close(torch.ops.spon_kernels.sparse_gemv(x, wt, b, taus, [10, 20], None), ref, torch.float32)
+    assert_close(cpu.cpu_sparse_gemv_fused(x, wt, b, tvec.view(1, -1), [10, 20]), ref, torch.float32)
+
+
 def test_normalize_thresholds_rejects_wrong_shapes():
     with pytest.raises(ValueError, match="expected"):
         cpu.normalize_thresholds(torch.zeros(3, 10), 2, 10)
@@ -379,10 +393,14 @@ def test_torch_compile_fullgraph_per_channel():
     def g(x):
         return torch.cat(kernels.sparse_linear_fused(x, wt, [20, 44], b, [tvec, 0.5]), -1)
 
+    def h(x):  # one vector shared by both projections
+        return torch.cat(kernels.sparse_linear_fused(x, wt, [20, 44], b, [tvec]), -1)
+
     torch._dynamo.reset()
     torch.testing.assert_close(torch.compile(f, fullgraph=True, backend="aot_eager")(x), f(x))
     torch.testing.assert_close(f(x), torch.relu(_ref(x, wt, b, tvec)) * 2)
     torch.testing.assert_close(torch.compile(g, fullgraph=True, backend="aot_eager")(x), g(x))
+    torch.testing.assert_close(torch.compile(h, fullgraph=True, backend="aot_eager")(x), _ref(x, wt, b, tvec))
 
 
 # ----------------------------------------------------------------------------- Triton (interpreted on CPU)
