@@ -60,3 +60,36 @@ def threshold_for(x, sparsity):
     if sparsity >= 1:
         return float("inf")
     return float(x.abs().float().flatten().quantile(sparsity))
+
+
+def require_native():
+    """Skip where the native CPU op is switched off; fail where it should build and did not."""
+    from spon.kernels import cpu_native
+
+    if not cpu_native.enabled():
+        pytest.skip("SPON_CPU_NATIVE=0: native CPU op disabled")
+    if cpu_native.native_op() is None:
+        pytest.fail("native CPU op failed to build (see the warning); this machine has a compiler and ninja")
+
+
+def count_native_calls(monkeypatch) -> list[int]:
+    """Route the CPU path's native op through a counter: the rows of every call, appended."""
+    from spon.kernels import cpu_native
+    from spon.kernels import cpu_sparse_gemv as cpu
+
+    calls = []
+    real = cpu_native.native_op()
+
+    def counting(*a, **k):
+        calls.append(a[0].shape[0])
+        return real(*a, **k)
+
+    monkeypatch.setattr(cpu, "native_op", lambda: counting)
+    return calls
+
+
+def weights(w, int8):
+    """W^T for the kernels: int8 with scales, or the float weight transposed (scales None)."""
+    from spon.kernels.reference import quantize_weight_int8
+
+    return quantize_weight_int8(w) if int8 else (w.t().contiguous(), None)

@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from helpers import assert_close, make_case, threshold_for
+from helpers import assert_close, count_native_calls, make_case, require_native, threshold_for, weights
 from spon.kernels import cpu_native as native
 from spon.kernels import cpu_sparse_gemv as cpu
 from spon.kernels.reference import (
@@ -19,32 +19,12 @@ def _ref(x, wt, b, tau):
     return sparse_linear_reference(x.float(), wt.float(), None if b is None else b.float(), tau)
 
 
-def _require_native():
-    if not native.enabled():
-        pytest.skip("SPON_CPU_NATIVE=0: native CPU op disabled")
-    if native.native_op() is None:
-        pytest.fail("native CPU op failed to build (see the warning); this machine has a compiler and ninja")
-
-
-@pytest.fixture(params=["native", "serial", "bags"])
-def bag_mode(request, monkeypatch):
-    """Which CPU path the calls take: the native op, or embedding_bag with one
-    bag / many bags."""
-    if request.param == "native":
-        _require_native()
-    else:
-        monkeypatch.setattr(cpu, "native_op", lambda: None)
-    if request.param == "bags":
-        monkeypatch.setattr(cpu, "SERIAL_BYTES", 0)
-    return request.param
-
-
 @pytest.mark.parametrize("dtype", CPU_DTYPES, ids=str)
 @pytest.mark.parametrize("M", [1, 2, 5, 8])
 @pytest.mark.parametrize("K,N", [(172, 64), (64, 172), (1000, 300)])
 @pytest.mark.parametrize("sparsity", [0.0, 0.5, 0.9, 1.0])
 @pytest.mark.parametrize("bias", [True, False])
-def test_cpu_sparse_gemv(dtype, M, K, N, sparsity, bias, bag_mode):
+def test_cpu_sparse_gemv(dtype, M, K, N, sparsity, bias, cpu_path):
     x, w, b = make_case(M, K, N, dtype, "cpu", bias=bias)
     wt = w.t().contiguous()
     tau = threshold_for(x, sparsity)
@@ -68,7 +48,7 @@ def test_cpu_bag_splits(rows_per_bag, monkeypatch):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("M", [1, 6])
-def test_cpu_int8(dtype, M, bag_mode):
+def test_cpu_int8(dtype, M, cpu_path):
     x, w, b = make_case(M, 172, 64, dtype, "cpu")
     qwt, scales = quantize_weight_int8(w)
     tau = threshold_for(x, 0.5)
@@ -79,7 +59,7 @@ def test_cpu_int8(dtype, M, bag_mode):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("same_tau", [True, False])
 @pytest.mark.parametrize("int8", [False, True])
-def test_cpu_fused(dtype, same_tau, int8, bag_mode):
+def test_cpu_fused(dtype, same_tau, int8, cpu_path):
     sizes = [64, 17, 172]
     x, w, b = make_case(2, 172, sum(sizes), dtype, "cpu")
     taus = [0.5] * 3 if same_tau else [0.2, 0.9, float("inf")]
@@ -109,7 +89,7 @@ def test_native_dtype_mask_equals_fp32_compare(dtype):
 @pytest.fixture
 def native_only(monkeypatch):
     """The native op must be what runs: embedding_bag would raise."""
-    _require_native()
+    require_native()
 
     def no_bag(*a, **k):
         raise AssertionError("embedding_bag called on the native path")
@@ -161,7 +141,7 @@ def test_native_non_contiguous_input(native_only):
 
 
 def test_native_rejects_mismatched_shapes():
-    _require_native()
+    require_native()
     op = native.native_op()
     with pytest.raises(RuntimeError, match=r"x must be \[M, 64\]"):
         op(torch.randn(1, 63), torch.randn(64, 8), None, [0.1], [8], None)
@@ -229,7 +209,7 @@ def test_native_other_instruction_sets(arch, tmp_path):
     import sys
     from pathlib import Path
 
-    _require_native()
+    require_native()
     here = Path(__file__).parent
     env = dict(os.environ, SPON_CPU_NATIVE_ARCH=arch)
     r = subprocess.run(
@@ -247,7 +227,7 @@ def test_native_build_survives_a_killed_build(tmp_path):
     import subprocess
     import sys
 
-    _require_native()
+    require_native()
     build_dir = tmp_path / f"spon_cpu_sparse_gemv_{native._cpu_tag()}"
     build_dir.mkdir()
     (build_dir / "lock").write_text("")  # what a SIGKILLed build leaves
@@ -285,25 +265,13 @@ print("ok")
     assert r.returncode == 0 and r.stdout.strip() == "ok", r.stderr[-3000:]
 
 
-def _count_native_calls(monkeypatch):
-    calls = []
-    real = native.native_op()
-
-    def counting(*a, **k):
-        calls.append(a[0].shape[0])
-        return real(*a, **k)
-
-    monkeypatch.setattr(cpu, "native_op", lambda: counting)
-    return calls
-
-
 @pytest.mark.parametrize("dtype", CPU_DTYPES, ids=str)
 def test_batch_rule_dense_when_the_union_is_wide(dtype, monkeypatch):
     """8 bf16 rows with independent masks at 50% keep ~all rows of Wᵀ together:
     the dense masked matmul costs less than the native op's 8 FMAs per weight.
     fp32 and fp16 stay native (their dense CPU matmul is slower still)."""
-    _require_native()
-    calls = _count_native_calls(monkeypatch)
+    require_native()
+    calls = count_native_calls(monkeypatch)
     x, w, b = make_case(8, 600, 90, dtype, "cpu")
     wt = w.t().contiguous()
     tau = threshold_for(x, 0.5)
@@ -318,8 +286,8 @@ def test_batch_rule_dense_when_the_union_is_wide(dtype, monkeypatch):
 @pytest.mark.parametrize("M", [2, 3, 8])
 def test_batch_rule_native_when_rows_share_their_sparsity(M, monkeypatch):
     """Rows that keep the same few inputs (the union stays at 10%) take the native op."""
-    _require_native()
-    calls = _count_native_calls(monkeypatch)
+    require_native()
+    calls = count_native_calls(monkeypatch)
     x, w, b = make_case(1, 600, 90, torch.bfloat16, "cpu")
     x = x * torch.linspace(0.5, 1.5, M, dtype=x.dtype)[:, None]  # same support in every row
     wt = w.t().contiguous()

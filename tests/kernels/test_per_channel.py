@@ -9,7 +9,17 @@ import pytest
 import torch
 
 import spon.kernels as kernels
-from helpers import DTYPES, HAS_TRITON, TRITON_DEVICES, assert_close, make_case, threshold_for
+from helpers import (
+    DTYPES,
+    HAS_TRITON,
+    TRITON_DEVICES,
+    assert_close,
+    count_native_calls,
+    make_case,
+    require_native,
+    threshold_for,
+    weights,
+)
 from spon.kernels import cpu_native as native
 from spon.kernels import cpu_sparse_gemv as cpu
 from spon.kernels.reference import (
@@ -54,37 +64,14 @@ def _ref(x, wt, b, tau, scales=None):
     return sparse_linear_reference(x.float(), wt.float(), b, tau)
 
 
-def _weights(w, int8):
-    return quantize_weight_int8(w) if int8 else (w.t().contiguous(), None)
-
-
-def _require_native():
-    if not native.enabled():
-        pytest.skip("SPON_CPU_NATIVE=0: native CPU op disabled")
-    if native.native_op() is None:
-        pytest.fail("native CPU op failed to build (see the warning); this machine has a compiler and ninja")
-
-
-@pytest.fixture(params=["native", "serial", "bags"])
-def cpu_mode(request, monkeypatch):
-    """The native op, or (as when it cannot be built) embedding_bag with one bag / many bags."""
-    if request.param == "native":
-        _require_native()
-    else:
-        monkeypatch.setattr(cpu, "native_op", lambda: None)
-    if request.param == "bags":
-        monkeypatch.setattr(cpu, "SERIAL_BYTES", 0)
-    return request.param
-
-
 # ----------------------------------------------------------------------------- native op
 @pytest.mark.parametrize("dtype", CPU_DTYPES, ids=str)
 @pytest.mark.parametrize("M", [1, 2, 3, 5, 8])
 @pytest.mark.parametrize("int8", [False, True])
 def test_native_op_per_channel(dtype, M, int8):
-    _require_native()
+    require_native()
     x, w, b = make_case(M, 300, 70, dtype, "cpu")
-    wt, scales = _weights(w, int8)
+    wt, scales = weights(w, int8)
     tvec = _discriminating(x, channel_taus(x, seed=M))
     op = native.native_op()
     # The float thresholds are ignored when channel_thresholds is given (NaN would drop everything).
@@ -99,10 +86,10 @@ def test_native_op_per_channel(dtype, M, int8):
 @pytest.mark.parametrize("K", [172, 3000])  # at 3000 the rows to read pass 1 MiB: threaded
 def test_native_op_per_channel_fused(dtype, M, int8, K):
     """Three segments, each its own vector; the third row equals the first (they may share a scan)."""
-    _require_native()
+    require_native()
     sizes = [64, 17, 172]
     x, w, b = make_case(M, K, sum(sizes), dtype, "cpu")
-    wt, scales = _weights(w, int8)
+    wt, scales = weights(w, int8)
     t0, t1 = _discriminating(x, channel_taus(x, 0)), _discriminating(x, channel_taus(x, 1))
     thr = torch.stack([t0, t1, t0])
     y = native.native_op()(x, wt, b, [0.0, 0.0, 0.0], sizes, scales, thr)
@@ -113,7 +100,7 @@ def test_native_op_per_channel_fused(dtype, M, int8, K):
 
 
 def test_native_op_per_channel_thread_count_independent():
-    _require_native()
+    require_native()
     x, w, b = make_case(3, 3000, 501, torch.bfloat16, "cpu")
     wt = w.t().contiguous()
     thr = torch.stack([channel_taus(x, 0), channel_taus(x, 1)])
@@ -133,7 +120,7 @@ def test_native_op_per_channel_thread_count_independent():
 @pytest.mark.parametrize("M", [1, 5])
 def test_native_op_equal_vector_is_the_scalar(dtype, M):
     """A vector with every entry tau gives exactly (bitwise) the scalar tau's result."""
-    _require_native()
+    require_native()
     x, w, b = make_case(M, 300, 70, dtype, "cpu")
     wt = w.t().contiguous()
     tau = threshold_for(x, 0.5)
@@ -145,7 +132,7 @@ def test_native_op_equal_vector_is_the_scalar(dtype, M):
 
 def test_native_op_six_arguments_still_work():
     """Existing callers pass six positional arguments (channel_thresholds defaults to None)."""
-    _require_native()
+    require_native()
     x, w, b = make_case(2, 64, 8, torch.float32, "cpu")
     wt = w.t().contiguous()
     y = native.native_op()(x, wt, b, [0.3], [8], None)
@@ -155,7 +142,7 @@ def test_native_op_six_arguments_still_work():
 
 
 def test_native_op_rejects_bad_channel_thresholds():
-    _require_native()
+    require_native()
     op = native.native_op()
     x, wt = torch.randn(1, 64), torch.randn(64, 8)
     with pytest.raises(RuntimeError, match=r"channel_thresholds must be \[2, 64\]"):
@@ -167,7 +154,7 @@ def test_native_op_rejects_bad_channel_thresholds():
 
 
 def test_native_op_non_contiguous_channel_thresholds():
-    _require_native()
+    require_native()
     x, w, b = make_case(2, 64, 20, torch.float32, "cpu")
     wt = w.t().contiguous()
     t = torch.stack([channel_taus(x, 0), channel_taus(x, 1)], dim=1).t()  # [2, 64], column-major
@@ -180,7 +167,7 @@ def test_native_op_non_contiguous_channel_thresholds():
 # ----------------------------------------------------------------------------- CPU path (native / embedding_bag)
 @pytest.mark.parametrize("dtype", CPU_DTYPES, ids=str)
 @pytest.mark.parametrize("M", [1, 2, 3, 5, 8])
-def test_cpu_sparse_gemv_per_channel(dtype, M, cpu_mode):
+def test_cpu_sparse_gemv_per_channel(dtype, M, cpu_path):
     x, w, b = make_case(M, 300, 70, dtype, "cpu")
     wt = w.t().contiguous()
     tvec = _discriminating(x, channel_taus(x, seed=M))
@@ -191,7 +178,7 @@ def test_cpu_sparse_gemv_per_channel(dtype, M, cpu_mode):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("M", [1, 6])
-def test_cpu_int8_per_channel(dtype, M, cpu_mode):
+def test_cpu_int8_per_channel(dtype, M, cpu_path):
     x, w, b = make_case(M, 172, 64, dtype, "cpu")
     qwt, scales = quantize_weight_int8(w)
     tvec = _discriminating(x, channel_taus(x, seed=2))
@@ -203,12 +190,12 @@ def test_cpu_int8_per_channel(dtype, M, cpu_mode):
 @pytest.mark.parametrize("M", [1, 5])
 @pytest.mark.parametrize("int8", [False, True])
 @pytest.mark.parametrize("form", ["list", "mixed", "tensor", "shared"])
-def test_cpu_fused_per_channel(dtype, M, int8, form, cpu_mode):
+def test_cpu_fused_per_channel(dtype, M, int8, form, cpu_path):
     """[K] vectors per segment as a list, mixed with floats, as one [nseg, K] tensor, or one
     vector for every segment."""
     sizes = [64, 17, 172]
     x, w, b = make_case(M, 172, sum(sizes), dtype, "cpu")
-    wt, scales = _weights(w, int8)
+    wt, scales = weights(w, int8)
     t0, t1, t2 = (_discriminating(x, channel_taus(x, s)) for s in (0, 1, 2))
     thresholds, taus = {
         "list": ([t0, t1, t2], [t0, t1, t2]),
@@ -229,7 +216,7 @@ def test_embedding_bag_mask_of_a_vector():
 
 @pytest.mark.parametrize("dtype", CPU_DTYPES, ids=str)
 @pytest.mark.parametrize("M", [1, 5])
-def test_cpu_equal_vector_is_the_scalar(dtype, M, cpu_mode):
+def test_cpu_equal_vector_is_the_scalar(dtype, M, cpu_path):
     x, w, b = make_case(M, 300, 70, dtype, "cpu")
     wt = w.t().contiguous()
     tau = threshold_for(x, 0.5)
@@ -241,23 +228,11 @@ def test_cpu_equal_vector_is_the_scalar(dtype, M, cpu_mode):
     )
 
 
-def _count_native_calls(monkeypatch):
-    calls = []
-    real = native.native_op()
-
-    def counting(*a, **k):
-        calls.append(a[0].shape[0])
-        return real(*a, **k)
-
-    monkeypatch.setattr(cpu, "native_op", lambda: counting)
-    return calls
-
-
 def test_batch_rule_per_channel(monkeypatch):
     """8 bf16 rows: the union of kept rows under the per-channel thresholds decides, as for a scalar.
     A vector that drops 90 % of the channels outright keeps the native op; a low one goes dense."""
-    _require_native()
-    calls = _count_native_calls(monkeypatch)
+    require_native()
+    calls = count_native_calls(monkeypatch)
     x, w, b = make_case(8, 600, 90, torch.bfloat16, "cpu")
     wt = w.t().contiguous()
     low = torch.full((600,), threshold_for(x, 0.5))
@@ -374,7 +349,7 @@ def test_grad_falls_back_to_reference_per_channel():
 @pytest.mark.parametrize("int8", [False, True])
 def test_opcheck_per_channel(M, int8):
     x, w, b = make_case(M, 96, 40, torch.float32, "cpu")
-    wt, s = _weights(w, int8)
+    wt, s = weights(w, int8)
     taus = torch.stack([channel_taus(x, 0), channel_taus(x, 1)])
     torch.library.opcheck(torch.ops.spon_kernels.sparse_gemv.default, (x, wt, b, taus, [30, 10], s))
     y = torch.ops.spon_kernels.sparse_gemv(x, wt, b, taus, [30, 10], s)
@@ -427,7 +402,7 @@ def test_triton_per_channel(device, dtype, M, split_k):
 def test_triton_per_channel_fused(device, M, int8):
     K, sizes = 96, [33, 17, 40]
     x, w, b = make_case(M, K, sum(sizes), torch.float32, device)
-    wt, scales = _weights(w, int8)
+    wt, scales = weights(w, int8)
     xc = x.cpu()
     thr = torch.stack([_discriminating(xc, channel_taus(xc, s)) for s in (0, 1, 2)])
     from kernels.triton_sparse_gemv import triton_sparse_gemv
