@@ -30,7 +30,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).parent))  # real_model.py beside this file
 
 import real_model  # noqa: E402
-from real_model import TINYSTORIES, WIKITEXT_TEST, ZEROSHOT, gap, run_row  # noqa: E402
+from real_model import TINYSTORIES, WIKITEXT_TEST, ZEROSHOT, gap, reuse_files, run_row  # noqa: E402
 
 from spon.assets import portable  # noqa: E402
 from spon.console import configure  # noqa: E402
@@ -120,10 +120,7 @@ def main() -> None:
     unknown = [lv for lv in levels if lv not in LEVELS]
     if unknown:
         raise SystemExit(f"unknown level(s) {unknown}; choose from {', '.join(LEVELS)}")
-    reuse = [Path(f) for f in args.reuse.split(",")] if args.reuse else []
-    for f in reuse:
-        if not f.is_file():
-            raise SystemExit(f"--reuse {f}: no such file")
+    reuse = reuse_files(args.reuse)
     configure(quiet=True)
     real_model.method_code()  # digest the method's code as imported (cached), not as edited later
     t0 = time.perf_counter()

@@ -158,6 +158,15 @@ def row_record(name: str, cfg, s: dict, dirs: dict, walls: dict) -> dict:
         "method_code": s.get("method_code", method_code()), "host": s.get("host")})
 
 
+def reuse_files(text: str | None) -> list[Path]:
+    """--reuse A,B: earlier results files, each of which must exist (a typo must not mean a rerun)."""
+    files = [Path(f) for f in text.split(",")] if text else []
+    for f in files:
+        if not f.is_file():
+            raise SystemExit(f"--reuse {f}: no such file")
+    return files
+
+
 def gap(teal: float, spon: float, dense: float) -> float:
     return (teal - spon) / (teal - dense) if teal != dense else 0.0
 
@@ -247,10 +256,7 @@ def main() -> None:
     unknown = [r for r in steps if r not in STEPS]
     if unknown:
         raise SystemExit(f"unknown step(s) {unknown}; choose from {', '.join(STEPS)}")
-    reuse = [Path(f) for f in args.reuse.split(",")] if args.reuse else []
-    for f in reuse:
-        if not f.is_file():
-            raise SystemExit(f"--reuse {f}: no such file")
+    reuse = reuse_files(args.reuse)
     if args.threads:
         torch.set_num_threads(args.threads)
     configure(quiet=True)
