@@ -32,6 +32,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--sparsities", default="0.25,0.4,0.5,0.6")
     ap.add_argument("--allocation", default="uniform")
+    ap.add_argument("--criterion", default="magnitude", help="magnitude (TEAL) or weighted (WINA)")
     ap.add_argument("--eval-text", action="append", default=None)
     ap.add_argument("--out", default="out/table")
     ap.add_argument("--config", default=None, help="RunConfig JSON/YAML applied to every level")
@@ -41,11 +42,13 @@ def main() -> None:
     rows = []
     for s in (float(x) for x in args.sparsities.split(",")):
         cfg = load_config(args.config, {"sparsity.sparsity": s, "sparsity.allocation": args.allocation,
+                                        "sparsity.criterion": args.criterion,
                                         "eval.files": files, "out": f"{args.out}/s{int(round(s * 100))}"})
         wall, cpu = time.perf_counter(), cpu_seconds()
         summary = run(cfg, progress=False)
         rows.append((s, summary, time.perf_counter() - wall, cpu_seconds() - cpu))
-    print(f"\nperplexity on {', '.join(files)} (protocol: all tokens sparse; allocation: {args.allocation})\n")
+    print(f"\nperplexity on {', '.join(files)} (protocol: all tokens sparse; allocation: {args.allocation}; "
+          f"criterion: {args.criterion})\n")
     print("| target | realized | dense | TEAL | SPON | gap closed | held-out KL TEAL -> SPON | alpha selected | wall s | CPU s |")
     print("|---|---|---|---|---|---|---|---|---|---|")
     for s, r, wall, cpu in rows:
@@ -56,7 +59,7 @@ def main() -> None:
               f"| {'zeros' if step is None else f'step {step}'} | {wall:.0f} | {cpu:.0f} |")
     Path(args.out).mkdir(parents=True, exist_ok=True)
     (Path(args.out) / "table.json").write_text(json.dumps(portable([{"sparsity": s, "summary": {k: r[k] for k in (
-        "realized_sparsity", "perplexity", "gap_closed", "heldout_kl", "alpha_selection", "quality_warnings",
+        "criterion", "host", "realized_sparsity", "perplexity", "gap_closed", "heldout_kl", "alpha_selection", "quality_warnings",
         "wall_time_s")}, "wall_s": w, "cpu_s": c}
         for s, r, w, c in rows]), indent=2))
 
