@@ -172,6 +172,8 @@ def check_fused_dir(path: str | Path) -> dict:
     if meta.get("format") not in ("spon/1", "spon/2"):  # = spon.fuse.FORMATS
         raise SponError(f"{p / SIDECAR}: unknown format {meta.get('format')!r}, expected spon/1 or spon/2")
     check_safetensors(p / FUSED_ALPHA, "alpha file")
+    if meta.get("criterion", "magnitude") not in ("magnitude", "weighted"):  # = spon.sparse.CRITERIA
+        raise SponError(f"{p / SIDECAR}: unknown criterion {meta.get('criterion')!r}, expected magnitude or weighted")
     if meta.get("criterion", "magnitude") == "weighted":
         check_safetensors(p / "spon_channel_norms.safetensors", "channel norms file")  # = spon.fuse.CHANNEL_NORMS_FILE
     return meta

@@ -209,3 +209,23 @@ def test_kernels_path_gives_the_torch_paths_numbers(stories_path, calib, sample_
         m.kernel = kernel
         torch.testing.assert_close(y.float(), ref.float(), rtol=1e-2 if dtype == "bf16" else 1e-5,
                                    atol=1e-2 if dtype == "bf16" else 1e-5)
+
+
+def test_an_unknown_format_or_criterion_is_refused_by_every_reader(fused_dir, tmp_path):
+    """A sidecar this code does not know (a later format, a criterion it cannot apply) is refused
+    in one line by the input checks, spon's loader and the checkpoint's own modeling code."""
+    import shutil
+
+    from spon.remote_code.modeling_spon import read_sidecar as remote_read_sidecar
+
+    for field, value, match in (("format", "spon/3", "unknown format"), ("criterion", "wanda", "unknown criterion")):
+        d = tmp_path / value.replace("/", "-")
+        shutil.copytree(fused_dir, d)
+        meta = json.loads((d / "spon.json").read_text())
+        (d / "spon.json").write_text(json.dumps({**meta, field: value}))
+        with pytest.raises(ValueError, match=f"unknown spon {field}|unknown {field}"):
+            remote_read_sidecar(str(d))
+        with pytest.raises(SponError, match=match):
+            check_fused_dir(d)
+        with pytest.raises(SponError, match=match):
+            load_sparse_model(d)
