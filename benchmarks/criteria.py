@@ -16,7 +16,8 @@ Perplexity on the first --eval-tokens tokens of wikitext-2-raw test (never seen 
 which reads wikitext-2 validation) and the TinyStories sample; "gap closed" is the fraction of
 TEAL's perplexity gap to dense that a method closes (TEAL 0 %, dense 100 %). Then lm-eval
 zero-shot (the project's YAML tasks, first --zeroshot-limit items of each) for dense and the two
-methods with the lowest wikitext-2 perplexity at each level. JSON -> OUT/criteria.json.
+methods with the lowest wikitext-2 perplexity at each of --zeroshot-levels (default 50 %). JSON ->
+OUT/criteria.json.
 """
 
 from __future__ import annotations
@@ -112,6 +113,7 @@ def main() -> None:
     ap.add_argument("--config", default=None, help="RunConfig JSON/YAML under every row")
     ap.add_argument("--eval-tokens", type=int, default=25600)
     ap.add_argument("--zeroshot-limit", type=int, default=100, help="items per task (0: no zero-shot)")
+    ap.add_argument("--zeroshot-levels", default="50", help="levels whose best two get zero-shot (comma list)")
     ap.add_argument("--reuse", default=None, help="earlier real_model.json / criteria.json files, comma separated: "
                     "their rows with the same config are taken instead of rerun")
     ap.add_argument("--out", default="out/real")
@@ -140,7 +142,7 @@ def main() -> None:
         result["levels"][level] = {"methods": methods}
         print_level(level, methods)
         dump()
-    for level in levels:
+    for level in [lv for lv in args.zeroshot_levels.split(",") if lv in levels]:
         if args.zeroshot_limit:
             result["levels"][level]["zeroshot"] = zeroshot(level, result["levels"][level]["methods"], rows, args)
             dump()
