@@ -74,9 +74,10 @@ def print_level(level: str, methods: list[dict]) -> None:
     best = min(m["wikitext2"] for m in methods)
     for m in methods:
         mark = "**" if m["wikitext2"] == best else ""
+        own = "-" if m["own_gap_closed_wikitext2"] is None else f"{100 * m['own_gap_closed_wikitext2']:.1f}%"
         print(f"| {m['method']} | {m['realized_sparsity_wikitext2']:.3f} | {mark}{m['wikitext2']:.2f}{mark} "
               f"| {100 * m['gap_closed_wikitext2']:.1f}% "
-              f"| {'-' if m['own_gap_closed_wikitext2'] is None else f'{100 * m[chr(111) + "wn_gap_closed_wikitext2"]:.1f}%'} "
+              f"| {own} "
               f"| {m['tinystories']:.2f} | {100 * m['gap_closed_tinystories']:.1f}% "
               f"| {m['heldout_kl']:.4f} |")
 
