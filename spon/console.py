@@ -53,7 +53,8 @@ def result_lines(s: dict) -> list[str]:
     p, kl, sel = s.get("perplexity", {}), s.get("heldout_kl", {}), s.get("alpha_selection", {})
     fmt = lambda x, spec=".3f": "-" if x is None else format(x, spec)  # noqa: E731
     lines = [f"{Path(str(s.get('model'))).name}: sparsity {s['sparsity']:.2f} (realized {fmt(s.get('realized_sparsity'))} "
-             f"on the eval text), {s.get('allocation', 'uniform')}, protocol {s.get('protocol')}"
+             f"on the eval text), {s.get('allocation', 'uniform')}, {s.get('criterion', 'magnitude')} criterion, "
+             f"protocol {s.get('protocol')}"
              + (f", preset {s['preset']}" if s.get("preset", "none") != "none" else "")]
     if p:
         lines.append(f"  perplexity   dense {fmt(p.get('dense'))}   TEAL {fmt(p.get('teal'))}   SPON {fmt(p.get('spon'))}"
