@@ -31,7 +31,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).parent))  # real_model.py beside this file
 
 import real_model  # noqa: E402
-from real_model import TINYSTORIES, WIKITEXT_TEST, ZEROSHOT, gap, reuse_files, run_row  # noqa: E402
+from real_model import TINYSTORIES, WIKITEXT_TEST, ZEROSHOT, gap, pick, reuse_files, run_row  # noqa: E402
 
 from spon.assets import portable  # noqa: E402
 from spon.console import configure  # noqa: E402
@@ -124,10 +124,7 @@ def main() -> None:
                     "their rows with the same config are taken instead of rerun")
     ap.add_argument("--out", default="out/real")
     args = ap.parse_args()
-    levels = args.levels.split(",")
-    unknown = [lv for lv in levels if lv not in LEVELS]
-    if unknown:
-        raise SystemExit(f"unknown level(s) {unknown}; choose from {', '.join(LEVELS)}")
+    levels = pick(args.levels, LEVELS, "level")
     reuse = reuse_files(args.reuse)
     configure(quiet=True)
     real_model.method_code()  # digest the method's code as imported (cached), not as edited later

@@ -158,6 +158,15 @@ def row_record(name: str, cfg, s: dict, dirs: dict, walls: dict) -> dict:
         "method_code": s.get("method_code", method_code()), "host": s.get("host")})
 
 
+def pick(text: str, known, what: str) -> list[str]:
+    """A comma list of names, each one of `known` (else a one-line exit naming the choices)."""
+    names = text.split(",")
+    unknown = [n for n in names if n not in known]
+    if unknown:
+        raise SystemExit(f"unknown {what}(s) {unknown}; choose from {', '.join(known)}")
+    return names
+
+
 def reuse_files(text: str | None) -> list[Path]:
     """--reuse A,B: earlier results files, each of which must exist (a typo must not mean a rerun)."""
     files = [Path(f) for f in text.split(",")] if text else []
@@ -252,10 +261,7 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     ap.add_argument("--out", default="out/real")
     args = ap.parse_args()
-    steps = args.rows.split(",")
-    unknown = [r for r in steps if r not in STEPS]
-    if unknown:
-        raise SystemExit(f"unknown step(s) {unknown}; choose from {', '.join(STEPS)}")
+    steps = pick(args.rows, STEPS, "step")
     reuse = reuse_files(args.reuse)
     if args.threads:
         torch.set_num_threads(args.threads)
