@@ -10,7 +10,8 @@ Stable API (all take ``weight_t`` = Wᵀ ``[in, out]`` from ``prepare_weight``):
     prepare_weight_fused([W_q, W_k, W_v]) -> weight_t_cat[in, sum(out_i)]
     sparse_linear_fused(x, weight_t_cat, out_features, biases=None, thresholds=0.0,
                         scales=None) -> tuple of y_i
-    SparseLinear  (nn.Module wrapper, SparseLinear.from_linear(linear, threshold))
+    SparseGemvLinear  (nn.Module wrapper, SparseGemvLinear.from_linear(linear, threshold);
+                       not spon.sparse.SparseLinear, the method's module)
 
 ``threshold`` is a float, a 0-d/1-element tensor, or an fp32 ``[in]`` vector (one
 threshold per input channel, e.g. the weighted criterion's tau / ||W[:, k]||);
@@ -19,30 +20,35 @@ per projection (floats and/or ``[in]`` vectors), or a tensor ``[nseg]`` / ``[nse
 Dispatch: CUDA -> Triton; CPU with <= 8 rows -> native op (embedding_bag if it cannot be built);
 otherwise (or when autograd needs gradients) -> torch reference.
 
-Only torch (and, optionally, triton) are imported.
+Importing this package imports torch only: the custom op (``ops.py``, which
+registers ``torch.ops.spon_kernels.sparse_gemv``) and triton are imported on the
+first call that needs them, or on first access to ``ops`` / ``HAS_TRITON``
+(``import spon`` imports ``spon.kernels.reference`` and must stay cheap).
 """
 from __future__ import annotations
 
+import importlib
+import sys
 from typing import Sequence
 
 import torch
 from torch import Tensor, nn
 
-from . import ops as _ops  # registers torch.ops.spon_kernels.sparse_gemv
 from .reference import (
     dequantize_weight_t,
     quantize_weight_int8,
     sparse_linear_fused_reference,
     sparse_linear_int8_reference,
     sparse_linear_reference,
-    sparsify,
+    threshold_activations,
 )
-from .triton_sparse_gemv import HAS_TRITON, MAX_BATCH
+
+MAX_BATCH = 8  # rows a decode kernel takes (Triton and the native CPU op); more: the torch reference
 
 __all__ = [
     "HAS_TRITON",
     "MAX_BATCH",
-    "SparseLinear",
+    "SparseGemvLinear",
     "dequantize_weight_t",
     "prepare_weight",
     "prepare_weight_fused",
@@ -53,8 +59,19 @@ __all__ = [
     "sparse_linear_int8",
     "sparse_linear_int8_reference",
     "sparse_linear_reference",
-    "sparsify",
+    "threshold_activations",
 ]
+
+
+def __getattr__(name: str):
+    """``ops`` (the registered custom op) and ``HAS_TRITON`` (probes triton) on first access."""
+    if name == "ops":
+        return importlib.import_module(f"{__name__}.ops")
+    if name == "HAS_TRITON":
+        from .triton_sparse_gemv import HAS_TRITON
+
+        return HAS_TRITON
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def prepare_weight(weight: Tensor) -> Tensor:
@@ -71,7 +88,14 @@ def _needs_grad(*ts) -> bool:
     return torch.is_grad_enabled() and any(isinstance(t, Tensor) and t.requires_grad for t in ts)
 
 
+def _ops_module():
+    m = sys.modules.get(f"{__name__}.ops")
+    return m if m is not None else importlib.import_module(f"{__name__}.ops")
+
+
 def _call(x, weight_t, bias, threshold, seg_sizes, scales):
+    _ops = _ops_module()  # registers torch.ops.spon_kernels.sparse_gemv on first use
+
     K, N = weight_t.shape
     lead = x.shape[:-1]
     x2 = x.reshape(-1, K)
@@ -143,8 +167,11 @@ def _concat_bias(biases, out_features, weight_t, x):
     )
 
 
-class SparseLinear(nn.Module):
+class SparseGemvLinear(nn.Module):
     """Drop-in for nn.Linear at inference: y = sparse_linear(x, Wᵀ, b, threshold).
+
+    Named apart from ``spon.sparse.SparseLinear`` (the method's module, which wraps an
+    nn.Linear and is routed to these kernels by ``spon.kernel_backend.use_kernels``).
 
     ``threshold``: a float, or an fp32 ``[in_features]`` vector (kept as a buffer)."""
 
@@ -158,7 +185,7 @@ class SparseLinear(nn.Module):
             self.threshold = float(threshold)
 
     @classmethod
-    def from_linear(cls, linear: nn.Linear, threshold: float | Tensor = 0.0) -> "SparseLinear":
+    def from_linear(cls, linear: nn.Linear, threshold: float | Tensor = 0.0) -> "SparseGemvLinear":
         return cls(linear.weight, linear.bias, threshold)
 
     @property

@@ -238,11 +238,6 @@ def _bench_per_channel(row: dict, x, w, wt, scales, s: float, scalar_sparse, tim
     )
 
 
-def _sync(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-
-
 # ----------------------------------------------------------------------------- plot
 def plot(result: dict, path: Path) -> bool:
     try:

@@ -36,7 +36,7 @@ def keep_mask(x: Tensor, threshold: float | Tensor) -> Tensor:
     return x.abs().float() > threshold
 
 
-def sparsify(x: Tensor, threshold: float | Tensor) -> Tensor:
+def threshold_activations(x: Tensor, threshold: float | Tensor) -> Tensor:
     """S(x) = x * 1{|x| > tau}, in x's dtype."""
     return x * keep_mask(x, threshold)
 
@@ -45,7 +45,7 @@ def sparse_linear_reference(
     x: Tensor, weight_t: Tensor, bias: Tensor | None, threshold: float | Tensor
 ) -> Tensor:
     """y = S(x) @ Wᵀ + b, i.e. ``F.linear(x * (|x| > tau), W, b)``."""
-    return F.linear(sparsify(x, threshold), weight_t.t(), bias)
+    return F.linear(threshold_activations(x, threshold), weight_t.t(), bias)
 
 
 def quantize_weight_int8(weight: Tensor) -> tuple[Tensor, Tensor]:
@@ -70,7 +70,7 @@ def sparse_linear_int8_reference(
     x: Tensor, qweight_t: Tensor, scales: Tensor, bias: Tensor | None, threshold: float | Tensor
 ) -> Tensor:
     """fp32 math on the dequantized weight, cast back to x's dtype."""
-    y = sparsify(x, threshold).float() @ dequantize_weight_t(qweight_t, scales)
+    y = threshold_activations(x, threshold).float() @ dequantize_weight_t(qweight_t, scales)
     if bias is not None:
         y = y + bias.float()
     return y.to(x.dtype)

@@ -18,6 +18,9 @@ read the same memory. `use_kernels(model, False)` gives each linear a contiguous
 Per call the backend does as little Python as it can (a decode step is ~100 such calls per
 30-layer model, and at width 576 the GEMV itself is ~10-50 us): thresholds and biases are read
 into Python floats / concatenated once and kept until their tensors change (their `_version`).
+
+`spon.kernels` (the custom-op registration, the triton probe, the native build) is imported inside
+the functions that run the kernels, never at `import spon`.
 """
 
 from __future__ import annotations
@@ -25,8 +28,6 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from spon.kernels import sparse_linear_fused
-from spon.kernels.cpu_native import native_op
 from spon.sparse import SparseLinear, sparse_linears
 
 SHARED_INPUT = (("q", "k", "v"), ("gate", "up"))  # projections of one layer that read the same tensor
@@ -110,6 +111,8 @@ class KernelGroup:
         as much as a 576-wide GEMV. Anything else goes through spon.kernels' dispatch."""
         rows = x.numel() // x.shape[-1]
         if rows <= 4 and x.device.type == "cpu" and x.dtype == self.weight_t.dtype:
+            from spon.kernels.cpu_native import native_op  # cached in sys.modules after the first call
+
             op = native_op()
             if op is not None:
                 x2 = x.reshape(rows, -1)
@@ -118,6 +121,8 @@ class KernelGroup:
                 else:
                     y = op(x2, self.weight_t, self._bias_f32, taus, self.out_features, None)
                 return y.view(*x.shape[:-1], y.shape[-1]).split(self.out_features, -1)
+        from spon.kernels import sparse_linear_fused
+
         return sparse_linear_fused(x, self.weight_t, self.out_features, bias, taus)
 
 

@@ -69,7 +69,7 @@ def test_fused_api(thresholds):
 
 def test_sparse_linear_module():
     lin = torch.nn.Linear(172, 64)
-    m = kernels.SparseLinear.from_linear(lin, threshold=0.5)
+    m = kernels.SparseGemvLinear.from_linear(lin, threshold=0.5)
     x = torch.randn(1, 172)
     with torch.no_grad():
         torch.testing.assert_close(m(x), lin(x * (x.abs() > 0.5)), atol=1e-5, rtol=1e-5)

@@ -325,7 +325,7 @@ def test_sparse_linear_module_per_channel():
     lin = torch.nn.Linear(172, 64)
     x = torch.randn(1, 172)
     tvec = _discriminating(x, channel_taus(x))
-    m = kernels.SparseLinear.from_linear(lin, threshold=tvec)
+    m = kernels.SparseGemvLinear.from_linear(lin, threshold=tvec)
     assert "per-channel [172]" in repr(m)
     with torch.no_grad():
         torch.testing.assert_close(m(x), lin(x * keep_mask(x, tvec)), atol=1e-5, rtol=1e-5)
