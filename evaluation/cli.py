@@ -33,6 +33,7 @@ def check_args(args) -> None:
     from pathlib import Path
 
     from spon import inputs
+    from spon.cli_args import check_out_dir
     from spon.errors import SponError
 
     if args.threads < 1 or args.jobs < 1:
@@ -50,8 +51,8 @@ def check_args(args) -> None:
     from spon.assets import assets_root
 
     fidelity_text = assets_root() / "data" / "tinystories" / "sample.txt"  # = spon.evaluation.suite.FIDELITY_TEXT
-    inputs.check_out_dir(args.out, [("the model directory", args.model_dir), ("the fidelity text", fidelity_text),
-                                    *(("the task directory", d) for d in args.task_dir)])
+    check_out_dir(args.out, [("the model directory", args.model_dir), ("the fidelity text", fidelity_text),
+                             *(("the task directory", d) for d in args.task_dir)])
 
 
 def cmd_eval(args) -> int:

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Iterator
 from urllib.parse import urlsplit
 
-from spon.cli import add_config_args, config_from_args
+from spon.cli_args import add_config_args, config_from_args
 from spon.errors import SponError
 
 RESULTS_SUBDIR = "prefect-results"  # = spon.tasks.policies.RESULTS_SUBDIR (not imported: it would load prefect)
@@ -112,7 +112,7 @@ def check_inputs(cfg, settings=None, config_path: str | None = None) -> None:
     """What the flow would only find out after starting Prefect and loading the model (or after
     calibrating, distilling and fusing): every input file, the model directory, the sequence
     lengths against the model's context, the out and work dirs against the inputs."""
-    from spon.inputs import check_run
+    from spon.cli_args import check_run
 
     work = settings.resolved_work_dir(cfg.out) if settings is not None else None
     check_run(cfg, config_path, pipeline=True, work_dir=work)
@@ -127,7 +127,7 @@ def _prepare(args):
 
 def cmd_run(args) -> int:
     if args.in_process:
-        from spon.cli import cmd_run_in_process
+        from spon.method_cli import cmd_run_in_process
 
         return cmd_run_in_process(args)
     cfg, settings = _prepare(args)
@@ -156,7 +156,7 @@ def check_dask_address(address: str | None) -> None:
 
 
 def cmd_sweep(args) -> int:
-    from spon.inputs import check_sparsities
+    from spon.cli_args import check_sparsities
 
     if args.out is None:
         args.out = "out/sweep"

