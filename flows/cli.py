@@ -32,6 +32,8 @@ def add_pipeline_args(p) -> None:
     g = p.add_argument_group("pipeline (defaults: embedded, see deployments/README.md)")
     g.add_argument("--work-dir", help="stage outputs and cache (default <out>/work)")
     g.add_argument("--tracking-uri", help="MLflow tracking URI (default $MLFLOW_TRACKING_URI or sqlite:///out/mlflow.db)")
+    g.add_argument("--artifact-root", help="MLflow artifacts of a new experiment on a sqlite store (default mlartifacts/ "
+                   "beside the database; a tracking server keeps its own)")
     g.add_argument("--store", help="model store: s3://BUCKET/PREFIX or a directory (default $SPON_STORE or out/store)")
     g.add_argument("--experiment", default=None, help="MLflow experiment (default spon)")
     g.add_argument("--registered-model", default=None, help="registry name (default spon-<model>-s<NN>-<protocol>)")
@@ -48,6 +50,7 @@ def settings_from_args(args):
     from spon.runtime.settings import PipelineSettings
 
     fields = {"work_dir": args.work_dir, "tracking_uri": args.tracking_uri, "store": args.store,
+              "artifact_root": getattr(args, "artifact_root", None),
               "experiment": getattr(args, "experiment", None), "registered_model": getattr(args, "registered_model", None),
               "bench": getattr(args, "bench", False) or None, "progress": not args.quiet,
               "quantize": _comma(getattr(args, "quantize", None)), "lm_eval_tasks": _comma(getattr(args, "lm_eval_tasks", None)),
@@ -188,15 +191,27 @@ def cmd_pull(args) -> int:
 
 def cmd_publish(args) -> int:
     """Finish what a run left undone (tracking or store down): log the run if it has no MLflow
-    run id yet, then store + register. Every step is idempotent."""
+    run id yet, then store + log the MLflow Model + register. Every step is idempotent.
+    `spon publish models:/NAME/VERSION` re-publishes a version an older spon registered as bare
+    artifacts as an MLflow Model (a new version of the same run; its aliases move to it)."""
+    from spon.format import SIDECAR, SUMMARY_FILE
+
     settings = settings_from_args(args)
+    if args.result_dir.startswith("models:/"):
+        with embedded_env(settings.resolved_work_dir("out/run")):
+            from spon.tasks.publish import republish
+
+            result = republish(settings, args.result_dir)
+        print(json.dumps(result, indent=2))
+        print(f"serve:        mlflow models serve -m {result['model_uri']} --env-manager local")
+        return 0
     result = Path(args.result_dir)
-    path = result / "summary.json"
+    path = result / SUMMARY_FILE
     if not path.is_file():
-        raise SponError(f"{result} has no summary.json: not a finished `spon run` output")
+        raise SponError(f"{result} has no {SUMMARY_FILE}: not a finished `spon run` output")
     summary = json.loads(path.read_text())
     fused = Path(summary["fused_model_dir"])
-    if not (fused / "spon.json").is_file():
+    if not (fused / SIDECAR).is_file():
         raise SponError(f"fused model missing at {fused}")
     with embedded_env(settings.resolved_work_dir(str(result))):
         from spon.tasks.publish import publish
@@ -213,7 +228,8 @@ def cmd_publish(args) -> int:
         published = publish.fn(str(fused), run_id, summary, settings)
     summary.update({"mlflow_run_id": run_id, **published})
     path.write_text(json.dumps(summary, indent=2))
-    print(json.dumps({k: summary[k] for k in SHOWN if k in summary}, indent=2))
+    print(json.dumps({k: summary[k] for k in SHOWN + ("model_uri", "variants") if k in summary}, indent=2))
+    print(f"serve:        mlflow models serve -m models:/{summary['registered_model']}@champion --env-manager local")
     return 0
 
 

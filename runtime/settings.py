@@ -2,7 +2,7 @@
 
 Kept apart from spon.config.RunConfig (the method): these say where results go, not what is
 computed, so they are not part of any stage's cache key. Embedded defaults need no service:
-sqlite MLflow and a local-directory model store under out/.
+sqlite MLflow (artifacts beside its database) and a local-directory model store under out/.
 """
 
 from __future__ import annotations
@@ -22,7 +22,8 @@ class PipelineSettings(BaseModel):
 
     work_dir: str | None = Field(None, description="stage outputs + Prefect results; default <out>/work")
     tracking_uri: str | None = Field(None, description="MLflow tracking URI; default $MLFLOW_TRACKING_URI or sqlite:///out/mlflow.db")
-    artifact_root: str | None = Field(None, description="artifact root for a new experiment on a local store; default out/mlartifacts")
+    artifact_root: str | None = Field(None, description="artifact root for a new experiment on a local (sqlite) store; "
+                                      "default mlartifacts/ beside the sqlite database; a tracking server keeps its own")
     experiment: str = "spon"
     registered_model: str | None = Field(None, description="registry name; default spon-<model>-s<sparsity>-<protocol>")
     store: str | None = Field(None, description="s3://BUCKET/PREFIX or a directory; default $SPON_STORE or out/store")
@@ -41,12 +42,16 @@ class PipelineSettings(BaseModel):
         return uri or f"sqlite:///{Path(DEFAULT_ROOT).resolve() / 'mlflow.db'}"
 
     def resolved_artifact_root(self) -> str | None:
-        """Only a local (file/sqlite) tracking store needs one; a server decides its own."""
+        """Where a new experiment's artifacts go: `artifact_root` when given; for a sqlite store,
+        `mlartifacts/` beside the database file (wherever the database is, never the current
+        directory); None (the store's own default) for a tracking server, which decides where its
+        artifacts live (`mlflow server --artifacts-destination`), and for a file store."""
         if self.artifact_root:
-            return self.artifact_root
-        if self.resolved_tracking_uri().startswith(("http://", "https://", "databricks")):
-            return None
-        return (Path(DEFAULT_ROOT).resolve() / "mlartifacts").as_uri()
+            root = self.artifact_root
+            return root if "://" in root else Path(root).resolve().as_uri()
+        uri = self.resolved_tracking_uri()
+        db = sqlite_path(uri)
+        return (db.parent / "mlartifacts").as_uri() if db is not None else None
 
     def resolved_store(self) -> str:
         store = self.store or os.environ.get("SPON_STORE") or str(Path(DEFAULT_ROOT) / "store")
@@ -57,6 +62,14 @@ class PipelineSettings(BaseModel):
 
     def resolved_work_dir(self, out: str) -> Path:
         return Path(self.work_dir or Path(out) / "work").resolve()
+
+
+def sqlite_path(uri: str) -> Path | None:
+    """The database file of a sqlite:/// tracking URI (None for any other URI or an in-memory one)."""
+    if not uri.startswith("sqlite:///"):
+        return None
+    path = uri[len("sqlite:///"):].split("?", 1)[0]
+    return Path(path).resolve() if path and path != ":memory:" else None  # sqlite:////abs or sqlite:///relative
 
 
 def registered_name(settings: PipelineSettings, model: str, sparsity: float, protocol: str) -> str:

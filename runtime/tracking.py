@@ -2,8 +2,12 @@
 sweep levels in threads cannot log into each other's runs. One lock serialises calls: a sqlite
 backend does not like concurrent writers.
 
-The fused model is logged as a directory of safetensors/JSON artifacts and registered as a model
-version whose source is that directory: nothing in the registry needs pickle to load.
+The fused model is logged as an MLflow Model (the run's artifact `fused_model`): MLmodel, the
+models-from-code file runtime/mlflow_model.py, pinned requirements, signature and input example,
+and the checkpoint itself (safetensors + JSON) as its artifact. A model version's source is that
+directory, so `mlflow.pyfunc.load_model("models:/NAME@champion")` and `mlflow models serve` load
+the sparse model through spon's own loader: nothing in the registry needs pickle to load.
+The run's inputs are its datasets (calibration, evaluation texts: name, digest, source).
 """
 
 from __future__ import annotations
@@ -14,7 +18,14 @@ from pathlib import Path
 from spon.runtime.settings import PipelineSettings
 
 _LOCK = threading.RLock()
-FUSED_ARTIFACT = "fused_model"
+FUSED_ARTIFACT = "fused_model"  # the run's MLflow Model (checkpoint inside it)
+# Where a run logged by an older spon keeps a bare checkpoint at FUSED_ARTIFACT, the MLflow Model
+# made for it by `spon publish models:/...` goes here instead.
+REPUBLISHED_ARTIFACT = "mlflow_model"
+MODEL_CODE = Path(__file__).with_name("mlflow_model.py")
+MLMODEL = "MLmodel"
+# What the pyfunc imports when it loads (the spon wheel brings the rest of its dependencies).
+SERVING_PACKAGES = ("spon", "mlflow", "torch", "transformers", "safetensors", "tokenizers", "sentencepiece", "accelerate")
 
 
 def client(settings: PipelineSettings):
@@ -114,14 +125,17 @@ def artifact_uri(settings: PipelineSettings, run_id: str, sub: str) -> str:
         return client(settings).get_run(run_id).info.artifact_uri.rstrip("/") + "/" + sub
 
 
-def register(settings: PipelineSettings, name: str, run_id: str, source: str, tags: dict[str, str]):
+def register(settings: PipelineSettings, name: str, run_id: str, source: str, tags: dict[str, str],
+             description: str | None = None):
     """The run's model version (created on first call); returns its version number as a string."""
     from mlflow.exceptions import MlflowException
 
     with _LOCK:
         c = client(settings)
         try:
-            c.create_registered_model(name, description="TEAL + SPON fused checkpoints (safetensors; see spon.json)")
+            c.create_registered_model(name, description="TEAL + SPON sparse models: each version an MLflow Model "
+                                      "(pyfunc from code, spon's loader; the fused safetensors checkpoint inside). "
+                                      "Serve: mlflow models serve -m models:/" + name + "@champion --env-manager local")
         except MlflowException as e:
             if "RESOURCE_ALREADY_EXISTS" not in str(e.error_code):
                 raise
@@ -129,7 +143,8 @@ def register(settings: PipelineSettings, name: str, run_id: str, source: str, ta
         # registration (but before it was recorded) finds its version instead of adding one.
         same_run = [v for v in c.search_model_versions(f"name='{name}' and run_id='{run_id}'") if v.source == source]
         mv = same_run[0] if same_run else c.create_model_version(name, source, run_id=run_id,
-                                                                  tags={k: str(v) for k, v in tags.items()})
+                                                                  tags={k: str(v) for k, v in tags.items()},
+                                                                  description=(description or "")[:5000] or None)
         c.set_registered_model_alias(name, "candidate", mv.version)
         return str(mv.version)
 
@@ -169,3 +184,141 @@ def resolve_alias(settings: PipelineSettings, models_uri: str):
             return c.get_model_version(name, version)
         except Exception as e:
             raise SponError(f"cannot resolve {models_uri} in {settings.resolved_tracking_uri()}: {str(e).splitlines()[0]}") from e
+
+
+# ----------------------------------------------------------------------------- MLflow Models
+
+
+def pinned_requirements(quantized: bool = False) -> list[str]:
+    """`package==version` of what this process runs, for the model's requirements.txt."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    reqs = []
+    for pkg in SERVING_PACKAGES + (("torchao",) if quantized else ()):
+        try:
+            reqs.append(f"{pkg}=={version(pkg)}")
+        except PackageNotFoundError:
+            continue
+    return reqs
+
+
+def save_mlflow_model(checkpoint: str | Path, dest: str | Path, prompt: str = "Once upon a time",
+                      quantized: bool = False) -> Path:
+    """Write an MLflow Model directory at `dest` (must not exist): the models-from-code file, the
+    checkpoint as artifact `fused_model`, signature (list[str] -> list[str] + params), input
+    example, pinned requirements. Local only; nothing is loaded or executed but the code file."""
+    import logging
+
+    import mlflow
+    from mlflow.models import infer_signature
+
+    spec = _model_spec()
+    params = dict(spec.DEFAULT_PARAMS)
+    signature = infer_signature([prompt], [prompt + " ..."], params=params)
+    level = logging.getLogger("mlflow").level
+    logging.getLogger("mlflow").setLevel(logging.ERROR)  # "Downloading artifacts" bars and env notes for a local copy
+    try:
+        mlflow.pyfunc.save_model(str(dest), python_model=str(MODEL_CODE), artifacts={spec.CHECKPOINT: str(checkpoint)},
+                                 signature=signature, input_example=([prompt], params),
+                                 pip_requirements=pinned_requirements(quantized))
+    finally:
+        logging.getLogger("mlflow").setLevel(level)
+    return Path(dest)
+
+
+def _model_spec():
+    """The model file's constants, read without running its set_model() (AST of the literals)."""
+    import ast
+    import types
+
+    tree = ast.parse(MODEL_CODE.read_text())
+    found = {t.id: ast.literal_eval(n.value) for n in tree.body if isinstance(n, ast.Assign)
+             for t in n.targets if isinstance(t, ast.Name) and t.id in ("CHECKPOINT", "DEFAULT_PARAMS")}
+    return types.SimpleNamespace(**found)
+
+
+def _listing(c, run_id: str, path: str) -> set[str]:
+    return {Path(f.path).name for f in c.list_artifacts(run_id, path)}
+
+
+def model_artifact_path(settings: PipelineSettings, run_id: str) -> str:
+    """Where this run's MLflow Model is (or goes): FUSED_ARTIFACT, unless an older spon logged a
+    bare checkpoint there (then REPUBLISHED_ARTIFACT)."""
+    from spon.format import SIDECAR
+
+    with _LOCK:
+        names = _listing(client(settings), run_id, FUSED_ARTIFACT)
+    return REPUBLISHED_ARTIFACT if SIDECAR in names and MLMODEL not in names else FUSED_ARTIFACT
+
+
+def log_mlflow_model(settings: PipelineSettings, run_id: str, checkpoint: str | Path, artifact_path: str,
+                     quantized: bool = False) -> str:
+    """Log the checkpoint as an MLflow Model under the run's `artifact_path`; idempotent: MLmodel
+    is logged last, so a path that has it holds a complete model and is left alone (a retry after
+    a kill re-logs the rest, same content). Returns the model's artifact URI."""
+    import shutil
+    import tempfile
+
+    with _LOCK:
+        c = client(settings)
+        if MLMODEL not in _listing(c, run_id, artifact_path):
+            # Built beside the checkpoint (same filesystem), removed once uploaded.
+            tmp = Path(tempfile.mkdtemp(prefix=".mlflow-model-", dir=Path(checkpoint).resolve().parent))
+            try:
+                model_dir = save_mlflow_model(checkpoint, tmp / "model", quantized=quantized)
+                mlmodel = tmp / MLMODEL
+                (model_dir / MLMODEL).rename(mlmodel)
+                c.log_artifacts(run_id, str(model_dir), artifact_path)
+                c.log_artifact(run_id, str(mlmodel), artifact_path)  # last: now the model exists
+            finally:
+                shutil.rmtree(tmp, ignore_errors=True)
+        return c.get_run(run_id).info.artifact_uri.rstrip("/") + "/" + artifact_path
+
+
+def is_mlflow_model(settings: PipelineSettings, mv) -> bool:
+    """The model version's source is an MLflow Model (has MLmodel), not a bare checkpoint."""
+    with _LOCK:
+        c = client(settings)
+        base = c.get_run(mv.run_id).info.artifact_uri.rstrip("/") + "/" if mv.run_id else None
+        if base is None or not mv.source.startswith(base):
+            return True  # not a run artifact of ours: nothing to say about it
+        return MLMODEL in _listing(c, mv.run_id, mv.source[len(base):].strip("/"))
+
+
+def require_mlflow_model(settings: PipelineSettings, models_uri: str):
+    """The model version of models_uri if it is an MLflow Model; a one-line SponError naming the
+    command that re-publishes it if an older spon registered it as bare artifacts."""
+    from spon.errors import SponError
+
+    mv = resolve_alias(settings, models_uri)
+    if not is_mlflow_model(settings, mv):
+        raise SponError(f"{models_uri} (version {mv.version} of {mv.name}) was registered by an older spon as bare "
+                        f"safetensors artifacts, not an MLflow Model: re-publish it with `spon publish "
+                        f"models:/{mv.name}/{mv.version} --tracking-uri {settings.resolved_tracking_uri()}`")
+    return mv
+
+
+def log_datasets(settings: PipelineSettings, run_id: str, datasets: list[dict]) -> None:
+    """datasets: {name, digest, source (str), context ('calibration'/'evaluation'), profile (dict)}
+    as the run's MLflow dataset inputs. Logging the same dataset twice is a no-op in MLflow."""
+    import json
+
+    from mlflow.entities import Dataset, DatasetInput, InputTag
+
+    items = [DatasetInput(Dataset(name=d["name"], digest=d["digest"][:36], source_type="local",
+                                  source=json.dumps({"uri": d["source"]}),
+                                  profile=json.dumps(d.get("profile", {}), sort_keys=True)),
+                          tags=[InputTag("mlflow.data.context", d["context"])]) for d in datasets]
+    if items:
+        with _LOCK:
+            client(settings).log_inputs(run_id, datasets=items)
+
+
+def describe(settings: PipelineSettings, name: str, version: str, description: str,
+             tags: dict[str, str] | None = None) -> None:
+    """Set a model version's description (its model card) and extra tags."""
+    with _LOCK:
+        c = client(settings)
+        c.update_model_version(name, version, description=description[:5000])
+        for k, v in (tags or {}).items():
+            c.set_model_version_tag(name, version, k, str(v))

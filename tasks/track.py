@@ -1,5 +1,7 @@
 """track_run: one MLflow run per pipeline — flattened config as params, perplexities, realized
-sparsity, held-out KL, stage wall times and the KL curve as metrics, files as artifacts.
+sparsity, held-out KL, stage wall times and the KL curve as metrics, files as artifacts (all but
+the fused model, which publish logs as an MLflow Model), and the calibration and evaluation
+texts as the run's dataset inputs (name, digest, source: the lineage of the registered model).
 
 It runs after the method has written everything locally, so a tracking outage loses nothing
 that cannot be logged again later (`spon publish OUT_DIR`). The finished run's id is recorded in
@@ -29,7 +31,7 @@ log = logging.getLogger(__name__)
 TRACKED_RUN = "tracked_run.json"
 # Fields that differ between two runs of the same result, or are added after tracking.
 _VOLATILE = ("wall_time_s", "mlflow_run_id", "registered_model", "version", "store_uri", "candidate_uri",
-             "champion", "gate")
+             "champion", "gate", "model_uri", "variants")
 
 
 def result_digest(summary: dict) -> str:
@@ -65,7 +67,9 @@ def track_run(summary: dict, files: dict[str, str], settings: PipelineSettings, 
     try:
         run_id = tracking.start_run(settings, tracking.run_params(summary), run_name, parent_run_id, tags)
         tracking.log_metrics(settings, run_id, summary_metrics(summary), {"kl": summary.get("kl_history", [])})
-        tracking.log_artifacts(settings, run_id, files)
+        tracking.log_datasets(settings, run_id, run_datasets(summary))
+        # The fused model is logged once, as an MLflow Model, by publish.
+        tracking.log_artifacts(settings, run_id, {k: v for k, v in files.items() if k != tracking.FUSED_ARTIFACT})
         tracking.end_run(settings, run_id)
         if record is not None:
             _write_record(record, {**key, "run_id": run_id})
@@ -77,6 +81,39 @@ def track_run(summary: dict, files: dict[str, str], settings: PipelineSettings, 
                         f"{(str(e).splitlines() or [''])[0][:200]}); the local result in {out} is kept: "
                         f"re-log and publish it with `spon publish {out}`") from e
     return run_id
+
+
+def run_datasets(summary: dict) -> list[dict]:
+    """The run's inputs for MLflow: the calibration set (the token blocks the calibrate stage
+    wrote, with how they were made) and each evaluation text (its sha256). Files no longer on this
+    machine (a summary published elsewhere) are left out."""
+    from spon.format import CALIBRATION_FILE
+
+    from spon.runtime.workdir import sha256_file
+
+    cfg = summary.get("config", {})
+    out = []
+    cal = cfg.get("calibration", {})
+    cal_dir = summary.get("stage_dirs", {}).get("calibrate")
+    if cal_dir and (Path(cal_dir) / CALIBRATION_FILE).is_file():
+        path = Path(cal_dir) / CALIBRATION_FILE
+        how = {"samples": f"samples of {summary.get('model')} (seed {cal.get('seed')}, temperature {cal.get('temperature')})",
+               "text": ", ".join(map(str, cal.get("files", []))),
+               "dataset": f"{cal.get('dataset')} {cal.get('dataset_config') or ''} split {cal.get('split')}".replace("  ", " ")}
+        out.append({"name": f"calibration-{cal.get('source', 'samples')}", "digest": sha256_file(path), "source": str(path),
+                    "context": "calibration",
+                    "profile": {"made_from": how.get(cal.get("source", "samples"), str(cal.get("source"))),
+                                **{k: cal.get(k) for k in ("num_blocks", "block_len", "heldout_blocks", "seed")},
+                                "sha256": sha256_file(path)}})
+    ev = cfg.get("eval", {})
+    for f in ev.get("files", []):
+        p = Path(f)
+        if p.is_file():
+            digest = sha256_file(p)
+            out.append({"name": p.name, "digest": digest, "source": str(p.resolve()), "context": "evaluation",
+                        "profile": {"bytes": p.stat().st_size, "sha256": digest, "window": ev.get("window"),
+                                    "stride": ev.get("stride"), "max_tokens": ev.get("max_tokens")}})
+    return out
 
 
 def _record(files: dict[str, str]) -> Path | None:
