@@ -7,6 +7,8 @@ Stable API (all take ``weight_t`` = Wᵀ ``[in, out]`` from ``prepare_weight``):
     sparse_linear_reference(x, weight_t, bias, threshold) -> y
     quantize_weight_int8(weight[out, in]) -> (qweight_t[in, out] int8, scales[out] fp32)
     sparse_linear_int8(x, qweight_t, scales, bias=None, threshold=0.0) -> y
+    quantize_weight_int4(weight[out, in], group_size=64) -> (qweight_t[in, out/2] uint8, scales[in/group, out] fp32)
+    sparse_linear_int4(x, qweight_t, scales, bias=None, threshold=0.0) -> y
     prepare_weight_fused([W_q, W_k, W_v]) -> weight_t_cat[in, sum(out_i)]
     sparse_linear_fused(x, weight_t_cat, out_features, biases=None, thresholds=0.0,
                         scales=None) -> tuple of y_i
@@ -35,9 +37,13 @@ import torch
 from torch import Tensor, nn
 
 from .reference import (
+    dequantize_weight_int4_t,
     dequantize_weight_t,
+    int4_out_features,
+    quantize_weight_int4,
     quantize_weight_int8,
     sparse_linear_fused_reference,
+    sparse_linear_int4_reference,
     sparse_linear_int8_reference,
     sparse_linear_reference,
     threshold_activations,
@@ -49,13 +55,17 @@ __all__ = [
     "HAS_TRITON",
     "MAX_BATCH",
     "SparseGemvLinear",
+    "dequantize_weight_int4_t",
     "dequantize_weight_t",
     "prepare_weight",
     "prepare_weight_fused",
+    "quantize_weight_int4",
     "quantize_weight_int8",
     "sparse_linear",
     "sparse_linear_fused",
     "sparse_linear_fused_reference",
+    "sparse_linear_int4",
+    "sparse_linear_int4_reference",
     "sparse_linear_int8",
     "sparse_linear_int8_reference",
     "sparse_linear_reference",
@@ -96,7 +106,8 @@ def _ops_module():
 def _call(x, weight_t, bias, threshold, seg_sizes, scales):
     _ops = _ops_module()  # registers torch.ops.spon_kernels.sparse_gemv on first use
 
-    K, N = weight_t.shape
+    K = weight_t.shape[0]
+    N = sum(seg_sizes)
     lead = x.shape[:-1]
     x2 = x.reshape(-1, K)
     if torch.compiler.is_compiling():
@@ -128,6 +139,19 @@ def sparse_linear_int8(
     if _needs_grad(x, bias):
         return sparse_linear_int8_reference(x, qweight_t, scales, bias, threshold)
     return _call(x, qweight_t, bias, threshold, [qweight_t.shape[1]], scales)
+
+
+def sparse_linear_int4(
+    x: Tensor,
+    qweight_t: Tensor,
+    scales: Tensor,
+    bias: Tensor | None = None,
+    threshold: float | Tensor = 0.0,
+) -> Tensor:
+    """Sparse x times group-wise int4 Wᵀ (packed, from quantize_weight_int4; scales [in/group, out])."""
+    if _needs_grad(x, bias):
+        return sparse_linear_int4_reference(x, qweight_t, scales, bias, threshold)
+    return _call(x, qweight_t, bias, threshold, [int4_out_features(qweight_t)], scales)
 
 
 def sparse_linear_fused(

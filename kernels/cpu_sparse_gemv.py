@@ -44,7 +44,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .cpu_native import native_op
-from .reference import keep_mask
+from .reference import dequantize_weight_int4_t, keep_mask, unpack_int4
 
 MAX_BATCH = 8
 # Rows per bag: enough that per-bag overhead and the final partial sum are
@@ -122,10 +122,10 @@ def cpu_sparse_gemv(
         return _embedding_bag_gemv(x, weight_t, bias, threshold[0], scales, rows_per_bag)
     if isinstance(threshold, Tensor):
         if _native_pays(x, threshold, scales):
-            return op(x, weight_t, bias, [0.0], [weight_t.shape[1]], scales, threshold)
+            return op(x, weight_t, bias, [0.0], [_out_features(weight_t)], scales, threshold)
         return _dense_masked(x, keep_mask(x, threshold[0]), weight_t, bias)
     if _native_pays(x, threshold, scales):
-        return op(x, weight_t, bias, threshold, [weight_t.shape[1]], scales)
+        return op(x, weight_t, bias, threshold, [_out_features(weight_t)], scales)
     return _dense_masked(x, _keep_mask_native(x, threshold[0]), weight_t, bias)
 
 
@@ -260,10 +260,16 @@ def _native_pays(x: Tensor, thresholds: list[float] | Tensor, scales: Tensor | N
     return density < NATIVE_MAX_UNION_DENSITY_BF16_8_ROWS
 
 
+def _out_features(weight_t: Tensor) -> int:
+    return 2 * weight_t.shape[1] if weight_t.dtype == torch.uint8 else weight_t.shape[1]  # packed int4
+
+
 def _native_applies(x: Tensor, weight_t: Tensor, scales: Tensor | None) -> bool:
     if x.dtype not in (torch.float32, torch.float16, torch.bfloat16) or not weight_t.is_contiguous():
         return False
-    return weight_t.dtype == torch.int8 if scales is not None else weight_t.dtype == x.dtype
+    if scales is None:
+        return weight_t.dtype == x.dtype
+    return weight_t.dtype in (torch.int8, torch.uint8)
 
 
 def _add_bias(y: Tensor, bias: Tensor | None, dtype: torch.dtype) -> Tensor:
@@ -273,8 +279,17 @@ def _add_bias(y: Tensor, bias: Tensor | None, dtype: torch.dtype) -> Tensor:
 
 
 def _cpu_int8(x: Tensor, keep: Tensor, qweight_t: Tensor, scales: Tensor, bias: Tensor | None) -> Tensor:
+    """int8 (scales [N]) or packed int4 (uint8, scales [K/group, N]): gather the surviving rows, then
+    dequantize only those (a correctness path for when the native op cannot be built)."""
     idx = keep.any(0).nonzero().squeeze(1)
     xs = (x * keep).index_select(1, idx).float()
+    if qweight_t.dtype == torch.uint8:
+        group = qweight_t.shape[0] // scales.shape[0]
+        w = unpack_int4(qweight_t.index_select(0, idx)).float() * scales.float().index_select(0, idx // group)
+        y = xs @ w
+        if bias is not None:
+            y = y + bias.float()
+        return y.to(x.dtype)
     y = (xs @ qweight_t.index_select(0, idx).float()) * scales.float()
     if bias is not None:
         y = y + bias.float()
@@ -320,7 +335,9 @@ def cpu_sparse_gemv_fused(
     for n, tau in zip(seg_sizes, thresholds):
         sl = slice(start, start + n)
         xs = x * keep_mask(x, tau)
-        if scales is None:
+        if weight_t.dtype == torch.uint8:  # packed int4
+            y = xs.float() @ dequantize_weight_int4_t(weight_t[:, start // 2 : (start + n) // 2], scales[:, sl])
+        elif scales is None:
             y = xs @ weight_t[:, sl]
         else:
             y = (xs.float() @ weight_t[:, sl].float()) * scales[sl].float()

@@ -23,6 +23,8 @@ from .triton_sparse_gemv import HAS_TRITON, MAX_BATCH, triton_sparse_gemv
 
 def _reference(x, weight_t, bias, taus, seg_sizes, scales):
     if len(seg_sizes) == 1:
+        if weight_t.dtype == torch.uint8:
+            return _ref.sparse_linear_int4_reference(x, weight_t, scales, bias, taus[0])
         if scales is None:
             return _ref.sparse_linear_reference(x, weight_t, bias, taus[0])
         return _ref.sparse_linear_int8_reference(x, weight_t, scales, bias, taus[0])
@@ -64,7 +66,7 @@ def dispatch(x, weight_t, bias, threshold, seg_sizes, scales):
     """
     M, K = x.shape
     if M == 0:
-        return x.new_empty((0, weight_t.shape[1]))
+        return x.new_empty((0, sum(seg_sizes)))
     if x.is_cuda and HAS_TRITON and M <= MAX_BATCH:
         taus = thresholds_tensor(threshold, len(seg_sizes), x.device, K)
         return triton_sparse_gemv(x, weight_t, bias, taus, list(seg_sizes), scales)
@@ -88,7 +90,8 @@ def sparse_gemv(
 ) -> Tensor:
     """y[M, N] = concat_s( S_{tau_s}(x) @ Wᵀ[:, seg_s] ) (* scales) + bias.
 
-    x: [M, K]; weight_t: [K, N] (x.dtype, or int8 with ``scales`` [N] fp32);
+    x: [M, K]; weight_t: [K, N] (x.dtype, or int8 with ``scales`` [N] fp32, or packed int4
+    uint8 [K, N/2] with ``scales`` [K/group, N] fp32);
     thresholds: fp32 [len(seg_sizes)] (or [1]), or [len(seg_sizes), K] (one
     per segment and input channel); seg_sizes sum to N.
     """
@@ -98,4 +101,5 @@ def sparse_gemv(
 @sparse_gemv.register_fake
 def _sparse_gemv_fake(x, weight_t, bias, thresholds, seg_sizes, scales):
     torch._check(x.shape[1] == weight_t.shape[0])
-    return x.new_empty((x.shape[0], weight_t.shape[1]))
+    n = weight_t.shape[1] * 2 if weight_t.dtype == torch.uint8 else weight_t.shape[1]
+    return x.new_empty((x.shape[0], n))

@@ -31,6 +31,11 @@ Design (see kernels/README.md for the long version):
   i.e. tau_k = tau / ||W[:, k]||): thresholds ``[NSEG, K]`` instead of
   ``[NSEG]``; with PER_CHANNEL the K loop loads the segment's ``BLOCK_K``
   thresholds next to the x chunk (K floats per segment, against K rows of Wᵀ).
+* int4 weight-only (group-wise).  Wᵀ is packed uint8 ``[K, N/2]`` (32 columns per 16-byte
+  block: byte i holds column i in its low nibble, column i + 16 in its high one; nibble = q + 8)
+  with fp32 scales ``[K / GROUP, N]``; a tile loads the byte of each (row, column), shifts out
+  its nibble and dequantizes in registers (``(u - 8) * scale[k // GROUP, n]``), so a dropped row
+  moves no bytes, as for the other formats.
 * int8 weight-only.  Wᵀ is int8 with per-output-channel fp32 scales; the tile
   is converted to the activation dtype in registers (exact for |q| <= 127 in
   fp16 and bf16) and the scale is applied once per output after the reduction.
@@ -81,14 +86,14 @@ if HAS_TRITON:
             ]
         ]
 
-    @triton.autotune(configs=_configs(), key=["M_PAD", "K", "N", "K_PER_SPLIT", "DIRECT", "PER_CHANNEL"])
+    @triton.autotune(configs=_configs(), key=["M_PAD", "K", "N", "K_PER_SPLIT", "DIRECT", "PER_CHANNEL", "IS_INT4"])
     # Sizes are not specialised (one binary serves every odd shape / batch);
     # stride_wk is, so aligned Wᵀ rows still get vectorised loads.
-    @triton.jit(do_not_specialize=["M", "K", "N", "stride_xm", "K_PER_SPLIT"])
+    @triton.jit(do_not_specialize=["M", "K", "N", "stride_xm", "K_PER_SPLIT", "GROUP"])
     def _sparse_gemv_kernel(
         x_ptr,  # [M, K] activations (fp32/fp16/bf16), row stride stride_xm, unit col stride
-        wt_ptr,  # [K, N_total] Wᵀ (same dtype as x, or int8), row stride stride_wk
-        scale_ptr,  # [N_total] fp32 per-output-channel scales (int8 only)
+        wt_ptr,  # [K, N_total] Wᵀ (same dtype as x, or int8; int4: uint8 [K, N_total / 2]), row stride stride_wk
+        scale_ptr,  # int8: [N_total] fp32 per-output-channel scales; int4: [K / GROUP, N_total]
         bias_ptr,  # [N_total] bias (only read when DIRECT and HAS_BIAS)
         tau_ptr,  # fp32 thresholds: [NSEG], one per segment, or [NSEG, K] with PER_CHANNEL
         seg_start_ptr,  # [NSEG] int32 first output column of each segment
@@ -100,8 +105,10 @@ if HAS_TRITON:
         stride_xm,
         stride_wk,
         K_PER_SPLIT,
+        GROUP,  # int4: input rows per scale
         M_PAD: tl.constexpr,  # 1 for batch 1 (GEMV), 16 for tl.dot otherwise
         IS_INT8: tl.constexpr,
+        IS_INT4: tl.constexpr,
         HAS_BIAS: tl.constexpr,
         DIRECT: tl.constexpr,  # SPLIT_K == 1: write final output
         UPCAST_DOT: tl.constexpr,  # interpreter only: its tl.dot mishandles bf16
@@ -143,16 +150,28 @@ if HAS_TRITON:
             x = tl.where(keep, x, tl.zeros_like(x))
             # A row of Wᵀ is needed if any batch row keeps its feature.
             row_keep = tl.max(keep.to(tl.int32), axis=0) > 0
-            w = tl.load(
-                wt_ptr + offs_k.to(tl.int64)[:, None] * stride_wk + cols[None, :],
-                mask=row_keep[:, None] & n_mask[None, :],
-                other=0.0,
-            )
+            w_mask = row_keep[:, None] & n_mask[None, :]
+            if IS_INT4:
+                # byte (k, n): block n // 32 of 16 bytes, byte n % 16, nibble (n % 32) // 16
+                byte = (cols // 32) * 16 + (cols % 16)
+                shift = ((cols % 32) // 16) * 4
+                raw = tl.load(wt_ptr + offs_k.to(tl.int64)[:, None] * stride_wk + byte[None, :], mask=w_mask, other=8)
+                u = (raw.to(tl.int32) >> shift[None, :]) & 15
+                sc = tl.load(
+                    scale_ptr + (offs_k // GROUP).to(tl.int64)[:, None] * N + cols[None, :], mask=w_mask, other=0.0
+                )
+                w = (u - 8).to(tl.float32) * sc
+            else:
+                w = tl.load(
+                    wt_ptr + offs_k.to(tl.int64)[:, None] * stride_wk + cols[None, :],
+                    mask=w_mask,
+                    other=0.0,
+                )
             if M_PAD == 1:
                 # GEMV: fp32 multiply-add, int8 converts straight to fp32.
                 xv = tl.sum(x.to(tl.float32), axis=0)  # [BLOCK_K]; only one real row
                 acc += tl.sum(xv[:, None] * w.to(tl.float32), axis=0)[None, :]
-            elif UPCAST_DOT:
+            elif UPCAST_DOT or IS_INT4:  # int4: dequantized fp32 tile, exact fp32 dot
                 acc += tl.dot(x.to(tl.float32), w.to(tl.float32), input_precision="ieee")
             else:
                 if IS_INT8:
@@ -255,7 +274,14 @@ def triton_sparse_gemv(
     assert 1 <= M <= MAX_BATCH, f"batch {M} not in 1..{MAX_BATCH}"
     assert weight_t.stride(1) == 1, "weight_t must be row-contiguous (use prepare_weight)"
     is_int8 = weight_t.dtype == torch.int8
-    if is_int8:
+    is_int4 = weight_t.dtype == torch.uint8
+    group = 1
+    if is_int4:
+        N = 2 * N
+        assert scales is not None and scales.dim() == 2 and scales.shape[1] == N and K % scales.shape[0] == 0
+        group = K // scales.shape[0]
+        scales = scales.to(device=x.device, dtype=torch.float32).contiguous()
+    elif is_int8:
         assert scales is not None and scales.numel() == N
         scales = scales.to(device=x.device, dtype=torch.float32).contiguous()
     else:
@@ -265,6 +291,7 @@ def triton_sparse_gemv(
     if seg_sizes is None:
         seg_sizes = [N]
     assert sum(seg_sizes) == N, f"segments {seg_sizes} do not sum to {N}"
+    assert not is_int4 or all(n % 32 == 0 for n in seg_sizes), "int4 segments must be multiples of 32 columns"
     nseg = len(seg_sizes)
     per_channel = thresholds.dim() == 2
     thresholds = thresholds.to(device=x.device, dtype=torch.float32)
@@ -300,7 +327,7 @@ def triton_sparse_gemv(
     _sparse_gemv_kernel[grid](
         x,
         weight_t,
-        scales if is_int8 else dummy,
+        scales if (is_int8 or is_int4) else dummy,
         bias if bias is not None else dummy,
         thresholds,
         seg_start,
@@ -312,8 +339,10 @@ def triton_sparse_gemv(
         x.stride(0),
         weight_t.stride(0),
         k_per_split,
+        group,
         M_PAD=m_pad,
         IS_INT8=is_int8,
+        IS_INT4=is_int4,
         HAS_BIAS=bias is not None,
         DIRECT=direct,
         UPCAST_DOT=_interpreting() and x.dtype == torch.bfloat16,

@@ -29,10 +29,17 @@
 #include <immintrin.h>
 #endif
 
-#include <cmath>
-#include <cstdint>
 #include <algorithm>
+#include <atomic>
+#include <chrono>
+#include <cmath>
+#include <condition_variable>
+#include <cstdint>
 #include <cstring>
+#include <memory>
+#include <mutex>
+#include <thread>
+#include <type_traits>
 #include <vector>
 
 namespace {
@@ -66,6 +73,13 @@ inline vfloat vload(const int8_t* p) {
 inline vfloat vset1(float v) { return _mm512_set1_ps(v); }
 inline vfloat vfma(vfloat a, vfloat b, vfloat c) { return _mm512_fmadd_ps(a, b, c); }
 inline void vstore(float* p, vfloat v) { _mm512_storeu_ps(p, v); }
+// int4 block of 32 columns = 16 bytes: byte i holds column i (low nibble) and i + 16 (high).
+// Vector h (0 or 1) of the block: columns 16h .. 16h + 15, as unsigned nibbles 0..15.
+inline vfloat vload_q4(const uint8_t* blk, int h) {
+  const __m512i b = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(blk)));
+  const __m512i q = h ? _mm512_srli_epi32(b, 4) : _mm512_and_si512(b, _mm512_set1_epi32(15));
+  return _mm512_cvtepi32_ps(q);
+}
 #elif defined(__AVX2__) && defined(__F16C__) && defined(__FMA__)
 #define SPON_SIMD 1
 constexpr int64_t kVec = 8;
@@ -82,6 +96,12 @@ inline vfloat vload(const int8_t* p) {
 inline vfloat vset1(float v) { return _mm256_set1_ps(v); }
 inline vfloat vfma(vfloat a, vfloat b, vfloat c) { return _mm256_fmadd_ps(a, b, c); }
 inline void vstore(float* p, vfloat v) { _mm256_storeu_ps(p, v); }
+// int4, 8 lanes: vector h (0..3) of a 32-column block = columns 8h .. 8h + 7.
+inline vfloat vload_q4(const uint8_t* blk, int h) {
+  const __m256i b = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(blk + 8 * (h & 1))));
+  const __m256i q = (h >> 1) ? _mm256_srli_epi32(b, 4) : _mm256_and_si256(b, _mm256_set1_epi32(15));
+  return _mm256_cvtepi32_ps(q);
+}
 #else
 constexpr int64_t kVec = 1;  // no SIMD path: the scalar loops below do everything
 #endif
@@ -90,11 +110,14 @@ constexpr int64_t kVec = 1;  // no SIMD path: the scalar loops below do everythi
 //     acc[m][0:n] += sum_r val[r][m] * Wt[idx[r], col0 : col0+n]
 // over the rows idx[] that some batch row keeps (val is 0 where a batch row
 // drops that input: its product adds nothing, and the weight row is read once
-// for the whole batch).  Four rows per pass: one load and store of each
-// accumulator per four rows (a chain of four FMAs), and four weight streams in
-// flight per core (a single stream stalls on DRAM latency at every row start).
+// for the whole batch).  Eight rows per pass: one load and store of each
+// accumulator per eight rows (a chain of eight FMAs), and eight weight streams
+// in flight per core (a single stream stalls on DRAM latency at every row
+// start; four streams left the 2-thread L2-resident case at ~14 B/cycle).
 // Vector lanes and the scalar tail round identically (the same FMA chain), so
 // a column's value does not depend on where a thread's range starts.
+constexpr int kRows = 8;
+
 template <int MB, typename W>
 void accumulate_rows(float* __restrict acc, int64_t acc_ld, const W* __restrict wt, int64_t ld, int64_t col0,
                      int64_t n, const int64_t* idx, const float* val, int64_t nnz) {
@@ -104,31 +127,29 @@ void accumulate_rows(float* __restrict acc, int64_t acc_ld, const W* __restrict 
   const int64_t nv = 0;
 #endif
   int64_t r = 0;
-  for (; r + 4 <= nnz; r += 4) {
-    const W* __restrict w0 = wt + idx[r] * ld + col0;
-    const W* __restrict w1 = wt + idx[r + 1] * ld + col0;
-    const W* __restrict w2 = wt + idx[r + 2] * ld + col0;
-    const W* __restrict w3 = wt + idx[r + 3] * ld + col0;
+  for (; r + kRows <= nnz; r += kRows) {
+    const W* w[kRows];
+    for (int i = 0; i < kRows; ++i) w[i] = wt + idx[r + i] * ld + col0;
     const float* v = val + r * MB;  // v[i * MB + m]: row r + i, batch row m
 #ifdef SPON_SIMD
     for (int64_t j = 0; j < nv; j += kVec) {
-      const vfloat x0 = vload(w0 + j), x1 = vload(w1 + j), x2 = vload(w2 + j), x3 = vload(w3 + j);
+      vfloat x[kRows];
+      for (int i = 0; i < kRows; ++i) x[i] = vload(w[i] + j);
       for (int m = 0; m < MB; ++m) {
         float* a = acc + m * acc_ld + j;
-        vfloat t = vfma(vset1(v[m]), x0, vload(a));
-        t = vfma(vset1(v[MB + m]), x1, t);
-        t = vfma(vset1(v[2 * MB + m]), x2, t);
-        vstore(a, vfma(vset1(v[3 * MB + m]), x3, t));
+        vfloat t = vload(a);
+        for (int i = 0; i < kRows; ++i) t = vfma(vset1(v[i * MB + m]), x[i], t);
+        vstore(a, t);
       }
     }
 #endif
     for (int64_t j = nv; j < n; ++j) {
-      const float x0 = as_float(w0[j]), x1 = as_float(w1[j]), x2 = as_float(w2[j]), x3 = as_float(w3[j]);
+      float x[kRows];
+      for (int i = 0; i < kRows; ++i) x[i] = as_float(w[i][j]);
       for (int m = 0; m < MB; ++m) {
-        float t = std::fma(v[m], x0, acc[m * acc_ld + j]);
-        t = std::fma(v[MB + m], x1, t);
-        t = std::fma(v[2 * MB + m], x2, t);
-        acc[m * acc_ld + j] = std::fma(v[3 * MB + m], x3, t);
+        float t = acc[m * acc_ld + j];
+        for (int i = 0; i < kRows; ++i) t = std::fma(v[i * MB + m], x[i], t);
+        acc[m * acc_ld + j] = t;
       }
     }
   }
@@ -151,9 +172,168 @@ void accumulate_rows(float* __restrict acc, int64_t acc_ld, const W* __restrict 
   }
 }
 
-constexpr int64_t kBlock = 16;             // columns per work unit: one 64-byte line of fp32 acc
+// int4 weights: Wt packed as [K, N/2] bytes, 32 columns per 16-byte block (byte i of a block:
+// column i in the low nibble, column i + 16 in the high one), unsigned nibbles u = q + 8.
+// Same walk as accumulate_rows over whole blocks (col0 and n are multiples of 32):
+//     part[m][0:n] += sum_r val[r][m] * u[idx[r], col0 : col0+n]
+// The caller subtracts 8 * sum_r val[r][m] and applies the group's scales.
+inline float nibble(const uint8_t* blk, int c) { return static_cast<float>(c < 16 ? blk[c] & 15 : blk[c - 16] >> 4); }
+
+template <int MB>
+void accumulate_rows_q4(float* __restrict part, int64_t part_ld, const uint8_t* __restrict q, int64_t ldb,
+                        int64_t col0, int64_t n, const int64_t* idx, const float* val, int64_t nnz) {
+  const int64_t byte0 = col0 / 2;
+  int64_t r = 0;
+  auto pass = [&](const uint8_t* const* w, const float* v, int rows) {
+    for (int64_t b = 0; b < n / 32; ++b) {
+#ifdef SPON_SIMD
+      for (int h = 0; h < static_cast<int>(32 / kVec); ++h) {
+        vfloat x[kRows];
+        for (int i = 0; i < rows; ++i) x[i] = vload_q4(w[i] + 16 * b, h);
+        for (int m = 0; m < MB; ++m) {
+          float* a = part + m * part_ld + 32 * b + h * kVec;
+          vfloat t = vload(a);
+          for (int i = 0; i < rows; ++i) t = vfma(vset1(v[i * MB + m]), x[i], t);
+          vstore(a, t);
+        }
+      }
+#else
+      for (int c = 0; c < 32; ++c) {
+        float x[kRows];
+        for (int i = 0; i < rows; ++i) x[i] = nibble(w[i] + 16 * b, c);
+        for (int m = 0; m < MB; ++m) {
+          float t = part[m * part_ld + 32 * b + c];
+          for (int i = 0; i < rows; ++i) t = std::fma(v[i * MB + m], x[i], t);
+          part[m * part_ld + 32 * b + c] = t;
+        }
+      }
+#endif
+    }
+  };
+  const uint8_t* w[kRows];
+  for (; r + kRows <= nnz; r += kRows) {
+    for (int i = 0; i < kRows; ++i) w[i] = q + idx[r + i] * ldb + byte0;
+    pass(w, val + r * MB, kRows);
+  }
+  for (; r < nnz; ++r) {
+    w[0] = q + idx[r] * ldb + byte0;
+    pass(w, val + r * MB, 1);
+  }
+}
+
 constexpr int64_t kSerialBytes = 1 << 20;  // below ~1 MiB of rows, one thread beats waking the others
 constexpr int64_t kMaxBatch = 8;
+
+// ---------------------------------------------------------------------------------------------
+// Threads.  A GEMV here lasts 10 us - 2 ms; what it must not do is wait for a thread that is not
+// running.  An OpenMP parallel region (at::parallel_for) hands each thread a fixed share and joins
+// at a barrier: on a box whose cores are busy with other processes, the share of a thread that
+// the scheduler has not run yet holds up the caller for a whole time slice (measured: 2-thread
+// calls of 30 us taking 7-15 ms at load average 6-13).  Here the work is cut into column chunks
+// claimed from one atomic counter; the caller claims chunks too, so a worker that has not woken
+// up by the time the caller has claimed every chunk simply finds nothing to do, and the caller
+// waits only for chunks already being computed.  Workers spin briefly after a job (decode calls
+// come back to back) and then sleep on a condition variable.  Which thread computes a chunk does
+// not change its value: results are bit-identical for any thread count.
+class Pool {
+ public:
+  static Pool& get() {
+    static Pool* pool = new Pool;  // never destroyed: its workers sleep until the process exits
+    return *pool;
+  }
+
+  // fn(chunk) for chunk in [0, chunks), on up to `threads` threads (the caller included).
+  template <typename F>
+  void run(int64_t chunks, int threads, const F& fn) {
+    if (threads <= 1 || chunks <= 1) {
+      for (int64_t c = 0; c < chunks; ++c) fn(c);
+      return;
+    }
+    std::lock_guard<std::mutex> one_job(job_mu_);  // the pool serves one caller at a time
+    ensure_workers(threads - 1);
+    fn_ = [](const void* f, int64_t c) { (*static_cast<const F*>(f))(c); };
+    ctx_ = &fn;
+    done_.store(0, std::memory_order_relaxed);
+    gen_ = (gen_ + 1) & 0xffffffffu;
+    ticket_.store(make(gen_, chunks, 0), std::memory_order_seq_cst);
+    if (sleeping_.load(std::memory_order_seq_cst) > 0) {
+      { std::lock_guard<std::mutex> lk(mu_); }
+      cv_.notify_all();
+    }
+    work(gen_);
+    int64_t spins = 0;
+    while (done_.load(std::memory_order_acquire) < chunks) {
+      if (++spins < 4096) pause();
+      else std::this_thread::yield();  // a worker holding a chunk was descheduled: let it run
+    }
+  }
+
+ private:
+  static uint64_t make(uint64_t gen, int64_t total, int64_t next) {
+    return (gen << 32) | (static_cast<uint64_t>(total) << 16) | static_cast<uint64_t>(next);
+  }
+  static void pause() {
+#if defined(__x86_64__) || defined(__i386__)
+    _mm_pause();
+#endif
+  }
+
+  // Claim and run chunks of job `gen` until none is left (or another job was posted).
+  void work(uint64_t gen) {
+    uint64_t t = ticket_.load(std::memory_order_acquire);
+    while ((t >> 32) == gen) {
+      const int64_t total = (t >> 16) & 0xffff, next = t & 0xffff;
+      if (next >= total) return;
+      if (ticket_.compare_exchange_weak(t, t + 1, std::memory_order_acq_rel, std::memory_order_acquire)) {
+        fn_(ctx_, next);  // the job is alive: its caller waits for this chunk
+        done_.fetch_add(1, std::memory_order_release);
+        t = ticket_.load(std::memory_order_acquire);
+      }
+    }
+  }
+
+  void worker() {
+    uint64_t seen = ticket_.load(std::memory_order_acquire) >> 32;
+    for (;;) {
+      // Spin ~50 us for the next job (decode calls come back to back), then sleep.
+      const auto until = std::chrono::steady_clock::now() + std::chrono::microseconds(50);
+      uint64_t g = seen;
+      for (int i = 0;; ++i) {
+        g = ticket_.load(std::memory_order_acquire) >> 32;
+        if (g != seen) break;
+        pause();
+        if ((i & 63) == 63 && std::chrono::steady_clock::now() > until) break;
+      }
+      if (g == seen) {
+        std::unique_lock<std::mutex> lk(mu_);
+        sleeping_.fetch_add(1, std::memory_order_seq_cst);
+        cv_.wait(lk, [&] { return (ticket_.load(std::memory_order_seq_cst) >> 32) != seen; });
+        sleeping_.fetch_sub(1, std::memory_order_seq_cst);
+        g = ticket_.load(std::memory_order_acquire) >> 32;
+      }
+      seen = g;
+      work(g);
+    }
+  }
+
+  void ensure_workers(int n) {
+    if (static_cast<int>(workers_.size()) >= n) return;
+    while (static_cast<int>(workers_.size()) < n) {
+      workers_.emplace_back([this] { worker(); });
+      workers_.back().detach();
+    }
+  }
+
+  std::mutex job_mu_, mu_;
+  std::condition_variable cv_;
+  std::vector<std::thread> workers_;
+  std::atomic<uint64_t> ticket_{0};
+  std::atomic<int64_t> done_{0};
+  std::atomic<int> sleeping_{0};
+  uint64_t gen_ = 0;
+  void (*fn_)(const void*, int64_t) = nullptr;
+  const void* ctx_ = nullptr;
+};
 
 // The inputs of one segment (a projection of a fused q/k/v or gate/up matrix,
 // with its own threshold) that at least one batch row keeps: indices, and
@@ -185,16 +365,25 @@ Survivors survivors(const X* x, int64_t M, int64_t MB, int64_t K, Tau tau) {
   return s;
 }
 
+// Weight formats: W = X (same dtype as x), int8 (per-output-channel scales [N]) or int4 (W = uint8_t,
+// packed as above, group-wise scales [K / group, N]: rows k of one group of `group` inputs share
+// scales[k / group][n]).
+struct Quant {
+  const float* scales = nullptr;  // int8: [N]; int4: [K / group, N]
+  int64_t group = 0;              // int4 group size (rows of Wt per scale); 0 otherwise
+};
+
 // chan_taus: nullptr (taus[g] is segment g's threshold) or [nseg][K] fp32, one
 // threshold per segment and input channel (taus is then ignored).
 template <int MB, typename X, typename W>
 void sparse_gemv_impl(const X* x, int64_t M, int64_t K, const W* wt, int64_t N, const std::vector<double>& taus,
                       const float* chan_taus, const std::vector<int64_t>& seg_sizes, const float* bias,
-                      const float* scales, X* out) {
+                      const Quant& quant, X* out) {
+  constexpr bool kQ4 = std::is_same<W, uint8_t>::value;
   const size_t nseg = seg_sizes.size();
   std::vector<Survivors> segs(nseg);
   std::vector<int64_t> seg_start(nseg + 1, 0);
-  int64_t bytes = 0;
+  double bytes = 0;
   for (size_t g = 0; g < nseg; ++g) {
     // Segments with equal thresholds share one scan of x.  Rows of per-channel
     // thresholds are compared bitwise: NaN rows never match by value.
@@ -213,65 +402,105 @@ void sparse_gemv_impl(const X* x, int64_t M, int64_t K, const W* wt, int64_t N, 
       segs[g] = survivors(x, M, MB, K, [t](int64_t) { return t; });
     }
     seg_start[g + 1] = seg_start[g] + seg_sizes[g];
-    bytes += static_cast<int64_t>(segs[g].idx.size()) * seg_sizes[g] * static_cast<int64_t>(sizeof(W));
+    bytes += static_cast<double>(segs[g].idx.size()) * seg_sizes[g] * (kQ4 ? 0.5 : sizeof(W));
   }
-  const int64_t blocks = (N + kBlock - 1) / kBlock;
-  // Grain = blocks / threads: at::parallel_for then gives each thread one contiguous column range.
-  const int64_t threads = at::get_num_threads();
-  const int64_t grain = bytes < kSerialBytes ? blocks : std::max<int64_t>(1, (blocks + threads - 1) / threads);
-  at::parallel_for(0, blocks, grain, [&](int64_t b0, int64_t b1) {
-    const int64_t c0 = b0 * kBlock, c1 = std::min(N, b1 * kBlock), n = c1 - c0;
+  // Column chunks aligned to 32 (one int4 block; two 64-byte lines of fp32 accumulators), about
+  // four per thread so a late thread's share is taken by the others.
+  constexpr int64_t kAlign = 32;
+  const int threads = bytes < kSerialBytes ? 1 : std::max(1, at::get_num_threads());
+  const int64_t units = (N + kAlign - 1) / kAlign;
+  const int64_t want = threads == 1 ? 1 : std::min<int64_t>(units, 4 * threads);
+  const int64_t per = (units + want - 1) / want;
+  const int64_t chunks = (units + per - 1) / per;
+  const int64_t ldb = N / 2;  // int4: bytes per row of Wt
+  auto body = [&](int64_t chunk) {
+    const int64_t c0 = chunk * per * kAlign, c1 = std::min(N, (chunk + 1) * per * kAlign), n = c1 - c0;
     std::vector<float> acc(MB * n, 0.0f);  // [MB][n]
+    std::vector<float> part(kQ4 ? MB * n : 0);
     for (size_t g = 0; g < nseg; ++g) {  // the segments this column range overlaps
       const int64_t lo = std::max(c0, seg_start[g]), hi = std::min(c1, seg_start[g + 1]);
-      if (lo < hi) {
-        const Survivors& sv = segs[g];
-        accumulate_rows<MB>(acc.data() + (lo - c0), n, wt, N, lo, hi - lo, sv.idx.data(), sv.val.data(),
-                            static_cast<int64_t>(sv.idx.size()));
+      if (lo >= hi) continue;
+      const Survivors& sv = segs[g];
+      const int64_t nnz = static_cast<int64_t>(sv.idx.size());
+      if constexpr (!kQ4) {
+        accumulate_rows<MB>(acc.data() + (lo - c0), n, wt, N, lo, hi - lo, sv.idx.data(), sv.val.data(), nnz);
+      } else {
+        // One group of `group` input rows at a time: partial sums of the unsigned nibbles, then
+        // acc += scale * (part - 8 * sum(val)) once per group and column.
+        for (int64_t r = 0; r < nnz;) {
+          const int64_t grp = sv.idx[r] / quant.group;
+          int64_t re = r;
+          while (re < nnz && sv.idx[re] / quant.group == grp) ++re;
+          float sumv[MB];
+          for (int m = 0; m < MB; ++m) {
+            sumv[m] = 0.0f;
+            for (int64_t i = r; i < re; ++i) sumv[m] += sv.val[i * MB + m];
+            std::fill(part.begin() + m * n + (lo - c0), part.begin() + m * n + (hi - c0), 0.0f);
+          }
+          accumulate_rows_q4<MB>(part.data() + (lo - c0), n, wt, ldb, lo, hi - lo, sv.idx.data() + r,
+                                 sv.val.data() + r * MB, re - r);
+          const float* s = quant.scales + grp * N;
+          for (int m = 0; m < MB; ++m) {
+            const float off = 8.0f * sumv[m];
+            float* a = acc.data() + m * n;
+            const float* p = part.data() + m * n;
+            for (int64_t j = lo; j < hi; ++j) a[j - c0] = std::fma(s[j], p[j - c0] - off, a[j - c0]);
+          }
+          r = re;
+        }
       }
     }
+    const float* col_scales = kQ4 ? nullptr : quant.scales;  // int8: one scale per output column
     for (int64_t m = 0; m < M; ++m) {
       for (int64_t j = c0; j < c1; ++j) {
         float y = acc[m * n + (j - c0)];
-        if (scales) y *= scales[j];
+        if (col_scales) y *= col_scales[j];
         if (bias) y += bias[j];
         out[m * N + j] = static_cast<X>(y);
       }
     }
-  });
+  };
+  Pool::get().run(chunks, threads, body);
 }
 
 template <typename X, typename W>
 void dispatch_batch(const X* x, int64_t M, int64_t K, const W* wt, int64_t N, const std::vector<double>& taus,
-                    const float* ct, const std::vector<int64_t>& sizes, const float* bias, const float* scales,
-                    X* out) {
+                    const float* ct, const std::vector<int64_t>& sizes, const float* bias, const Quant& q, X* out) {
   // Batch rows padded to 1, 2, 4 or 8 so the per-row loop unrolls at compile time.
-  if (M == 1) sparse_gemv_impl<1>(x, M, K, wt, N, taus, ct, sizes, bias, scales, out);
-  else if (M == 2) sparse_gemv_impl<2>(x, M, K, wt, N, taus, ct, sizes, bias, scales, out);
-  else if (M <= 4) sparse_gemv_impl<4>(x, M, K, wt, N, taus, ct, sizes, bias, scales, out);
-  else sparse_gemv_impl<8>(x, M, K, wt, N, taus, ct, sizes, bias, scales, out);
+  if (M == 1) sparse_gemv_impl<1>(x, M, K, wt, N, taus, ct, sizes, bias, q, out);
+  else if (M == 2) sparse_gemv_impl<2>(x, M, K, wt, N, taus, ct, sizes, bias, q, out);
+  else if (M <= 4) sparse_gemv_impl<4>(x, M, K, wt, N, taus, ct, sizes, bias, q, out);
+  else sparse_gemv_impl<8>(x, M, K, wt, N, taus, ct, sizes, bias, q, out);
 }
 
+enum class Fmt { kSame, kInt8, kInt4 };
+
 template <typename X>
-void run(const at::Tensor& x, const at::Tensor& weight_t, bool int8, int64_t M, int64_t K, int64_t N,
+void run(const at::Tensor& x, const at::Tensor& weight_t, Fmt fmt, int64_t M, int64_t K, int64_t N,
          const std::vector<double>& taus, const float* ct, const std::vector<int64_t>& sizes, const float* bias,
-         const float* scales, at::Tensor& out) {
-  if (int8) {
-    dispatch_batch<X, int8_t>(x.data_ptr<X>(), M, K, weight_t.data_ptr<int8_t>(), N, taus, ct, sizes, bias, scales,
+         const Quant& q, at::Tensor& out) {
+  if (fmt == Fmt::kInt8) {
+    dispatch_batch<X, int8_t>(x.data_ptr<X>(), M, K, weight_t.data_ptr<int8_t>(), N, taus, ct, sizes, bias, q,
                               out.data_ptr<X>());
+  } else if (fmt == Fmt::kInt4) {
+    dispatch_batch<X, uint8_t>(x.data_ptr<X>(), M, K, weight_t.data_ptr<uint8_t>(), N, taus, ct, sizes, bias, q,
+                               out.data_ptr<X>());
   } else {
-    dispatch_batch<X, X>(x.data_ptr<X>(), M, K, weight_t.data_ptr<X>(), N, taus, ct, sizes, bias, scales,
+    dispatch_batch<X, X>(x.data_ptr<X>(), M, K, weight_t.data_ptr<X>(), N, taus, ct, sizes, bias, q,
                          out.data_ptr<X>());
   }
 }
 
+// weight_t: [K, N] in x's dtype; int8 [K, N] with scales [N]; or int4, uint8 [K, N / 2] packed
+// (see accumulate_rows_q4) with scales [K / group, N] (group = K / scales.size(0)).
 at::Tensor sparse_gemv(const at::Tensor& x, const at::Tensor& weight_t, const c10::optional<at::Tensor>& bias,
                        at::ArrayRef<double> thresholds, at::IntArrayRef seg_sizes,
                        const c10::optional<at::Tensor>& scales,
                        const c10::optional<at::Tensor>& channel_thresholds) {
   TORCH_CHECK(x.device().is_cpu() && weight_t.device().is_cpu(), "sparse_gemv: CPU tensors only");
   TORCH_CHECK(weight_t.dim() == 2 && weight_t.is_contiguous(), "sparse_gemv: weight_t must be a contiguous [in, out] matrix");
-  const int64_t K = weight_t.size(0), N = weight_t.size(1);
+  const Fmt fmt = weight_t.scalar_type() == at::kChar ? Fmt::kInt8 : weight_t.scalar_type() == at::kByte ? Fmt::kInt4 : Fmt::kSame;
+  const int64_t K = weight_t.size(0), N = fmt == Fmt::kInt4 ? 2 * weight_t.size(1) : weight_t.size(1);
   TORCH_CHECK(x.dim() == 2 && x.size(1) == K, "sparse_gemv: x must be [M, ", K, "] for weight_t with ", K,
               " rows, got ", x.sizes());
   const int64_t M = x.size(0);
@@ -280,21 +509,30 @@ at::Tensor sparse_gemv(const at::Tensor& x, const at::Tensor& weight_t, const c1
   int64_t total = 0;
   for (int64_t n : seg_sizes) {
     TORCH_CHECK(n >= 0, "sparse_gemv: negative segment size");
+    TORCH_CHECK(fmt != Fmt::kInt4 || n % 32 == 0, "sparse_gemv: int4 segments must be multiples of 32 columns, got ", n);
     total += n;
   }
   TORCH_CHECK(total == N, "sparse_gemv: segment sizes sum to ", total, ", weight_t has ", N, " columns");
-  const bool int8 = weight_t.scalar_type() == at::kChar;
-  TORCH_CHECK(int8 == scales.has_value(), "sparse_gemv: scales go with int8 weights and only with them");
-  TORCH_CHECK(int8 || weight_t.scalar_type() == x.scalar_type(), "sparse_gemv: weight dtype must match x");
+  TORCH_CHECK((fmt != Fmt::kSame) == scales.has_value(), "sparse_gemv: scales go with int8/int4 weights and only with them");
+  TORCH_CHECK(fmt != Fmt::kSame || weight_t.scalar_type() == x.scalar_type(), "sparse_gemv: weight dtype must match x");
   const at::Tensor xc = x.contiguous();
   at::Tensor b, s;
   if (bias) {
     TORCH_CHECK(bias->numel() == N, "sparse_gemv: bias must have ", N, " elements");
     b = bias->to(at::kFloat).contiguous();
   }
+  Quant q;
   if (scales) {
-    TORCH_CHECK(scales->numel() == N, "sparse_gemv: scales must have ", N, " elements");
+    if (fmt == Fmt::kInt8) {
+      TORCH_CHECK(scales->numel() == N, "sparse_gemv: scales must have ", N, " elements");
+    } else {
+      TORCH_CHECK(scales->dim() == 2 && scales->size(1) == N && scales->size(0) >= 1 && K % scales->size(0) == 0,
+                  "sparse_gemv: int4 scales must be [K / group, ", N, "] with the group dividing K = ", K, ", got ",
+                  scales->sizes());
+      q.group = K / scales->size(0);
+    }
     s = scales->to(at::kFloat).contiguous();
+    q.scales = s.data_ptr<float>();
   }
   at::Tensor ct;
   if (channel_thresholds) {
@@ -311,12 +549,11 @@ at::Tensor sparse_gemv(const at::Tensor& x, const at::Tensor& weight_t, const c1
   const std::vector<double> taus(thresholds.begin(), thresholds.end());
   const std::vector<int64_t> sizes(seg_sizes.begin(), seg_sizes.end());
   const float* bp = bias ? b.data_ptr<float>() : nullptr;
-  const float* sp = scales ? s.data_ptr<float>() : nullptr;
   const float* cp = channel_thresholds ? ct.data_ptr<float>() : nullptr;
   AT_DISPATCH_SWITCH(x.scalar_type(), "sparse_gemv",
-      AT_DISPATCH_CASE(at::kFloat, [&] { run<scalar_t>(xc, weight_t, int8, M, K, N, taus, cp, sizes, bp, sp, out); })
-      AT_DISPATCH_CASE(at::kHalf, [&] { run<scalar_t>(xc, weight_t, int8, M, K, N, taus, cp, sizes, bp, sp, out); })
-      AT_DISPATCH_CASE(at::kBFloat16, [&] { run<scalar_t>(xc, weight_t, int8, M, K, N, taus, cp, sizes, bp, sp, out); }));
+      AT_DISPATCH_CASE(at::kFloat, [&] { run<scalar_t>(xc, weight_t, fmt, M, K, N, taus, cp, sizes, bp, q, out); })
+      AT_DISPATCH_CASE(at::kHalf, [&] { run<scalar_t>(xc, weight_t, fmt, M, K, N, taus, cp, sizes, bp, q, out); })
+      AT_DISPATCH_CASE(at::kBFloat16, [&] { run<scalar_t>(xc, weight_t, fmt, M, K, N, taus, cp, sizes, bp, q, out); }));
   return out;
 }
 

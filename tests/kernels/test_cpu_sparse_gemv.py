@@ -178,7 +178,7 @@ import sys, torch
 sys.path.insert(0, {helpers!r})
 from helpers import assert_close, make_case, threshold_for
 from spon.kernels.cpu_native import native_op
-from spon.kernels.reference import quantize_weight_int8, sparse_linear_fused_reference
+from spon.kernels.reference import quantize_weight_int4, quantize_weight_int8, sparse_linear_fused_reference
 op = native_op()
 assert op is not None, "build failed"
 torch.set_num_threads(2)
@@ -197,6 +197,13 @@ for dtype in (torch.float32, torch.bfloat16, torch.float16):
             y = op(x, wt, b, [0.0] * len(sizes), sizes, scales, ct)
             ref = sparse_linear_fused_reference(x.float(), wt if int8 else wt.float(), sizes, b.float(), ct, scales)
             assert_close(y, ref, dtype)
+    # int4, group-wise scales: every 32-column block of every segment through this build's loads
+    for M in (1, 3):
+        x, w, b = make_case(M, 256, 160, dtype, "cpu")
+        q, s4 = quantize_weight_int4(w, 64)
+        taus = [threshold_for(x, 0.5), threshold_for(x, 0.2)]
+        y = op(x, q, b, taus, [96, 64], s4)
+        assert_close(y, sparse_linear_fused_reference(x.float(), q, [96, 64], b.float(), taus, s4), dtype)
 print("ok")
 """
 
