@@ -265,7 +265,10 @@ def log_mlflow_model(settings: PipelineSettings, run_id: str, checkpoint: str | 
             # Built beside the checkpoint (same filesystem), removed once uploaded.
             tmp = Path(tempfile.mkdtemp(prefix=".mlflow-model-", dir=Path(checkpoint).resolve().parent))
             try:
-                model_dir = save_mlflow_model(checkpoint, tmp / "model", quantized=quantized)
+                # The artifact directory is named after its source: stage the checkpoint as
+                # `fused_model` (hard links where the filesystem allows, else copies).
+                staged = _stage(Path(checkpoint), tmp / _model_spec().CHECKPOINT)
+                model_dir = save_mlflow_model(staged, tmp / "model", quantized=quantized)
                 mlmodel = tmp / MLMODEL
                 (model_dir / MLMODEL).rename(mlmodel)
                 c.log_artifacts(run_id, str(model_dir), artifact_path)
@@ -273,6 +276,20 @@ def log_mlflow_model(settings: PipelineSettings, run_id: str, checkpoint: str | 
             finally:
                 shutil.rmtree(tmp, ignore_errors=True)
         return c.get_run(run_id).info.artifact_uri.rstrip("/") + "/" + artifact_path
+
+
+def _stage(src: Path, dst: Path) -> Path:
+    import os
+    import shutil
+
+    for f in sorted(p for p in src.rglob("*") if p.is_file()):
+        target = dst / f.relative_to(src)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            os.link(f.resolve(), target)
+        except OSError:
+            shutil.copyfile(f, target)
+    return dst
 
 
 def is_mlflow_model(settings: PipelineSettings, mv) -> bool:
