@@ -40,7 +40,15 @@ import torch.nn.functional as F
 # GPU machine with nothing of ours installed) as well as installed as spon.kernels.
 from . import cpu_native
 from . import cpu_sparse_gemv as _cpu
-from . import prepare_weight, quantize_weight_int8, sparse_linear, sparse_linear_fused, sparse_linear_int8, sparse_linear_reference
+from . import (
+    prepare_weight,
+    quantize_weight_int4,
+    quantize_weight_int8,
+    sparse_linear,
+    sparse_linear_int4,
+    sparse_linear_int8,
+    sparse_linear_reference,
+)
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 # Llama-3-8B projections, written in->out: q/o, k/v, gate/up, down.
@@ -111,8 +119,8 @@ def bench_kernels(args, device: torch.device, timer: Timer, copy_bw: float, rows
     results survive a timeout)."""
     gen = torch.Generator(device="cpu").manual_seed(0)
     for dname in args.dtypes:
-        int8 = dname.startswith("int8")
-        dtype = DTYPES["bf16" if int8 else dname]
+        int8, int4 = dname == "int8", dname == "int4"
+        dtype = DTYPES["bf16" if int8 or int4 else dname]
         for shape in args.shapes:
             K, N = _parse_shape(shape)
             w = (torch.randn(N, K, generator=gen) / math.sqrt(K)).to(device=device, dtype=dtype)
@@ -120,9 +128,21 @@ def bench_kernels(args, device: torch.device, timer: Timer, copy_bw: float, rows
                 wt, scales = quantize_weight_int8(w)
                 wt, scales = wt.to(device), scales.to(device)
                 wbytes = 1
+            elif int4:
+                wt, scales = quantize_weight_int4(w, args.int4_group)
+                wt, scales = wt.to(device), scales.to(device)
+                wbytes = 0.5 + 4 / args.int4_group  # packed nibbles + one fp32 scale per group
             else:
                 wt, scales = prepare_weight(w), None
                 wbytes = w.element_size()
+            # --cold: every call reads its own copy of the weights, from a pool larger than the
+            # caches, as a decode step does (each matrix read once per token); dense and sparse alike.
+            copies = 1
+            if args.cold_mb:
+                copies = max(2, min(256, math.ceil(args.cold_mb * 2**20 / (N * K * w.element_size()))))
+            ws = [w] + [w.clone() for _ in range(copies - 1)]
+            wts = [wt] + [wt.clone() for _ in range(copies - 1)]
+            turn = [0, 0]
             for M in args.batches:
                 x = torch.randn(M, K, generator=gen).to(device=device, dtype=dtype)
                 for s in args.sparsities:
@@ -133,19 +153,33 @@ def bench_kernels(args, device: torch.device, timer: Timer, copy_bw: float, rows
                     s_eff = 1.0 - keep.any(0).float().mean().item()  # rows of Wᵀ the batch skips
 
                     def dense():
-                        return F.linear(x, w)
+                        turn[0] += 1
+                        return F.linear(x, ws[turn[0] % copies])
 
                     if int8:
 
                         def sparse():
-                            return sparse_linear_int8(x, wt, scales, None, tau)
+                            turn[1] += 1
+                            return sparse_linear_int8(x, wts[turn[1] % copies], scales, None, tau)
+                    elif int4:
+
+                        def sparse():
+                            turn[1] += 1
+                            return sparse_linear_int4(x, wts[turn[1] % copies], scales, None, tau)
                     else:
 
                         def sparse():
-                            return sparse_linear(x, wt, None, tau)
+                            turn[1] += 1
+                            return sparse_linear(x, wts[turn[1] % copies], None, tau)
 
                     with torch.no_grad():
-                        err = (sparse().float() - sparse_linear_reference(x, w.t(), None, tau_f).float()).abs().max().item()
+                        if int4:  # against the int4 model itself (the float model differs by its quantization)
+                            from .reference import sparse_linear_int4_reference
+
+                            expect = sparse_linear_int4_reference(x, wt, scales, None, tau_f)
+                        else:
+                            expect = sparse_linear_reference(x, w.t(), None, tau_f)
+                        err = (sparse().float() - expect.float()).abs().max().item()
                         t_dense, t_sparse = timer.pair(dense, sparse)
                         min_dense, min_sparse = timer.last_min
                     dense_bytes = N * K * w.element_size()
@@ -173,6 +207,7 @@ def bench_kernels(args, device: torch.device, timer: Timer, copy_bw: float, rows
                         dense_frac_copy_bw=dense_bytes / t_dense / 1e9 / copy_bw,
                         sparse_frac_copy_bw=sparse_bytes / t_sparse / 1e9 / copy_bw,
                         max_abs_err_vs_reference=err,
+                        weight_copies=copies,
                     )
                     if args.per_channel:
                         _bench_per_channel(row, x, w, wt, scales, s, sparse, timer)
@@ -194,8 +229,30 @@ def bench_kernels(args, device: torch.device, timer: Timer, copy_bw: float, rows
                             f"{row['per_channel_over_scalar_by_order'][1]:.3f})",
                             flush=True,
                         )
-            del w, wt
+            del w, wt, ws, wts
     return rows
+
+
+def summarize(rows: list[dict]) -> list[dict]:
+    """Per (dtype, shape, batch): the kernel at 0 % over dense F.linear (target: >= 0.95), and per
+    sparsity s > 0 the kernel's own speedup over itself at 0 % as a fraction of 1/(1 - s_eff)
+    (target at 50 %: >= 0.9).  Times from the same run; each pair was timed interleaved."""
+    out = []
+    keyf = lambda r: (r["dtype"], r["in_features"], r["out_features"], r["batch"])  # noqa: E731
+    for key in sorted({keyf(r) for r in rows}):
+        sub = {r["sparsity"]: r for r in rows if keyf(r) == key}
+        if 0.0 not in sub:
+            continue
+        z = sub[0.0]
+        entry = dict(dtype=key[0], in_features=key[1], out_features=key[2], batch=key[3],
+                     kernel0_over_dense=z["speedup"], kernel0_over_dense_of_min=z["speedup_of_min"])
+        for s_, r in sorted(sub.items()):
+            if s_ > 0:
+                own = z["sparse_ms"] / r["sparse_ms"]
+                entry[f"own_speedup_{s_:g}"] = own
+                entry[f"frac_of_ideal_own_{s_:g}"] = own * (1 - r["sparsity_effective"])
+        out.append(entry)
+    return out
 
 
 def _bench_per_channel(row: dict, x, w, wt, scales, s: float, scalar_sparse, timer: Timer) -> None:
@@ -341,8 +398,13 @@ def build_parser() -> argparse.ArgumentParser:
     p = _Parser(prog="spon bench", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     p.add_argument("--shapes", type=_csv(_shape), default=LLAMA3_8B_SHAPES, help="in x out, comma separated")
-    p.add_argument("--dtypes", type=_csv(_choice(*DTYPES, "int8")), default=None,
-                   help="fp32,fp16,bf16,int8 (int8 = bf16 x, int8 Wᵀ); default fp16,bf16,int8 on cuda, fp32,bf16 on cpu")
+    p.add_argument("--dtypes", type=_csv(_choice(*DTYPES, "int8", "int4")), default=None,
+                   help="fp32,fp16,bf16,int8,int4 (int8 / int4 = bf16 x, int8 / group-wise int4 Wᵀ; dense baseline "
+                   "bf16 F.linear); default fp16,bf16,int8 on cuda, fp32,bf16 on cpu")
+    p.add_argument("--int4-group", type=_at_least(1), default=64, help="int4: input rows per scale")
+    p.add_argument("--cold", dest="cold_mb", type=_at_least(0, float), default=0.0, metavar="MB",
+                   help="rotate each side over copies of its weights totalling about MB megabytes, so every call "
+                   "reads weights that are not in cache (as in decode); 0 (default): one copy, hot in cache")
     p.add_argument("--batches", type=_csv(_at_least(1)), default=None, help="default 1,4,8 (cuda) / 1 (cpu)")
     p.add_argument("--sparsities", type=_csv(_sparsity), default=SPARSITIES, help="comma list in [0, 1)")
     p.add_argument("--reps", type=_at_least(1), default=15, help="CPU: minimum timed repetitions per point")
@@ -390,6 +452,8 @@ def main(argv: list[str] | None = None) -> int:
         argv=recorded_argv(sys.argv[1:] if argv is None else argv),
         time=time.strftime("%Y-%m-%dT%H:%M:%S"),
         loadavg_start=_loadavg(),
+        cpu_model=_cpu_model(),
+        cold_mb=args.cold_mb,
     )
     if not gpu:
         meta["cpu_path"] = "native" if cpu_native.native_op() is not None else "embedding_bag"
@@ -405,6 +469,12 @@ def main(argv: list[str] | None = None) -> int:
 
     bench_kernels(args, device, timer, meta["copy_GBps"], result["kernel"], save)
     meta["loadavg_end"] = _loadavg()
+    result["summary"] = summarize(result["kernel"])
+    for e in result["summary"]:
+        extra = "  ".join(f"{k[len('frac_of_ideal_own_'):]}: own x{e['own_speedup_' + k[len('frac_of_ideal_own_'):]]:.2f} "
+                          f"= {v:.0%} of ideal" for k, v in e.items() if k.startswith("frac_of_ideal_own_"))
+        print(f"summary {e['dtype']:5s} {e['in_features']:>5d}->{e['out_features']:<5d} b={e['batch']}  "
+              f"kernel@0% / F.linear x{e['kernel0_over_dense']:.2f} (min x{e['kernel0_over_dense_of_min']:.2f})  {extra}")
     save()
     print(f"wrote {json_path}")
     if not args.no_plot and result["kernel"]:
@@ -424,6 +494,16 @@ def recorded_argv(argv: list[str]) -> list[str]:
         elif not a.startswith("--out="):
             kept.append(a)
     return ["kernels.bench", *kept]
+
+
+def _cpu_model():
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
 
 
 def _loadavg():

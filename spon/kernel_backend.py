@@ -36,7 +36,7 @@ SHARED_INPUT = (("q", "k", "v"), ("gate", "up"))  # projections of one layer tha
 class KernelGroup:
     """Projections sharing one input, behind one concatenated Wᵀ [in, sum(out)]."""
 
-    def __init__(self, members: list[SparseLinear]):
+    def __init__(self, members: list[SparseLinear], weights: str = "float", int4_group: int = 64):
         self.members = members
         self.out_features = [m.linear.out_features for m in members]
         self.weight_t = torch.cat([m.linear.weight.detach() for m in members], dim=0).t().contiguous()
@@ -50,6 +50,17 @@ class KernelGroup:
             m.linear.weight = nn.Parameter(self.weight_t[:, cols].t(), requires_grad=False)
             m.kernel = self
             m.kernel_index = i
+        # What the kernels read: Wᵀ itself, or (weights="int8" / "int4") a quantized copy of it with
+        # its scales (int8: per output column; int4: per group of `int4_group` inputs and column).
+        # The float Wᵀ stays: the members' dense mode reads it.
+        self.weights = weights
+        self.qweight_t, self.scales = self.weight_t, None
+        if weights != "float":
+            from spon.kernels.reference import quantize_weight_int4, quantize_weight_int8
+
+            w = self.weight_t.t()  # [out, in]
+            self.qweight_t, self.scales = (quantize_weight_int8(w) if weights == "int8"
+                                           else quantize_weight_int4(w, int4_group))
         self._input: torch.Tensor | None = None
         self._input_version = 0
         self._outputs: list[torch.Tensor | None] = []
@@ -117,21 +128,21 @@ class KernelGroup:
             if op is not None:
                 x2 = x.reshape(rows, -1)
                 if isinstance(taus, torch.Tensor):
-                    y = op(x2, self.weight_t, self._bias_f32, self._taus, self.out_features, None, taus)
+                    y = op(x2, self.qweight_t, self._bias_f32, self._taus, self.out_features, self.scales, taus)
                 else:
-                    y = op(x2, self.weight_t, self._bias_f32, taus, self.out_features, None)
+                    y = op(x2, self.qweight_t, self._bias_f32, taus, self.out_features, self.scales)
                 return y.view(*x.shape[:-1], y.shape[-1]).split(self.out_features, -1)
         from spon.kernels import sparse_linear_fused
 
-        return sparse_linear_fused(x, self.weight_t, self.out_features, bias, taus)
+        return sparse_linear_fused(x, self.qweight_t, self.out_features, bias, taus, self.scales)
 
 
 class KernelSingle(KernelGroup):
     """A projection that shares its input with no other (o, down; any member of an incomplete
     group): a group of one, its own Wᵀ [in, out]."""
 
-    def __init__(self, m: SparseLinear):
-        super().__init__([m])
+    def __init__(self, m: SparseLinear, weights: str = "float", int4_group: int = 64):
+        super().__init__([m], weights, int4_group)
 
 
 def _version(t: torch.Tensor | None) -> tuple[int, int] | None:
@@ -139,11 +150,16 @@ def _version(t: torch.Tensor | None) -> tuple[int, int] | None:
     return None if t is None else (id(t), t._version)
 
 
-def use_kernels(model, enabled: bool = True) -> None:
+def use_kernels(model, enabled: bool = True, weights: str = "float", int4_group: int = 64) -> None:
     """Route sparse (teal / fused spon) inference through spon.kernels, q/k/v and gate/up fused;
     one copy of the weights. Same numbers as the torch path within fp32 rounding (masks can flip
     where |x| is within rounding of tau); training and calibration always use torch.
-    `enabled=False` restores plain contiguous weights."""
+    `enabled=False` restores plain contiguous weights. `weights="int8"` (per output channel) or
+    `"int4"` (group-wise, `int4_group` inputs per scale; every projection's width a multiple of 32)
+    makes the kernels read a quantized copy of each group's Wᵀ (the sparse modes then compute with
+    the quantized weights, at decode and prefill alike; the dense mode keeps the float ones)."""
+    if weights not in ("float", "int8", "int4"):
+        raise ValueError(f"weights={weights!r}: choose float, int8 or int4")
     mods = sparse_linears(model)
     for m in mods:
         if m.kernel is not None:
@@ -158,7 +174,7 @@ def use_kernels(model, enabled: bool = True) -> None:
     for by_kind in layers.values():
         for kinds in SHARED_INPUT:
             if all(k in by_kind for k in kinds):
-                KernelGroup([by_kind[k] for k in kinds])
+                KernelGroup([by_kind[k] for k in kinds], weights, int4_group)
         for m in by_kind.values():
             if m.kernel is None:
-                KernelSingle(m)
+                KernelSingle(m, weights, int4_group)
