@@ -59,7 +59,21 @@ def register_model(settings: PipelineSettings, name: str, run_id: str, checkpoin
         log.warning("champion refused for %s v%s: %s", name, version, refused)
         return version, False, None
     promoted, previous = tracking.promote_if_better(settings, name, version, gate_value)
+    if not promoted:
+        warn_if_champion_not_servable(settings, name)
     return version, promoted, previous
+
+
+def warn_if_champion_not_servable(settings: PipelineSettings, name: str) -> None:
+    """The champion this run did not beat may be a version an older spon registered as bare
+    artifacts, which `mlflow models serve` cannot serve: say so, with the command that fixes it."""
+    from spon.errors import SponError
+
+    try:
+        tracking.require_mlflow_model(settings, f"models:/{name}@champion")
+    except SponError as e:
+        if "older spon" in str(e):
+            log.warning("%s", e)
 
 
 def quantized_dirs(summary: dict) -> dict[str, str]:
