@@ -202,8 +202,8 @@ def cmd_publish(args) -> int:
             from spon.tasks.publish import republish
 
             result = republish(settings, args.result_dir)
+        result["serve"] = f"mlflow models serve -m {result['model_uri']} --env-manager local"
         print(json.dumps(result, indent=2))
-        print(f"serve:        mlflow models serve -m {result['model_uri']} --env-manager local")
         return 0
     result = Path(args.result_dir)
     path = result / SUMMARY_FILE
@@ -228,8 +228,9 @@ def cmd_publish(args) -> int:
         published = publish.fn(str(fused), run_id, summary, settings)
     summary.update({"mlflow_run_id": run_id, **published})
     path.write_text(json.dumps(summary, indent=2))
-    print(json.dumps({k: summary[k] for k in SHOWN + ("model_uri", "variants") if k in summary}, indent=2))
-    print(f"serve:        mlflow models serve -m models:/{summary['registered_model']}@champion --env-manager local")
+    shown = {k: summary[k] for k in SHOWN + ("model_uri", "variants") if k in summary}
+    shown["serve"] = f"mlflow models serve -m {summary['model_uri']} --env-manager local"
+    print(json.dumps(shown, indent=2))
     return 0
 
 
