@@ -42,8 +42,9 @@ from spon.assets import portable
 from spon.config import SparsityConfig
 from spon.fuse import load_sparse_model, read_sidecar
 from spon.kernel_backend import use_kernels
-from spon.model import find_projections, load_model
-from spon.sparse import SparseLinear, SparsifyConfig, counting_zeros, set_thresholds, sparse_linears, sparsify_
+from spon.model import find_projections
+from spon.sources import load_model
+from spon.sparse import SparseLinear, SparseState, apply_sparse_state_, counting_zeros, set_thresholds, sparse_linears
 from spon.stages import host
 from spon.thresholds import compute_thresholds
 
@@ -193,7 +194,7 @@ def levels_run(args, dtype: str) -> dict:
         ids = tok(args.prompt, return_tensors="pt").input_ids
         source = args.model
     calib, ids = calib.to(args.device), ids.to(args.device)
-    sparsify_(model, SparsifyConfig(mode="teal"))
+    apply_sparse_state_(model, SparseState(mode="teal"))
     levels = {}
     for s in args.sparsities:
         levels[s] = compute_thresholds(model, calib, SparsityConfig(sparsity=s))[0] if s > 0 else \

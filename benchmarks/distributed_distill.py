@@ -38,7 +38,7 @@ def worker(args) -> None:
     ends: list[float] = []
     out = Path(args.out)
     t0 = time.perf_counter()
-    stages.distill(args.model, args.calib, args.calib, DistillConfig(steps=args.steps), "all", args.device, "fp32",
+    stages.distill(stages.base_model(args.model, args.device), args.calib, args.calib, DistillConfig(steps=args.steps),
                    out, on_step=lambda step, kl: ends.append(time.perf_counter()))
     wall = time.perf_counter() - t0
     row = {"rank": distributed.rank(), "world_size": distributed.world_size(), "threads": torch.get_num_threads(),
@@ -72,7 +72,7 @@ def main() -> None:
 
     from spon import stages
     from spon.config import CalibrationConfig, SparsityConfig
-    from spon.model import default_model_path
+    from spon.sources import default_model_path
 
     model = args.model or default_model_path()
     work = Path(args.work)
@@ -80,8 +80,9 @@ def main() -> None:
     if not (calib / stages.THRESHOLDS_FILE).is_file():  # the default recipe's calibration, made once
         calib.mkdir(parents=True, exist_ok=True)
         t0 = time.perf_counter()
-        stages.calibrate(model, CalibrationConfig(), args.device, "fp32", calib)
-        stages.thresholds(model, calib, SparsityConfig(), args.device, "fp32", calib)
+        base = stages.base_model(model, args.device)
+        stages.calibrate(base, CalibrationConfig(), calib)
+        stages.thresholds(base, calib, SparsityConfig(), calib)
         print(f"calibration (512 x 128 sampled, 50 % thresholds): {time.perf_counter() - t0:.1f} s")
     rows: dict[int, list[dict]] = {}
     for n in (int(x) for x in args.nproc.split(",")):

@@ -53,7 +53,7 @@ ROWS: dict[str, dict] = {
     "uniform-25": {"sparsity.sparsity": 0.25},
     "uniform-40": {"sparsity.sparsity": 0.40},
     "greedy-50": {"sparsity.sparsity": 0.50, "sparsity.allocation": "greedy"},
-    "last_half-50": {"sparsity.sparsity": 0.50, "protocol": "last_half"},
+    "last_half-50": {"sparsity.sparsity": 0.50, "sparsity.protocol": "last_half"},
     "down-only-50": {"sparsity.sparsity": 0.50, "distill.targets": ["down"]},
     "samples-calib-50": {"sparsity.sparsity": 0.50, **SAMPLES_CALIBRATION},
     # WINA's weighted criterion (|x_i| * ||W[:, i]||_2 against tau): benchmarks/criteria.py
@@ -103,6 +103,7 @@ def run_row(name: str, args, calibrations: dict, prior: dict) -> dict:
     out = Path(args.out) / name
     cfg = row_config(name, args)
     rt = (cfg.device, cfg.dtype)
+    base = stages.base_model(cfg.model, *rt)  # loaded once for the row's stages
     dirs = {s: out / s for s in ("thresholds", "distill", "fused", "eval")}
     done = out / "summary.json"
     if done.is_file() and what_it_is(stages.read_json(done)["config"]) == what_it_is(cfg):
@@ -129,16 +130,15 @@ def run_row(name: str, args, calibrations: dict, prior: dict) -> dict:
         calibrations[calib_key] = (calib, stages.read_json(calib / "wall.json")["calibrate"])
     if calib_key not in calibrations:
         calib.mkdir(parents=True, exist_ok=True)
-        timed("calibrate", stages.calibrate, cfg.model, cfg.calibration, *rt, calib)
+        timed("calibrate", stages.calibrate, base, cfg.calibration, calib)
         stages.write_json(calib / "wall.json", {"calibrate": walls["calibrate"]})
         made.write_text(calib_key)
         calibrations[calib_key] = (calib, walls["calibrate"])
     calib, walls["calibrate"] = calibrations[calib_key]
-    timed("thresholds", stages.thresholds, cfg.model, calib, cfg.sparsity, *rt, dirs["thresholds"])
-    timed("distill", stages.distill, cfg.model, calib, dirs["thresholds"], cfg.distill, cfg.protocol, *rt,
+    timed("thresholds", stages.thresholds, base, calib, cfg.sparsity, dirs["thresholds"])
+    timed("distill", stages.distill, base, calib, dirs["thresholds"], cfg.distill,
           dirs["distill"], checkpoint_dir=out / "alpha_checkpoints")  # a killed run resumes here
-    timed("fuse", stages.fuse, cfg.model, calib, dirs["thresholds"], dirs["distill"], cfg.protocol, *rt,
-          dirs["fused"], source=cfg.model)
+    timed("fuse", stages.fuse, base, calib, dirs["thresholds"], dirs["distill"], dirs["fused"], source=cfg.model)
     timed("evaluate", stages.evaluate, dirs["fused"], cfg.eval, *rt, dirs["eval"])
     s = stages.summarize(cfg, cfg.model, calib, dirs["thresholds"], dirs["distill"], dirs["fused"], dirs["eval"], walls)
     s["peak_rss_gb"] = round(peak_rss_gb(), 2)

@@ -19,8 +19,8 @@ import torch
 from spon.assets import assets_root
 from spon.calibration import text_blocks
 from spon.config import SparsityConfig
-from spon.model import load_model
-from spon.sparse import SparsifyConfig, counting_zeros, mode, sparsify_
+from spon.sources import load_model
+from spon.sparse import counting_zeros, mode, wrap_projections
 from spon.thresholds import compute_thresholds
 
 DATA = assets_root() / "data"
@@ -41,7 +41,7 @@ def main() -> None:
     ap.add_argument("--out", default=None, help="write the rows as JSON here")
     args = ap.parse_args()
     model, tok = load_model(args.model)
-    sparsify_(model, SparsifyConfig(mode="dense"))
+    wrap_projections(model)
     calib = text_blocks(tok, [str(DATA / "wikitext-2" / "valid.txt")], 256, 32)
     test = text_blocks(tok, [str(DATA / "wikitext-2-raw" / "test.txt")], 256, 8)
     rows = []

@@ -19,6 +19,7 @@ from spon.evaluation.registry import DEFAULT_TASKS, build_tasks
 from spon.evaluation.variants import ModelPool, Variant
 from spon.assets import assets_root
 from spon.errors import SponError
+from spon.format import SIDECAR, is_spon_checkpoint
 
 log = logging.getLogger(__name__)
 FIDELITY_TEXT = assets_root() / "data" / "tinystories" / "sample.txt"
@@ -60,7 +61,7 @@ def _task_manager(builtin: bool):
 
 def evaluate_unit(model_dir: str, variant: Variant, unit: str, task_dirs: list[str], limit, batch_size: int,
                   device: str, bootstrap_iters: int, group_size: int, fid_path: Path, out_dir: str | Path,
-                  key: dict, threads: int | None = None) -> dict:
+                  key: str, threads: int | None = None) -> dict:
     """One task (or the fidelity measurement) for one variant, self-contained so it can run in a
     worker process. The result is also written to OUT/variants/VARIANT/UNIT.json as soon as it
     is done (`--resume` reuses it)."""
@@ -101,7 +102,7 @@ def _data_digest(task) -> str | None:
                        "config": str(config.to_dict() if hasattr(config, "to_dict") else config)}, sort_keys=True)
 
 
-def _resumed(out_dir, variant: Variant, unit: str, key: dict) -> dict | None:
+def _resumed(out_dir, variant: Variant, unit: str, key: str) -> dict | None:
     path = _checkpoint(out_dir, variant, unit)
     if not path.is_file():
         return None
@@ -165,8 +166,8 @@ def run_suite(
     a model this small)."""
     t0 = time.perf_counter()
     load_start = os.getloadavg()
-    if not (Path(model_dir) / "spon.json").is_file():
-        raise SponError(f"{model_dir} is not a fused spon model directory (no spon.json); make one with `spon run`")
+    if not is_spon_checkpoint(model_dir):
+        raise SponError(f"{model_dir} is not a fused spon model directory (no {SIDECAR}); make one with `spon run`")
     tasks = build_tasks(list(task_names), task_dirs)  # validate names and data up front, in this process
     builtin = [t for t in tasks.values() if isinstance(t, str)]
     if builtin:
@@ -182,14 +183,14 @@ def run_suite(
     units = [(v, u) for v in variants for u in [*task_names, *([FIDELITY] if fid_path.is_file() else [])]]
     # A unit's checkpoint is reused only for the same model content and every option that changes
     # its numbers: re-fusing into the same directory, another group size or task data recomputes.
-    from spon.digest import digest_dir, digest_path
+    from spon.digest import content_key, digest_dir, digest_path
 
     common = {"model_digest": digest_dir(model_dir), "limit": limit, "batch_size": batch_size, "device": device,
               "bootstrap_iters": bootstrap_iters, "group_size": group_size,
               "task_dirs": [digest_path(d) for d in task_dirs if Path(d).exists()],
               "tasks_data": {u: _data_digest(t) for u, t in tasks.items()},
               "fidelity_text": digest_path(fid_path) if fid_path.is_file() else None}
-    keys = {(v.name, u): {**common, "variant": v.name, "unit": u} for v, u in units}
+    keys = {(v.name, u): content_key({**common, "variant": v.name, "unit": u}) for v, u in units}
     done = {(v.name, u): d for v, u in units if resume and (d := _resumed(out_dir, v, u, keys[v.name, u])) is not None}
     # Biggest tasks first (data size as the proxy), so the last units to finish are short ones.
     size = {u: _data_bytes(t) for u, t in tasks.items()}

@@ -18,6 +18,7 @@ from spon.tasks import evalsuite
 from spon.tasks.evalsuite import lm_eval_suite, quantize_fused
 from spon.tasks.track import mark_published
 from spon.runtime.settings import PipelineSettings
+from spon.stages import shared_models
 from spon.runtime.workdir import text_files
 
 
@@ -30,10 +31,11 @@ def spon_pipeline(config: RunConfig | None = None, settings: PipelineSettings | 
     eval_files = text_files(cfg.eval.files)
 
     model = step(fetch_model, cfg.model, work, settings)
-    calib = step(build_calibration, model, cfg.calibration, text_files(cfg.calibration.files), **rt)
-    thresholds = step(compute_thresholds, model, calib, cfg.sparsity, **rt)
-    alpha = step(distill_spon, model, calib, thresholds, cfg.distill, cfg.protocol, **rt, progress=settings.progress)
-    fused = step(fuse, model, calib, thresholds, alpha, cfg.protocol, **rt)
+    with shared_models():  # the stages below load the base model once between them
+        calib = step(build_calibration, model, cfg.calibration, text_files(cfg.calibration.files), **rt)
+        thresholds = step(compute_thresholds, model, calib, cfg.sparsity, **rt)
+        alpha = step(distill_spon, model, calib, thresholds, cfg.distill, **rt, progress=settings.progress)
+        fused = step(fuse, model, calib, thresholds, alpha, **rt)
     ppl = step(evaluate, fused_model(fused), cfg.eval, eval_files, **rt)
     bench = step(benchmark_kernels, cfg.sparsity.sparsity, work) if settings.bench else None
     # Optional stages over evaluation/ and spon/quantize.py (off by default).

@@ -14,7 +14,7 @@ from spon.errors import SponError
 from spon.runtime import tracking
 
 from spon.tasks import evaluate, fetch_model
-from spon.stages import EVAL_FILE
+from spon.format import EVAL_FILE
 from spon.runtime.settings import PipelineSettings
 from spon.runtime.workdir import read_json, text_files
 

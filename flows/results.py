@@ -12,7 +12,8 @@ from prefect.artifacts import create_markdown_artifact
 from spon.config import RunConfig
 from spon.runtime.refs import ModelRef, StageRef
 from spon.runtime.workdir import link_tree
-from spon.stages import ALPHA_FILE, DISTILL_FILE, THRESHOLDS_FILE, summarize
+from spon.format import ALPHA_STAGE_FILE, DISTILL_FILE, SUMMARY_FILE, THRESHOLDS_FILE
+from spon.stages import summarize
 from spon.tasks import evalsuite
 
 PPL_MODES = ("dense", "teal", "spon")
@@ -36,9 +37,9 @@ def collect(cfg: RunConfig, model: ModelRef, calib: StageRef, thresholds: StageR
         summary["eval_metrics"] = evalsuite.extra_metrics(quant, lm_eval)
     if bench is not None:
         summary["bench_dir"] = bench.dir
-    (out / "summary.json").write_text(json.dumps(summary, indent=2))
-    files = {"": str(out / "summary.json"), "thresholds": str(out / THRESHOLDS_FILE),
-             "alpha": str(Path(alpha.dir) / ALPHA_FILE), "distill": str(Path(alpha.dir) / DISTILL_FILE),
+    (out / SUMMARY_FILE).write_text(json.dumps(summary, indent=2))
+    files = {"": str(out / SUMMARY_FILE), "thresholds": str(out / THRESHOLDS_FILE),
+             "alpha": str(Path(alpha.dir) / ALPHA_STAGE_FILE), "distill": str(Path(alpha.dir) / DISTILL_FILE),
              "fused_model": str(fused_dir)}
     if bench is not None:
         files["bench"] = bench.dir
@@ -48,7 +49,7 @@ def collect(cfg: RunConfig, model: ModelRef, calib: StageRef, thresholds: StageR
 
 def finish(cfg: RunConfig, summary: dict, run_id: str, published: dict, extra_markdown: str = "") -> dict:
     summary = {**summary, "mlflow_run_id": run_id, **published}
-    (Path(cfg.out) / "summary.json").write_text(json.dumps(summary, indent=2))
+    (Path(cfg.out) / SUMMARY_FILE).write_text(json.dumps(summary, indent=2))
     create_markdown_artifact(markdown=results_table([summary]) + extra_markdown, key="spon-results", description="spon pipeline results")
     return summary
 

@@ -16,11 +16,11 @@ import ast
 import functools
 import hashlib
 import importlib.util
-import json
 from pathlib import Path
 
 from pydantic import BaseModel
 
+from spon.digest import content_key
 from spon.runtime.refs import ModelRef, StageRef, TextFile
 
 # The method module each stage runs; its transitive spon imports are part of the stage's code.
@@ -110,7 +110,5 @@ def stage_key(stage: str, inputs: dict) -> str:
     # which is all of spon), so an edit there recomputes every stage -- conservative, never stale.
     code = {"method": code_digest(STAGE_CODE[stage]),
             "chain": hashlib.sha256(_module_file("spon.stages").read_bytes()).hexdigest()}
-    blob = json.dumps({"stage": stage, "code": code,
-                       "inputs": {k: _plain(v) for k, v in inputs.items() if k not in NOT_KEYED}},
-                      sort_keys=True, default=str)
-    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+    return content_key({"stage": stage, "code": code,
+                        "inputs": {k: _plain(v) for k, v in inputs.items() if k not in NOT_KEYED}})

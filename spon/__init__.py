@@ -1,29 +1,42 @@
 """spon: TEAL activation sparsity with spontaneous-neuron bias correction (arXiv 2512.12744).
 
-The package is the method in pure torch + transformers (spon.stages chains it); the pipeline
-(spon.tasks, spon.flows, spon.runtime), the evaluation (spon.evaluation) and the kernels
-(spon.kernels) are its subpackages.
+The method as verbs on a model in memory (spon.oneshot), each taking one config:
+
+    cal = spon.calibrate(model, tokenizer, spon.CalibrationConfig(...))
+    spon.sparsify_(model, spon.SparsityConfig(sparsity=0.5), cal)
+    spon.distill_(model, cal, spon.DistillConfig())
+    spon.save_pretrained(model, tokenizer, "out/fused")
+
+`spon.oneshot(model, tokenizer, spon.Recipe(...))` does all of it; `spon.load_sparse_model(dir)`
+loads a fused checkpoint back. The pipeline (spon.tasks, spon.flows, spon.runtime), the evaluation
+(spon.evaluation) and the kernels (spon.kernels) are subpackages, imported only when used.
 """
 
+from spon.config import CalibrationConfig, DistillConfig, Recipe, SparsityConfig
 from spon.errors import SponError
-from spon.model import load_model, find_projections, PROJECTIONS
-from spon.sparse import SparseLinear, SparsifyConfig, sparsify, sparsify_, set_mode, sparse_linears
-from spon.fuse import load_sparse_model, save_fused
-from spon.kernel_backend import use_kernels
+from spon.fuse import load_sparse_model, save_pretrained
+from spon.oneshot import Calibration, calibrate, distill_, fuse_, oneshot, sparsify_
+from spon.sparse import SparseLinear, mode, set_mode
+
+
+def load_model(name_or_path: str | None = None, device: str = "cpu", dtype: str = "fp32", device_map: str | None = None):
+    """(model, tokenizer) from a hub id, local directory, `.gguf` file or named model (`spon models`)."""
+    from spon.sources import load_model as load
+
+    return load(name_or_path, device, dtype, device_map)
+
+
+def use_kernels(model, enabled: bool = True):
+    """Route the sparse model's decode through the sparse kernels (spon.kernel_backend)."""
+    from spon.kernel_backend import use_kernels as use
+
+    return use(model, enabled)
+
 
 __all__ = [
-    "SponError",
-    "load_model",
-    "find_projections",
-    "PROJECTIONS",
-    "SparseLinear",
-    "SparsifyConfig",
-    "sparsify",
-    "sparsify_",
-    "set_mode",
-    "sparse_linears",
-    "load_sparse_model",
-    "save_fused",
-    "use_kernels",
+    "CalibrationConfig", "SparsityConfig", "DistillConfig", "Recipe",
+    "calibrate", "sparsify_", "distill_", "fuse_", "save_pretrained", "oneshot", "Calibration",
+    "load_model", "load_sparse_model", "use_kernels",
+    "SparseLinear", "mode", "set_mode", "SponError",
 ]
 __version__ = "0.1.0"

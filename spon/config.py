@@ -6,10 +6,10 @@ import json
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from spon.errors import SponError
-from spon.model import PROJECTIONS
+from spon.format import PROJECTIONS
 
 
 class _Strict(BaseModel):
@@ -38,6 +38,9 @@ class CalibrationConfig(_Strict):
 
 
 class SparsityConfig(_Strict):
+    """What `spon.sparsify_` does: which projections, how sparse, by which criterion, at which
+    positions (the protocol), and how the thresholds are allocated and calibrated."""
+
     sparsity: float = Field(0.5, ge=0.0, lt=1.0)
     allocation: Literal["uniform", "greedy"] = "uniform"
     criterion: Literal["magnitude", "weighted"] = Field(
@@ -46,6 +49,9 @@ class SparsityConfig(_Strict):
     targets: list[Literal["q", "k", "v", "o", "gate", "up", "down"]] = Field(default_factory=lambda: list(PROJECTIONS))
     greedy_step: float = Field(0.05, gt=0, lt=1)
     greedy_blocks: int = Field(16, ge=1)
+    protocol: Literal["all", "last_half"] = Field(
+        "all", description="positions made sparse: 'all' (every token, what decoding sees) or 'last_half' (TEAL's "
+        "prefill protocol: the first half of each sequence dense); thresholds are quantiles over those positions")
     calibrate_on: Literal["sparse", "dense"] = Field(
         "sparse", description="activations tau is a quantile of: 'sparse' with every upstream projection already "
         "sparse (realized sparsity = target), 'dense' TEAL's original (overshoots at high sparsity)")
@@ -87,19 +93,47 @@ class EvalConfig(_Strict):
                                    "(documents in order); None = all")
 
 
-class RunConfig(_Strict):
+class Recipe(_Strict):
+    """The method's whole recipe, one section per verb: calibrate -> sparsify_ -> distill_
+    (`spon.oneshot(model, tokenizer, Recipe(...))`)."""
+
+    calibration: CalibrationConfig = Field(default_factory=CalibrationConfig)
+    sparsity: SparsityConfig = Field(default_factory=SparsityConfig)
+    distill: DistillConfig = Field(default_factory=DistillConfig)
+
+
+class RunConfig(Recipe):
+    """A recipe applied to a model by the pipeline: which model, where it runs, where results go,
+    and what it is evaluated on."""
+
     model: str | None = Field(None, description="hub id or local dir; None = embedded stories260K")
     preset: str = Field("none", description="per-model recipe under the config (spon.presets); load_config "
                         "picks the model's own unless told 'none' or another name")
     device: str = "cpu"
     dtype: Literal["fp32", "bf16", "fp16"] = "fp32"
     device_map: str | None = None
-    protocol: Literal["all", "last_half"] = "all"
     out: str = "out/run"
-    calibration: CalibrationConfig = Field(default_factory=CalibrationConfig)
-    sparsity: SparsityConfig = Field(default_factory=SparsityConfig)
-    distill: DistillConfig = Field(default_factory=DistillConfig)
     eval: EvalConfig = Field(default_factory=EvalConfig)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _protocol_in_sparsity(cls, data):
+        """`protocol` was a top-level key before it moved into `sparsity` (what the thresholds
+        depend on): a config file that still has it there keeps working."""
+        if isinstance(data, dict) and "protocol" in data:
+            data = dict(data)
+            legacy = data.pop("protocol")
+            section = data.get("sparsity")
+            section = dict(section) if isinstance(section, dict) else {}
+            if "protocol" in section and section["protocol"] != legacy:
+                raise ValueError(f"protocol {legacy!r} and sparsity.protocol {section['protocol']!r} disagree")
+            section.setdefault("protocol", legacy)
+            data["sparsity"] = section
+        return data
+
+    @property
+    def protocol(self) -> str:
+        return self.sparsity.protocol
 
 
 def load_config(path: str | Path | None = None, overrides: dict | None = None) -> RunConfig:

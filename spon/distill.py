@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from spon import distributed
 from spon.config import DistillConfig
 from spon.errors import SponError
-from spon.sparse import alphas, load_alphas, mode, sparse_linears
+from spon.sparse import alphas, load_alphas, mode, sparse_linears, sparsified_positions
 
 
 @dataclass
@@ -59,12 +59,6 @@ def teacher_logprobs(model, ids: torch.Tensor) -> torch.Tensor:
     the model's own precision (never under the student's autocast)."""
     with mode(model, "dense"), torch.autocast(ids.device.type, enabled=False):
         return F.log_softmax(model(ids, use_cache=False).logits.float(), dim=-1)
-
-
-def kl_dense_sparse(model, ids: torch.Tensor, teacher: torch.Tensor | None = None) -> torch.Tensor:
-    """Mean per-token KL(p_dense || p_sparse); gradients flow into alpha only. `teacher`: the
-    dense log-probabilities of `ids` if already known (Teacher), else computed here."""
-    return _kl_and_student(model, ids, teacher)[0]
 
 
 def _kl_and_student(model, ids: torch.Tensor, teacher: torch.Tensor | None):
@@ -146,25 +140,24 @@ def closed_form_alpha(model, blocks: torch.Tensor, batch_size: int = 16) -> dict
     """alpha = E[x - S(x)]: the constant that best replaces what sparsification removed (least
     squares), measured with every layer sparse so upstream drift is included."""
     sums = {m.name: torch.zeros(m.linear.in_features, dtype=torch.float64) for m in sparse_linears(model)}
-    count = {"tokens": 0}
+    counts = {m.name: 0 for m in sparse_linears(model)}
 
     def hook(m, args):
-        x = args[0].detach().float()
+        x = sparsified_positions(m, args[0]).detach().float()  # where alpha is added: the sparse positions
         dropped = x * ~m.keep(x)
         sums[m.name] += dropped.reshape(-1, x.shape[-1]).sum(0).double().cpu()
+        counts[m.name] += dropped.reshape(-1, x.shape[-1]).shape[0]
 
     handles = [m.register_forward_pre_hook(hook) for m in sparse_linears(model)]
     device = next(model.parameters()).device
     try:
         with mode(model, "teal"):
             for i in range(0, len(blocks), batch_size):
-                b = blocks[i : i + batch_size]
-                model(b.to(device), use_cache=False)
-                count["tokens"] += b.numel()
+                model(blocks[i : i + batch_size].to(device), use_cache=False)
     finally:
         for h in handles:
             h.remove()
-    return {n: (s / count["tokens"]).float() for n, s in sums.items()}
+    return {n: (s / max(counts[n], 1)).float() for n, s in sums.items()}
 
 
 def batch_indices(n_blocks: int, batch_size: int, seed: int, step: int) -> torch.Tensor:

@@ -21,53 +21,29 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from spon.errors import SponError
-from spon.model import bias_slot, load_model
+from spon.format import ALPHA_FILE, CHANNEL_NORMS_FILE, FORMATS, PROJECTIONS, SIDECAR, format_for
+from spon.model import bias_slot, find_projections, load_pretrained
 from spon.remote_code import install as install_remote_code, write_model_card
-from spon.sparse import SparseLinear, SparsifyConfig, channel_norms, sparse_linears, sparsify_
+from spon.sparse import (SparseLinear, SparseState, apply_sparse_state_, channel_norms, fused_bias, provenance,
+                         sparse_linears, weight_times_alpha)
 
 log = logging.getLogger(__name__)
-SIDECAR = "spon.json"
-ALPHA_FILE = "spon_alpha.safetensors"
-CHANNEL_NORMS_FILE = "spon_channel_norms.safetensors"  # the weighted criterion's c = ||W[:, i]||_2
-# spon/1: TEAL's magnitude criterion. spon/2 adds `criterion` (and, for "weighted", the channel
-# norms file): a reader that knows only spon/1 must refuse it rather than apply tau to |x|.
-FORMAT = "spon/1"
-FORMATS = ("spon/1", "spon/2")
-
-
-@torch.no_grad()
-def fuse_alpha(model, already_fused: set[str] = frozenset()) -> None:
-    """In memory: bias <- b + W alpha for every sparse linear, so spon mode costs what teal costs.
-    Names in `already_fused` come from a fused checkpoint whose bias holds b + W alpha already:
-    only W alpha is recorded, so dense and teal modes can undo it."""
-    for m in sparse_linears(model):
-        if m.fused:
-            continue
-        delta = weight_times_alpha(m)
-        if m.name in already_fused:
-            m.fused_delta = delta
-            continue
-        w = m.linear.weight
-        if m.linear.bias is None:
-            m.linear.bias = nn.Parameter(torch.zeros(w.shape[0], dtype=w.dtype, device=w.device), requires_grad=False)
-        m.linear.bias.copy_((m.linear.bias.double() + delta.double()).to(w.dtype))
-        m.fused_delta = delta
-
-
-def weight_times_alpha(m: SparseLinear) -> torch.Tensor:
-    """W alpha in float64, rounded once to the weight dtype (keeps fused == unfused to ~1 ulp)."""
-    w = m.linear.weight
-    return (w.double() @ m.alpha.double()).to(w.dtype)
 
 
 def fusable(model, kind: str) -> bool:
     return bias_slot(model, kind) is not None
 
 
+def _fused_bias_of(m: SparseLinear) -> torch.Tensor:
+    """b' = b + W alpha of one sparse linear, fused in memory or not (the same rounding either way)."""
+    return m.linear.bias if m.fused else fused_bias(m.linear.bias, weight_times_alpha(m))
+
+
 @contextmanager
 def _vanilla_view(model):
     """Temporarily swap each SparseLinear for a plain nn.Linear sharing its weight, carrying b'
-    where the architecture has a bias slot and the original bias elsewhere; set config flags."""
+    where the architecture has a bias slot and the original bias elsewhere; set config flags.
+    The model itself is left as it was (fused or not)."""
     mods = sparse_linears(model)
     flags = {bias_slot(model, m.kind) for m in mods if bias_slot(model, m.kind) not in (None, "always")}
     old_flags = {f: getattr(model.config, f) for f in flags}
@@ -75,15 +51,13 @@ def _vanilla_view(model):
     for f in flags:
         setattr(model.config, f, True)
     # Every projection that the flags give a bias to needs one, zero where no alpha was trained.
-    from spon.model import find_projections
-
     for p in find_projections(model):
         mod = p.module
         slot = bias_slot(model, p.kind)
         inner = mod.linear if isinstance(mod, SparseLinear) else mod
         w = inner.weight
         if isinstance(mod, SparseLinear):
-            bias = mod.linear.bias if slot is not None else mod._original_bias()
+            bias = _fused_bias_of(mod) if slot is not None else mod._original_bias()
         else:
             bias = inner.bias
         if slot in flags and bias is None:
@@ -103,13 +77,21 @@ def _vanilla_view(model):
             setattr(model.config, f, v)
 
 
-def save_fused(model, tokenizer, out_dir: str | Path, metadata: dict) -> Path:
-    """Write the fused checkpoint + sidecar. `model` must be sparsified with alpha trained."""
+def save_pretrained(model, tokenizer, out_dir: str | Path, *, source_model: str | None = None,
+                    smoke: dict | None = None) -> Path:
+    """Write the sparse model in memory as a self-contained fused checkpoint: vanilla transformers
+    weights with b' = b + W alpha in the biases (where the architecture has a slot), the sidecar,
+    alpha, channel norms (weighted criterion), its own modeling code and a model card.
+
+    Everything in the sidecar comes from the model: thresholds, targets, criterion and protocol
+    from its sparse linears, how it was made from what the verbs recorded (`provenance`). The
+    model is not changed (fused in memory or not, the checkpoint is the same)."""
+    mods = sparse_linears(model)
+    if not mods:
+        raise SponError("the model is not sparse: call spon.sparsify_(model, SparsityConfig(...), calibration) first")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    fuse_alpha(model)
-    mods = sparse_linears(model)
-    unfusable = sorted({m.kind for m in mods if not fusable(model, m.kind)})
+    unfusable = sorted({m.kind for m in mods if not fusable(model, m.kind)}, key=PROJECTIONS.index)
     if unfusable:
         log.warning(
             "%s has no bias parameter for projection(s) %s: their alpha cannot be fused into a vanilla "
@@ -123,22 +105,50 @@ def save_fused(model, tokenizer, out_dir: str | Path, metadata: dict) -> Path:
     norms = channel_norms(model)
     if norms:
         save_file(norms, str(out / CHANNEL_NORMS_FILE))
-    sidecar = {
-        "format": "spon/2" if norms else FORMAT,
-        "criterion": "weighted" if norms else "magnitude",
-        "thresholds": {m.name: float(m.threshold) for m in mods},
-        "targets": sorted({m.kind for m in mods}, key="q k v o gate up down".split().index),
-        "fused_in_checkpoint": {m.name: fusable(model, m.kind) for m in mods},
-        "unfusable_projections": unfusable,
-        **metadata,
-    }
-    (out / SIDECAR).write_text(json.dumps(sidecar, indent=2, sort_keys=True))
+    (out / SIDECAR).write_text(json.dumps(sidecar(model, source_model, smoke), indent=2, sort_keys=True))
     install_remote_code(out)
     write_model_card(out)
     return out
 
 
+def sidecar(model, source_model: str | None = None, smoke: dict | None = None) -> dict:
+    """The sidecar of the sparse model in memory (what save_pretrained writes as spon.json)."""
+    mods = sparse_linears(model)
+    criterion = "weighted" if any(m.channel_norm is not None for m in mods) else "magnitude"
+    protocols = {m.protocol for m in mods}
+    if len(protocols) != 1:
+        raise SponError(f"the sparse linears disagree on the protocol: {sorted(protocols)}")
+    prov = provenance(model)
+    sparsity_cfg = prov.get("sparsity", {})
+    meta = {
+        "format": format_for(criterion),
+        "criterion": criterion,
+        "thresholds": {m.name: float(m.threshold) for m in mods},
+        "targets": sorted({m.kind for m in mods}, key=PROJECTIONS.index),
+        "fused_in_checkpoint": {m.name: fusable(model, m.kind) for m in mods},
+        "unfusable_projections": sorted({m.kind for m in mods if not fusable(model, m.kind)}, key=PROJECTIONS.index),
+        "protocol": protocols.pop(),
+        "sparsity": sparsity_cfg.get("sparsity"),
+        "allocation": sparsity_cfg.get("allocation"),
+        "per_projection_sparsity": prov.get("per_projection_sparsity"),
+        "realized_sparsity_heldout": prov.get("realized_sparsity_heldout"),
+        "provenance": {
+            "source_model": source_model or getattr(model.config, "_name_or_path", None),
+            "calibration": prov.get("calibration"),
+            "sparsity": sparsity_cfg or None,
+            "distill": prov.get("distill"),
+            "heldout_kl": prov.get("heldout_kl"),
+        },
+    }
+    if "alpha_selection" in prov:
+        meta["alpha_selection"] = prov["alpha_selection"]
+    if smoke is not None:
+        meta["smoke"] = smoke
+    return meta
+
+
 def read_sidecar(model_dir: str | Path) -> dict:
+    """A checkpoint's sidecar, refused when its format is unknown."""
     path = Path(model_dir) / SIDECAR
     if not path.is_file():
         raise SponError(f"{model_dir} is not a spon model: no {SIDECAR}")
@@ -154,9 +164,9 @@ def load_sparse_model(model_dir: str | Path, device: str = "cpu", dtype: str = "
     Returns (model, tokenizer, sidecar metadata).
     """
     meta = read_sidecar(model_dir)
-    model, tokenizer = load_model(str(model_dir), device=device, dtype=dtype, device_map=device_map)
-    sparsify_(model, SparsifyConfig.from_sidecar(meta, read_alpha(Path(model_dir) / ALPHA_FILE),
-                                                 read_channel_norms(model_dir, meta)))
+    model, tokenizer = load_pretrained(str(model_dir), device=device, dtype=dtype, device_map=device_map)
+    apply_sparse_state_(model, SparseState.from_sidecar(meta, read_alpha(Path(model_dir) / ALPHA_FILE),
+                                                        read_channel_norms(model_dir, meta)))
     return model, tokenizer, meta
 
 

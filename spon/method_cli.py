@@ -10,9 +10,11 @@ import json
 import sys
 from pathlib import Path
 
+from spon import checks, sources
 from spon.cli_args import (add_config_args, check_alpha, check_calib_dir, check_calibration, check_out_dir,
                            check_run, config_from_args, new_out_dir)
 from spon.errors import SponError
+from spon.format import ALPHA_STAGE_FILE, DISTILL_FILE, SIDECAR, THRESHOLDS_FILE
 
 
 def cmd_run_in_process(args) -> int:
@@ -41,18 +43,14 @@ def _main_rank_out_dir(out):
 
 
 def _model(cfg) -> str:
-    from spon.model import default_model_path
-
-    return cfg.model or default_model_path()
+    return cfg.model or sources.default_model_path()
 
 
 def _check_stage(cfg, args, *inputs_, calib_len: int | None = None) -> None:
     """What every stage command takes: device, model, the out dir against the inputs."""
-    from spon import inputs
-
-    inputs.check_device(cfg.device)
-    model = inputs.check_model(cfg, calib_len=calib_len)
-    check_out_dir(cfg.out, [(inputs.model_label(model), model), ("the config file", args.config), *inputs_])
+    checks.check_device(cfg.device)
+    model = sources.check_model(cfg, calib_len=calib_len)
+    check_out_dir(cfg.out, [(sources.model_label(model), model), ("the config file", args.config), *inputs_])
 
 
 def cmd_calibrate(args) -> int:
@@ -63,9 +61,10 @@ def cmd_calibrate(args) -> int:
     files = check_calibration(cfg.calibration)
     _check_stage(cfg, args, *(("the calibration file", f) for f in files), calib_len=cfg.calibration.block_len)
     out = Path(cfg.out)
+    model = stages.base_model(_model(cfg), cfg.device, cfg.dtype)  # one load for both stages
     with new_out_dir(out):
-        stages.calibrate(_model(cfg), cfg.calibration, cfg.device, cfg.dtype, out)
-        stages.thresholds(_model(cfg), out, cfg.sparsity, cfg.device, cfg.dtype, out)
+        stages.calibrate(model, cfg.calibration, out)
+        stages.thresholds(model, out, cfg.sparsity, out)
     train, heldout = stages.calibration_blocks(out)
     print(f"{len(train)} training + {len(heldout)} held-out blocks x {train.shape[1]} tokens, thresholds -> {out}")
     return 0
@@ -77,16 +76,17 @@ def cmd_distill(args) -> int:
 
     cfg = config_from_args(args)
     _check_stage(cfg, args, ("the --calib directory", check_calib_dir(args.calib)))
+    _check_protocol(cfg, args.calib)
     distributed.init(cfg.device)  # under torchrun: data-parallel over the ranks (spon.distributed)
     out = Path(cfg.out)
     with _main_rank_out_dir(out):
-        stages.distill(_model(cfg), args.calib, args.calib, cfg.distill, cfg.protocol, cfg.device, cfg.dtype, out,
+        stages.distill(stages.base_model(_model(cfg), cfg.device, cfg.dtype), args.calib, args.calib, cfg.distill, out,
                        checkpoint_dir=out / "alpha_checkpoints", progress=not args.quiet)
     if not distributed.is_main():
         return 0
-    d = stages.read_json(out / stages.DISTILL_FILE)
+    d = stages.read_json(out / DISTILL_FILE)
     print(f"held-out KL: teal {d['heldout_kl_before']:.4f} -> spon {d['heldout_kl_after']:.4f} ({d['selection']}); "
-          f"alpha -> {out / stages.ALPHA_FILE}")
+          f"alpha -> {out / ALPHA_STAGE_FILE}")
     return 0
 
 
@@ -98,39 +98,48 @@ def cmd_fuse(args) -> int:
     calib = check_calib_dir(args.calib)
     alpha = check_alpha(args.alpha)
     _check_stage(cfg, args, ("the --calib directory", calib), ("the alpha directory", alpha.parent))
+    _check_protocol(cfg, args.calib)
     out = Path(cfg.out)
     with new_out_dir(out):
-        stages.fuse(_model(cfg), args.calib, args.calib, alpha.parent, cfg.protocol, cfg.device, cfg.dtype, out,
+        stages.fuse(stages.base_model(_model(cfg), cfg.device, cfg.dtype), args.calib, args.calib, alpha.parent, out,
                     source=_model(cfg))
     print(f"fused checkpoint -> {out}")
     return 0
 
 
-def cmd_ppl(args) -> int:
-    from spon import inputs
+def _check_protocol(cfg, calib_dir) -> None:
+    """The protocol is part of the thresholds `spon calibrate` took: a --protocol typed for a later
+    stage must be the same one (left out, it is read from the calibration directory)."""
+    if "protocol" not in cfg.sparsity.model_fields_set:
+        return
+    calibrated = json.loads((Path(calib_dir) / THRESHOLDS_FILE).read_text())["config"].get("protocol", "all")
+    if cfg.sparsity.protocol != calibrated:
+        raise SponError(f"--protocol {cfg.sparsity.protocol}: the thresholds in {calib_dir} were taken for protocol "
+                        f"{calibrated}; recalibrate with `spon calibrate --protocol {cfg.sparsity.protocol}`")
 
+
+def cmd_ppl(args) -> int:
     if not args.eval_text:
         raise SponError("ppl needs at least one --eval-text FILE")
-    inputs.check_window(args.window, args.stride)
-    inputs.check_device(args.device)
-    inputs.check_dtype(args.dtype)
+    checks.check_window(args.window, args.stride)
+    checks.check_device(args.device)
+    checks.check_dtype(args.dtype)
     for f in args.eval_text:
-        inputs.check_text_file(f, "eval text")
-    local = inputs.check_model_source(args.model_dir)  # a directory (fused or not), .gguf, named model or hub id
+        checks.check_text_file(f, "eval text")
+    local = sources.check_model_source(args.model_dir)  # a directory (fused or not), .gguf, named model or hub id
     if local is not None and local.is_dir():
-        if (local / inputs.SIDECAR).is_file():
-            inputs.check_fused_dir(local)
-        inputs.check_context(inputs.model_config(local), args.model_dir, window=args.window, window_flag="--window")
+        if (local / SIDECAR).is_file():
+            checks.check_fused_dir(local)
+        checks.check_context(sources.model_config(local), args.model_dir, window=args.window, window_flag="--window")
 
-    from spon.fuse import SIDECAR, load_sparse_model
-    from spon.model import load_model
+    from spon.fuse import load_sparse_model
     from spon.perplexity import perplexities
 
     if (Path(args.model_dir) / SIDECAR).is_file():
         model, tok, meta = load_sparse_model(args.model_dir, args.device, args.dtype)
         modes, protocol = ("dense", "teal", "spon"), meta.get("protocol", "all")
     else:
-        model, tok = load_model(args.model_dir, args.device, args.dtype)
+        model, tok = sources.load_model(args.model_dir, args.device, args.dtype)
         modes, protocol = ("dense",), "dense"
     res = perplexities(model, tok, args.eval_text, modes, args.window, args.stride)
     print(json.dumps({"protocol": protocol, "perplexity": res}, indent=2))
@@ -138,13 +147,11 @@ def cmd_ppl(args) -> int:
 
 
 def cmd_generate(args) -> int:
-    from spon import inputs
-
-    inputs.check_int(args.max_new_tokens, "--max-new-tokens", 1)
-    inputs.check_device(args.device)
-    inputs.check_dtype(args.dtype)
-    inputs.check_fused_dir(args.model_dir)
-    inputs.check_context(inputs.model_config(args.model_dir), args.model_dir, new_tokens=args.max_new_tokens)
+    checks.check_int(args.max_new_tokens, "--max-new-tokens", 1)
+    checks.check_device(args.device)
+    checks.check_dtype(args.dtype)
+    checks.check_fused_dir(args.model_dir)
+    checks.check_context(sources.model_config(args.model_dir), args.model_dir, new_tokens=args.max_new_tokens)
 
     import time
 

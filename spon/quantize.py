@@ -25,6 +25,7 @@ import torch
 from torch import nn
 
 from spon.errors import SponError
+from spon.format import ALPHA_FILE, CHANNEL_NORMS_FILE, SIDECAR
 from spon.sparse import SparseLinear, sparse_linears
 
 log = logging.getLogger(__name__)
@@ -32,7 +33,7 @@ SCHEMES = ("int8", "int4", "nf4")
 QUANT_FILE = "quantized.safetensors"
 QUANT_META = "quantization.json"
 # What a quantized directory keeps from its fused source (no fp weights).
-_COPY = ("config.json", "generation_config.json", "spon.json", "spon_alpha.safetensors", "spon_channel_norms.safetensors")
+_COPY = ("config.json", "generation_config.json", SIDECAR, ALPHA_FILE, CHANNEL_NORMS_FILE)
 
 
 def _torchao():
@@ -215,7 +216,7 @@ def load_quantized(model_dir: str | Path, device: str = "cpu"):
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     from spon.fuse import read_channel_norms, read_sidecar
-    from spon.sparse import SparsifyConfig, sparsify_
+    from spon.sparse import SparseState, apply_sparse_state_
 
     d = Path(model_dir)
     if not (d / QUANT_META).is_file():
@@ -225,8 +226,9 @@ def load_quantized(model_dir: str | Path, device: str = "cpu"):
     config = AutoConfig.from_pretrained(d)
     model = AutoModelForCausalLM.from_config(config)  # skeleton; every persistent tensor is replaced below
     # Thresholds, alpha and the fused biases come with the state dict below.
-    sparsify_(model, SparsifyConfig(targets=meta["targets"], protocol=meta.get("protocol", "all"), mode="spon",
-                                    criterion=meta.get("criterion", "magnitude"), channel_norms=read_channel_norms(d, meta)))
+    apply_sparse_state_(model, SparseState(targets=meta["targets"], protocol=meta.get("protocol", "all"), mode="spon",
+                                           criterion=meta.get("criterion", "magnitude"),
+                                           channel_norms=read_channel_norms(d, meta)))
     for m in sparse_linears(model):  # declare the buffer so the state dict key is accepted
         m.fused_delta = torch.empty(m.linear.out_features)
         if m.linear.bias is None:

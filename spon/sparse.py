@@ -25,12 +25,20 @@ import torch.nn.functional as F
 from torch import nn
 
 from spon.errors import SponError
+from spon.format import CRITERIA, PROJECTIONS, PROTOCOLS
 from spon.kernels.reference import keep_mask
-from spon.model import PROJECTIONS, find_projections
+from spon.model import find_projections
 
 MODES = ("dense", "teal", "spon")
-PROTOCOLS = ("all", "last_half")
-CRITERIA = ("magnitude", "weighted")
+
+
+def sparsified_positions(module: "SparseLinear", x: torch.Tensor) -> torch.Tensor:
+    """The part of a linear's input that its protocol sparsifies: every position ("all"), or the
+    second half of each sequence (TEAL's "last_half": the first half of a prefill stays dense).
+    Thresholds and the closed-form alpha are statistics of exactly these positions."""
+    if module.protocol == "last_half" and x.dim() == 3 and x.shape[1] > 1:
+        return x[:, x.shape[1] // 2 :]
+    return x
 
 
 def column_norms(weight: torch.Tensor) -> torch.Tensor:
@@ -139,13 +147,14 @@ class SparseLinear(nn.Module):
 
 
 @dataclass
-class SparsifyConfig:
-    """Everything that turns a loaded dense model into the sparse model: the one object every
-    loader builds (from a sidecar, a stage's files or a calibration in progress) and hands to
-    `sparsify_`.
+class SparseState:
+    """What a sparse model is, as stored: the projections made sparse, their thresholds, the
+    criterion (and its channel norms), the protocol and alpha. Every loader builds one (from a
+    checkpoint's sidecar, or a stage's files) and hands it to `apply_sparse_state_`; computing the
+    thresholds in the first place is the verb `spon.sparsify_` (spon.oneshot).
 
-    thresholds: tau per "layer.kind" (None: leave them, e.g. before calibration).
-    alpha: the spontaneous-neuron vectors (None: leave them; zeros for a fresh model).
+    thresholds: tau per "layer.kind" (None: leave them as they are).
+    alpha: the spontaneous-neuron vectors (None: leave them; zeros for a freshly wrapped model).
     alpha_in_bias: names whose checkpoint bias already holds b + W alpha (a fused checkpoint);
         with fuse=True every other alpha is fused into its bias now (b' = b + W alpha).
     criterion: "magnitude" (TEAL) or "weighted" (WINA: |x_i| * ||W[:, i]||_2 against tau).
@@ -165,7 +174,7 @@ class SparsifyConfig:
 
     @classmethod
     def from_sidecar(cls, meta: dict, alpha: dict[str, torch.Tensor],
-                     channel_norms: dict[str, torch.Tensor] | None = None) -> "SparsifyConfig":
+                     channel_norms: dict[str, torch.Tensor] | None = None) -> "SparseState":
         """A fused checkpoint: thresholds and alpha from its sidecar; alpha already in the biases
         where the architecture has a slot, fused at load time elsewhere."""
         return cls(targets=list(meta["targets"]), thresholds=meta["thresholds"], protocol=meta.get("protocol", "all"),
@@ -173,25 +182,23 @@ class SparsifyConfig:
                    alpha=alpha, alpha_in_bias=meta["fused_in_checkpoint"], fuse=True, mode="spon")
 
 
-def sparsify_(model, config: SparsifyConfig) -> list[SparseLinear]:
-    """Apply TEAL sparsity (and spontaneous neurons) to `model` in place, from one config object."""
-    mods = sparsify(model, config.targets)
-    set_protocol(model, config.protocol)
-    set_criterion(model, config.criterion, config.channel_norms)
-    if config.thresholds is not None:
-        set_thresholds(model, config.thresholds)
-    if config.alpha is not None:
-        load_alphas(model, config.alpha)
-    if config.alpha_in_bias or config.fuse:
-        from spon.fuse import fuse_alpha  # fusion is its own concept; imported here to avoid a cycle
-
-        fuse_alpha(model, already_fused={n for n, v in config.alpha_in_bias.items() if v})
-    set_mode(model, config.mode)
+def apply_sparse_state_(model, state: SparseState) -> list[SparseLinear]:
+    """Make `model` the sparse model `state` describes, in place (wrapping its projections first)."""
+    mods = wrap_projections(model, state.targets)
+    set_protocol(model, state.protocol)
+    set_criterion(model, state.criterion, state.channel_norms)
+    if state.thresholds is not None:
+        set_thresholds(model, state.thresholds)
+    if state.alpha is not None:
+        load_alphas(model, state.alpha)
+    if state.alpha_in_bias or state.fuse:
+        fuse_alpha(model, already_fused={n for n, v in state.alpha_in_bias.items() if v})
+    set_mode(model, state.mode)
     return mods
 
 
-def sparsify(model, kinds=PROJECTIONS) -> list[SparseLinear]:
-    """Wrap the chosen projections of every layer in SparseLinear (idempotent)."""
+def wrap_projections(model, kinds=PROJECTIONS) -> list[SparseLinear]:
+    """Wrap the chosen projections of every layer in SparseLinear (idempotent; tau = 0 until set)."""
     wrapped = []
     for p in find_projections(model, kinds):
         mod = p.module
@@ -202,6 +209,46 @@ def sparsify(model, kinds=PROJECTIONS) -> list[SparseLinear]:
             setattr(p.parent, p.attr, mod)
         wrapped.append(mod)
     return wrapped
+
+
+@torch.no_grad()
+def fuse_alpha(model, already_fused: set[str] = frozenset()) -> None:
+    """In memory: bias <- b + W alpha for every sparse linear, so spon mode costs what teal costs.
+    Names in `already_fused` come from a fused checkpoint whose bias holds b + W alpha already:
+    only W alpha is recorded, so dense and teal modes can undo it."""
+    for m in sparse_linears(model):
+        if m.fused:
+            continue
+        delta = weight_times_alpha(m)
+        if m.name in already_fused:
+            m.fused_delta = delta
+            continue
+        w = m.linear.weight
+        if m.linear.bias is None:
+            m.linear.bias = nn.Parameter(torch.zeros(w.shape[0], dtype=w.dtype, device=w.device), requires_grad=False)
+        m.linear.bias.copy_(fused_bias(m.linear.bias, delta))
+        m.fused_delta = delta
+
+
+def weight_times_alpha(m: SparseLinear) -> torch.Tensor:
+    """W alpha in float64, rounded once to the weight dtype (keeps fused == unfused to ~1 ulp)."""
+    w = m.linear.weight
+    return (w.double() @ m.alpha.double()).to(w.dtype)
+
+
+def fused_bias(bias: torch.Tensor | None, delta: torch.Tensor) -> torch.Tensor:
+    """b' = b + W alpha, summed in float64 and rounded once to W alpha's dtype (b = 0 when absent)."""
+    if bias is None:
+        return delta.clone()
+    return (bias.double() + delta.double()).to(delta.dtype)
+
+
+def provenance(model) -> dict:
+    """How the sparse model in memory was made, recorded by the verbs (spon.oneshot) as they run:
+    calibration and sparsity configs, per-projection sparsities, realized sparsity on the held-out
+    blocks, the distillation config and alpha selection. `spon.save_pretrained` writes it into the
+    sidecar; a model sparsified by hand has an empty record."""
+    return model.__dict__.setdefault("spon_provenance", {})
 
 
 def sparse_linears(model) -> list[SparseLinear]:

@@ -1,16 +1,21 @@
 """The one chain of the method: calibrate -> thresholds -> distill -> fuse -> evaluate.
 
-Each stage is a function from files to files: it loads what it needs, does one step of the
-method, and writes its result into `out` (a directory). `spon run --in-process`, the stage
-commands (`spon calibrate | distill | fuse`) and the Prefect tasks all call these functions and
-nothing else, so they cannot drift apart. Every stage takes only the config sections it uses:
-those sections are exactly what its cache key covers.
+Each stage is an adapter from files to files over a verb of spon.oneshot: it takes the base
+model, reads what the stages before it wrote, runs one verb and writes its result into `out` (a
+directory). `spon run --in-process`, the stage commands (`spon calibrate | distill | fuse`) and
+the Prefect tasks all call these functions and nothing else, so they cannot drift apart. Every
+stage takes only the config sections it uses: those sections are exactly what its cache key covers.
 
-    calibrate(model, CalibrationConfig)            -> calibration.safetensors (train, heldout)
-    thresholds(model, calibration, SparsityConfig) -> thresholds.json
-    distill(model, calibration, thresholds, DistillConfig, protocol)   -> alpha.safetensors, distill.json
-    fuse(model, calibration, thresholds, distill, protocol)            -> the fused checkpoint
-    evaluate(fused checkpoint, EvalConfig)         -> eval.json
+    calibrate(model, CalibrationConfig)                  -> calibration.safetensors (train, heldout)
+    thresholds(model, calibration, SparsityConfig)       -> thresholds.json
+    distill(model, calibration, thresholds, DistillConfig) -> alpha.safetensors, distill.json
+    fuse(model, calibration, thresholds, distill)        -> the fused checkpoint
+    evaluate(fused checkpoint, EvalConfig)               -> eval.json
+
+The base model is a `ModelHandle`: loaded on first use and kept, so the stages of one process
+(one `spon run --in-process`, one `spon calibrate`, one Prefect flow run inside `shared_models()`)
+load it once. Each stage sets on it what its input files say (thresholds, alpha), so it does not
+matter whether an earlier stage ran in this process or was cached.
 """
 
 from __future__ import annotations
@@ -18,30 +23,30 @@ from __future__ import annotations
 import json
 import logging
 import time
+from contextlib import contextmanager
+from contextvars import ContextVar
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
 import torch
 from safetensors.torch import load_file, save_file
 
 from spon import distributed
-from spon.calibration import build_calibration
 from spon.config import CalibrationConfig, DistillConfig, EvalConfig, RunConfig, SparsityConfig
-from spon.distill import distill as distill_alpha
+from spon.digest import content_key
+from spon.distill import DistillResult
 from spon.errors import SponError
-from spon.fuse import load_sparse_model, read_alpha, save_fused
-from spon.model import default_model_path, load_model
+from spon.format import (ALPHA_STAGE_FILE, CALIBRATION_FILE, DISTILL_FILE, EVAL_FILE, QUANT_FILE, SIDECAR,
+                         SUMMARY_FILE, THRESHOLDS_FILE)
+from spon.fuse import load_sparse_model, read_alpha, save_pretrained
+from spon.oneshot import Calibration, calibrate as calibrate_blocks, distill_, fuse_, record_distillation, sparsify_
 from spon.perplexity import perplexities
 from spon.remote_code import write_model_card
-from spon.sparse import SparsifyConfig, counting_zeros, mode, sparsify_
+from spon.sources import default_model_path, load_model
+from spon.sparse import SparseState, apply_sparse_state_, provenance
 
 log = logging.getLogger(__name__)
 
-CALIBRATION_FILE = "calibration.safetensors"
-THRESHOLDS_FILE = "thresholds.json"
-ALPHA_FILE = "alpha.safetensors"
-DISTILL_FILE = "distill.json"
-EVAL_FILE = "eval.json"
 SMOKE_PROMPT = "Once upon a time"
 
 
@@ -54,99 +59,134 @@ def write_json(path: Path, data) -> Path:
     return path
 
 
-def calibration_blocks(calib_dir: str | Path) -> tuple[torch.Tensor, torch.Tensor]:
+# ----------------------------------------------------------------------------- the base model
+
+class ModelHandle:
+    """The base model of a run: `path` loaded on `device` in `dtype` at the first `get()`, then the
+    same object until `release()`. Stages change it in place (wrap, thresholds, alpha, fusion)."""
+
+    loads = 0  # base-model loads in this process (what "loaded once" is tested by)
+
+    def __init__(self, path: str, device: str = "cpu", dtype: str = "fp32", device_map: str | None = None):
+        self.path, self.device, self.dtype, self.device_map = path, device, dtype, device_map
+        self._loaded = None
+
+    def get(self):
+        """(model, tokenizer), loaded now if not yet. Under torchrun each rank on its own GPU."""
+        if self._loaded is None:
+            self._loaded = load_model(self.path, distributed.local_device(self.device), self.dtype, self.device_map)
+            ModelHandle.loads += 1
+        return self._loaded
+
+    def release(self) -> None:
+        """Forget the model (after fusion it is no longer the base model)."""
+        self._loaded = None
+
+
+_SHARED: ContextVar[dict | None] = ContextVar("spon_shared_models", default=None)
+
+
+@contextmanager
+def shared_models() -> Iterator[None]:
+    """Within this block `base_model` hands every stage the same handle per (path, device, dtype):
+    one load for a whole chain (Prefect copies the context into the threads its tasks run in)."""
+    token = _SHARED.set({})
+    try:
+        yield
+    finally:
+        _SHARED.reset(token)
+
+
+def base_model(path: str | None, device: str = "cpu", dtype: str = "fp32", device_map: str | None = None) -> ModelHandle:
+    """The handle of a base model: the shared one inside `shared_models()`, else a new one."""
+    key = (path or default_model_path(), device, dtype, device_map)
+    shared = _SHARED.get()
+    if shared is None:
+        return ModelHandle(*key)
+    if key not in shared:
+        shared[key] = ModelHandle(*key)
+    return shared[key]
+
+
+# ----------------------------------------------------------------------------- stage files
+
+def read_calibration(calib_dir: str | Path) -> Calibration:
     path = Path(calib_dir) / CALIBRATION_FILE
     if not path.is_file():
         raise SponError(f"{calib_dir} has no {CALIBRATION_FILE}: run `spon calibrate --out {calib_dir}` first")
     t = load_file(str(path))
-    return t["train"], t["heldout"]
+    config = json.loads(_metadata(path).get("config", "{}"))
+    return Calibration(t["train"], t["heldout"], config.get("source", "text"), config)
 
 
-def sparse_model(model_path: str, thresholds_dir: str | Path, protocol: str, device: str, dtype: str,
-                 alpha: dict[str, torch.Tensor] | None = None):
-    """The model a stage works on: loaded, then `sparsify_` with the calibrated thresholds."""
+def calibration_blocks(calib_dir: str | Path) -> tuple[torch.Tensor, torch.Tensor]:
+    cal = read_calibration(calib_dir)
+    return cal.train, cal.heldout
+
+
+def apply_thresholds(model, thresholds_dir: str | Path, alpha: dict[str, torch.Tensor] | None = None) -> dict:
+    """The sparse model thresholds.json describes (and `alpha`), set on `model` in TEAL mode."""
     t = read_json(Path(thresholds_dir) / THRESHOLDS_FILE)
-    model, tok = load_model(model_path, device, dtype)
-    sparsify_(model, SparsifyConfig(targets=t["targets"], thresholds=t["thresholds"], protocol=protocol, alpha=alpha,
-                                    criterion=t["config"].get("criterion", "magnitude")))
-    return model, tok
+    cfg = SparsityConfig.model_validate(t["config"])
+    apply_sparse_state_(model, SparseState(targets=t["targets"], thresholds=t["thresholds"], protocol=cfg.protocol,
+                                           criterion=cfg.criterion, alpha=alpha))
+    provenance(model).update({"sparsity": t["config"], "per_projection_sparsity": t["sparsities"],
+                              "realized_sparsity_heldout": t.get("realized_sparsity_heldout")})
+    return t
 
 
-def calibrate(model_path: str, cfg: CalibrationConfig, device: str, dtype: str, out: Path) -> None:
-    model, tok = load_model(model_path, device, dtype)
-    if cfg.source == "samples" and cfg.sample_precision == "fp64":
-        model.double()  # this model only samples; its float64 logits are the same on every CPU
-    train, heldout = build_calibration(model, tok, cfg)
-    save_file({"train": train.contiguous(), "heldout": heldout.contiguous()}, str(out / CALIBRATION_FILE),
+# ----------------------------------------------------------------------------- the stages
+
+def calibrate(model: ModelHandle, cfg: CalibrationConfig, out: Path) -> None:
+    m, tok = model.get()
+    cal = calibrate_blocks(m, tok, cfg)
+    save_file({"train": cal.train.contiguous(), "heldout": cal.heldout.contiguous()}, str(out / CALIBRATION_FILE),
               metadata={"config": cfg.model_dump_json()})
 
 
-def thresholds(model_path: str, calib_dir: str | Path, cfg: SparsityConfig, device: str, dtype: str, out: Path) -> None:
-    """TEAL thresholds on the training blocks only (the held-out blocks judge alpha later)."""
-    from spon.thresholds import compute_thresholds
-
-    train, _ = calibration_blocks(calib_dir)
-    model, _ = load_model(model_path, device, dtype)
-    sparsify_(model, SparsifyConfig(targets=cfg.targets, mode="dense"))
-    taus, per_proj = compute_thresholds(model, train, cfg)
-    write_json(out / THRESHOLDS_FILE, {"thresholds": taus, "sparsities": per_proj, "targets": cfg.targets,
+def thresholds(model: ModelHandle, calib_dir: str | Path, cfg: SparsityConfig, out: Path) -> None:
+    """TEAL thresholds on the training blocks only (the held-out blocks judge alpha later, and
+    measure the sparsity the thresholds realize on text they were not taken on)."""
+    m, _ = model.get()
+    r = sparsify_(m, cfg, read_calibration(calib_dir))
+    write_json(out / THRESHOLDS_FILE, {"thresholds": r.thresholds, "sparsities": r.sparsities, "targets": cfg.targets,
+                                       "realized_sparsity_heldout": r.realized_heldout,
                                        "config": cfg.model_dump(mode="json")})
 
 
-def distill(model_path: str, calib_dir: str | Path, thresholds_dir: str | Path, cfg: DistillConfig, protocol: str,
-            device: str, dtype: str, out: Path, checkpoint_dir: Path | None = None, checkpoint_key: str | None = None,
-            progress: bool = False, on_step: Callable[[int, float], None] | None = None) -> None:
-    train, heldout = calibration_blocks(calib_dir)
-    # under torchrun each rank on its own GPU; the key keeps the device asked for, so a run resumes
-    # with any number of ranks
-    model, _ = sparse_model(model_path, thresholds_dir, protocol, distributed.local_device(device), dtype)
+def distill(model: ModelHandle, calib_dir: str | Path, thresholds_dir: str | Path, cfg: DistillConfig, out: Path,
+            checkpoint_dir: Path | None = None, checkpoint_key: str | None = None, progress: bool = False,
+            on_step: Callable[[int, float], None] | None = None) -> None:
+    m, _ = model.get()
+    apply_thresholds(m, thresholds_dir)
     if checkpoint_key is None:  # what these checkpoints continue: never another calibration's
-        checkpoint_key = content_key(model_path, Path(calib_dir) / CALIBRATION_FILE,
-                                     Path(thresholds_dir) / THRESHOLDS_FILE, cfg, protocol, device, dtype)
-    # Held-out text (not the model's own samples): its next tokens also guard perplexity.
-    calib_source = json.loads(_metadata(Path(calib_dir) / CALIBRATION_FILE).get("config", "{}")).get("source")
-    r = distill_alpha(model, train, heldout, cfg, checkpoint_dir=checkpoint_dir, checkpoint_key=checkpoint_key,
-                      progress=progress, on_step=on_step, nll_guard=calib_source != "samples")
+        checkpoint_key = content_key(_content(model.path), Path(calib_dir) / CALIBRATION_FILE,
+                                     Path(thresholds_dir) / THRESHOLDS_FILE, cfg, model.device, model.dtype)
+    r = distill_(m, read_calibration(calib_dir), cfg, checkpoint_dir=checkpoint_dir, checkpoint_key=checkpoint_key,
+                 progress=progress, on_step=on_step)
     if not distributed.is_main():  # every rank holds the same result; rank 0 alone writes it
         return
-    save_file({k: v.contiguous() for k, v in r.alphas.items()}, str(out / ALPHA_FILE))
+    save_file({k: v.contiguous() for k, v in r.alphas.items()}, str(out / ALPHA_STAGE_FILE))
     write_json(out / DISTILL_FILE, {**r.record(), "config": cfg.model_dump(mode="json")})
 
 
-def fuse(model_path: str, calib_dir: str | Path, thresholds_dir: str | Path, distill_dir: str | Path, protocol: str,
-         device: str, dtype: str, out: Path, source: str | None = None) -> None:
+def fuse(model: ModelHandle, calib_dir: str | Path, thresholds_dir: str | Path, distill_dir: str | Path, out: Path,
+         source: str | None = None) -> None:
     """b' = b + W alpha into a vanilla transformers checkpoint at `out`, with the sidecar a loader
     needs (thresholds, protocol) and what made it (calibration, sparsity and distillation configs,
     held-out KL and alpha selection, realized sparsity on the held-out blocks, a greedy sample
-    that a pulled copy must reproduce)."""
-    _, heldout = calibration_blocks(calib_dir)
-    alpha = read_alpha(Path(distill_dir) / ALPHA_FILE)
-    model, tok = sparse_model(model_path, thresholds_dir, protocol, device, dtype, alpha=alpha)
-    t = read_json(Path(thresholds_dir) / THRESHOLDS_FILE)
+    that a pulled copy must reproduce). The handle's model is fused in place, then released."""
+    m, tok = model.get()
+    apply_thresholds(m, thresholds_dir, alpha=read_alpha(Path(distill_dir) / ALPHA_STAGE_FILE))
     d = read_json(Path(distill_dir) / DISTILL_FILE)
-    calib_cfg = json.loads(_metadata(Path(calib_dir) / CALIBRATION_FILE).get("config", "{}"))
-    realized = realized_sparsity_on_blocks(model, heldout) if len(heldout) else None
-    meta = {
-        "sparsity": t["config"]["sparsity"],
-        "allocation": t["config"]["allocation"],
-        "criterion": t["config"].get("criterion", "magnitude"),
-        "per_projection_sparsity": t["sparsities"],
-        "realized_sparsity_heldout": realized,
-        "protocol": protocol,
-        "alpha_selection": {"selected_step": d["selected_step"], "selection": d["selection"]},
-        "provenance": {
-            "source_model": source or model_path,
-            "calibration": calib_cfg,
-            "sparsity": t["config"],
-            "distill": d["config"],
-            "heldout_kl": {"teal": d["heldout_kl_before"], "spon": d["heldout_kl_after"]},
-        },
-    }
-    save_fused(model, tok, out, meta)
-    with mode(model, "spon"):
-        meta["smoke"] = {"prompt": SMOKE_PROMPT, "text": greedy(model, tok, SMOKE_PROMPT)}
-    sidecar = read_json(out / "spon.json")
-    write_json(out / "spon.json", {**sidecar, "smoke": meta["smoke"]})
+    provenance(m)["calibration"] = read_calibration(calib_dir).config
+    record_distillation(m, DistillConfig.model_validate(d["config"]), DistillResult(
+        alphas={}, heldout_kl_before=d["heldout_kl_before"], heldout_kl_after=d["heldout_kl_after"],
+        selected_step=d["selected_step"], selection=d["selection"]))
+    fuse_(m)
+    smoke = {"prompt": SMOKE_PROMPT, "text": greedy(m, tok, SMOKE_PROMPT)}
+    save_pretrained(m, tok, out, source_model=source or model.path, smoke=smoke)
+    model.release()
 
 
 def evaluate(fused_dir: str | Path, cfg: EvalConfig, device: str, dtype: str, out: Path) -> None:
@@ -158,19 +198,15 @@ def evaluate(fused_dir: str | Path, cfg: EvalConfig, device: str, dtype: str, ou
 
 
 @torch.no_grad()
-def realized_sparsity_on_blocks(model, blocks: torch.Tensor, batch_size: int = 16) -> float:
-    device = next(model.parameters()).device
-    with mode(model, "teal"), counting_zeros(model) as z:
-        for i in range(0, len(blocks), batch_size):
-            model(blocks[i : i + batch_size].to(device), use_cache=False)
-    return z["weighted"]
-
-
-@torch.no_grad()
 def greedy(model, tokenizer, prompt: str = SMOKE_PROMPT, new_tokens: int = 24) -> str:
     ids = tokenizer(prompt, return_tensors="pt").input_ids.to(next(model.parameters()).device)
     out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens, do_sample=False)
     return tokenizer.decode(out[0], skip_special_tokens=True)
+
+
+def _content(path: str):
+    """A local model by its content (a Path: content_key hashes it), a hub id as its name."""
+    return Path(path) if Path(path).exists() else path
 
 
 def _metadata(path: Path) -> dict:
@@ -187,7 +223,7 @@ def summarize(cfg: RunConfig, source: str, calib_dir, thresholds_dir, distill_di
     the perplexities measured after fusion (the fuse stage wrote it without them)."""
     ppl = read_json(Path(eval_dir) / EVAL_FILE)
     d = read_json(Path(distill_dir) / DISTILL_FILE)
-    sidecar = read_json(Path(fused_dir) / "spon.json")
+    sidecar = read_json(Path(fused_dir) / SIDECAR)
     # the headline numbers are the first eval file's as given (eval.json's keys are sorted)
     first = ppl.get(str(cfg.eval.files[0])) if cfg.eval.files else None
     first = first if first is not None else next(iter(ppl.values()), None)
@@ -247,11 +283,12 @@ STAGES = ("calibrate", "thresholds", "distill", "fuse", "evaluate")
 
 
 def run(cfg: RunConfig, progress: bool = True, on_stage: Callable[[str, float], None] | None = None) -> dict:
-    """The whole chain in this process, each stage's output in a subdirectory of cfg.out;
-    writes cfg.out/summary.json. The Prefect pipeline runs the same stage functions."""
+    """The whole chain in this process, each stage's output in a subdirectory of cfg.out, the base
+    model loaded once; writes cfg.out/summary.json. The Prefect pipeline runs the same stages."""
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
-    model = cfg.model or default_model_path()
+    source = cfg.model or default_model_path()
+    model = ModelHandle(source, cfg.device, cfg.dtype, cfg.device_map)
     dirs = {s: out / s for s in ("calibration", "thresholds", "distill", "fused", "eval")}
     for d in dirs.values():
         d.mkdir(exist_ok=True)
@@ -264,45 +301,21 @@ def run(cfg: RunConfig, progress: bool = True, on_stage: Callable[[str, float], 
         if on_stage is not None and distributed.is_main():
             on_stage(name, walls[name])
 
-    rt = (cfg.device, cfg.dtype)
     # Under torchrun only distill runs on every rank; rank 0 alone runs (and writes) the others.
     if distributed.is_main():
-        stage("calibrate", calibrate, model, cfg.calibration, *rt, dirs["calibration"])
-        stage("thresholds", thresholds, model, dirs["calibration"], cfg.sparsity, *rt, dirs["thresholds"])
+        stage("calibrate", calibrate, model, cfg.calibration, dirs["calibration"])
+        stage("thresholds", thresholds, model, dirs["calibration"], cfg.sparsity, dirs["thresholds"])
     distributed.barrier()  # the other ranks read what rank 0 just wrote
-    stage("distill", distill, model, dirs["calibration"], dirs["thresholds"], cfg.distill, cfg.protocol, *rt,
-          dirs["distill"], checkpoint_dir=out / "alpha_checkpoints", progress=progress)
+    stage("distill", distill, model, dirs["calibration"], dirs["thresholds"], cfg.distill, dirs["distill"],
+          checkpoint_dir=out / "alpha_checkpoints", progress=progress)
     if not distributed.is_main():
         return {}
-    stage("fuse", fuse, model, dirs["calibration"], dirs["thresholds"], dirs["distill"], cfg.protocol, *rt,
-          dirs["fused"], source=model)
-    stage("evaluate", evaluate, dirs["fused"], cfg.eval, *rt, dirs["eval"])
-    summary = summarize(cfg, model, dirs["calibration"], dirs["thresholds"], dirs["distill"], dirs["fused"],
+    stage("fuse", fuse, model, dirs["calibration"], dirs["thresholds"], dirs["distill"], dirs["fused"], source=source)
+    stage("evaluate", evaluate, dirs["fused"], cfg.eval, cfg.device, cfg.dtype, dirs["eval"])
+    summary = summarize(cfg, source, dirs["calibration"], dirs["thresholds"], dirs["distill"], dirs["fused"],
                         dirs["eval"], walls)
-    write_json(out / "summary.json", summary)
+    write_json(out / SUMMARY_FILE, summary)
     return summary
-
-
-def content_key(*parts) -> str:
-    """A hash of the content behind each part: files and directories by their bytes, configs by
-    their fields, anything else (a hub id, a string) as it is."""
-    import hashlib
-
-    from pydantic import BaseModel
-
-    from spon.digest import digest_path
-
-    def plain(x):
-        if isinstance(x, BaseModel):
-            return x.model_dump(mode="json")
-        if isinstance(x, Path) or (isinstance(x, str) and Path(x).exists()):
-            return "sha256:" + digest_path(x)
-        return x
-
-    return hashlib.sha256(json.dumps([plain(p) for p in parts], sort_keys=True, default=str).encode()).hexdigest()[:16]
-
-
-QUANT_FILE = "quantize.json"
 
 
 def quantize(fused_dir: str | Path, schemes: list[str], cfg: EvalConfig, device: str, out: Path) -> None:

@@ -19,7 +19,8 @@ import torch
 
 from spon.config import SparsityConfig
 from spon.errors import SponError
-from spon.sparse import SparseLinear, by_name, mode, set_criterion, set_thresholds, sparse_linears
+from spon.sparse import (SparseLinear, by_name, mode, set_criterion, set_protocol, set_thresholds, sparse_linears,
+                         sparsified_positions)
 
 LOG_MIN, LOG_MAX, BINS = -10.0, 6.0, 16_000
 
@@ -68,12 +69,13 @@ class Histograms:
         self._handles.clear()
 
     def _hook(self, module: SparseLinear, args):
-        self.counts[module.name] += magnitude_histogram(module.score(args[0]))
+        self.counts[module.name] += magnitude_histogram(module.score(sparsified_positions(module, args[0])))
 
 
 @torch.no_grad()
 def collect_histograms(model, blocks: torch.Tensor, batch_size: int = 16) -> dict[str, torch.Tensor]:
-    """Histograms of the dense model's linear inputs over the calibration blocks."""
+    """Histograms of the dense model's linear inputs over the calibration blocks (at the positions
+    each projection's protocol sparsifies)."""
     device = next(model.parameters()).device
     with mode(model, "dense"), Histograms(model) as hist:
         for i in range(0, len(blocks), batch_size):
@@ -95,10 +97,6 @@ def threshold_from_histogram(counts: torch.Tensor, sparsity: float) -> float:
     frac = (sparsity - below) / max(cum[i].item() - below, 1e-12)
     width = (LOG_MAX - LOG_MIN) / BINS
     return 10 ** (LOG_MIN + (i + min(max(frac, 0.0), 1.0)) * width)
-
-
-def uniform_thresholds(hists: dict[str, torch.Tensor], sparsity: float) -> dict[str, float]:
-    return {name: threshold_from_histogram(h, sparsity) for name, h in hists.items()}
 
 
 def weighted_sparsity(sparsities: dict[str, float], sizes: dict[str, int]) -> float:
@@ -201,9 +199,7 @@ def sparse_upstream_thresholds(model, blocks: torch.Tensor, sparsities: dict[str
     taus: dict[str, float] = {}
 
     def hook(module: SparseLinear, args):
-        x = args[0]
-        if module.protocol == "last_half" and x.dim() == 3 and x.shape[1] > 1:
-            x = x[:, x.shape[1] // 2 :]  # only the positions this protocol sparsifies
+        x = sparsified_positions(module, args[0])  # only the positions this protocol sparsifies
         taus[module.name] = threshold_from_histogram(magnitude_histogram(module.score(x)), sparsities[module.name])
         module.threshold.fill_(taus[module.name])
 
@@ -221,11 +217,13 @@ def compute_thresholds(model, blocks: torch.Tensor, cfg: SparsityConfig) -> tupl
     """Thresholds for every sparse linear, set on the model. Returns (thresholds, per-projection
     sparsities). cfg.calibrate_on: 'sparse' (default) takes each tau with everything upstream
     sparse, so the realized sparsity is the target; 'dense' is TEAL's original (quantiles of the
-    dense model's activations)."""
+    dense model's activations). Under cfg.protocol 'last_half' every quantile is taken over the
+    positions that protocol sparsifies (the second half of each block), never the dense half."""
     sparsity = check_sparsity(cfg.sparsity)
     if len(blocks) == 0:
         raise SponError("calibration data is empty: no blocks")
     names = list(by_name(model))
+    set_protocol(model, cfg.protocol)
     set_criterion(model, cfg.criterion)
     hists = None
     if cfg.allocation == "uniform":

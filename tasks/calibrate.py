@@ -16,4 +16,4 @@ def build_calibration(model: ModelRef, cfg: CalibrationConfig, files: list[TextF
                       work_dir: str) -> StageRef:
     """files: the calibration text files by content (cfg.files names them by path)."""
     return run_stage("calibrate", locals(), lambda out, key: stages.calibrate(
-        model.path, cfg.model_copy(update={"files": [f.path for f in files]}), device, dtype, out))
+        stages.base_model(model.path, device, dtype), cfg.model_copy(update={"files": [f.path for f in files]}), out))

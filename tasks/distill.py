@@ -31,9 +31,9 @@ def progress_reporter(steps: int, key: str):
 
 
 @task(**stage("distill"))
-def distill_spon(model: ModelRef, calib: StageRef, thresholds: StageRef, cfg: DistillConfig, protocol: str,
-                 device: str, dtype: str, work_dir: str, progress: bool = False) -> StageRef:
+def distill_spon(model: ModelRef, calib: StageRef, thresholds: StageRef, cfg: DistillConfig, device: str, dtype: str,
+                 work_dir: str, progress: bool = False) -> StageRef:
     return run_stage("distill", locals(), lambda out, key: stages.distill(
-        model.path, calib.dir, thresholds.dir, cfg, protocol, device, dtype, out,
+        stages.base_model(model.path, device, dtype), calib.dir, thresholds.dir, cfg, out,
         checkpoint_dir=checkpoint_dir(work_dir, "distill", key), checkpoint_key=key, progress=progress,
         on_step=progress_reporter(cfg.steps, key) if cfg.steps else None))

@@ -20,7 +20,7 @@ from spon import stages
 from spon.config import EvalConfig
 from spon.runtime.refs import ModelRef, StageRef, TextFile
 from spon.runtime.workdir import read_json, stage_dir, write_json
-from spon.stages import QUANT_FILE
+from spon.format import QUANT_FILE
 
 from .policies import run_stage, stage
 

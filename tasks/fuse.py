@@ -11,10 +11,10 @@ from .policies import run_stage, stage
 
 
 @task(**stage("fuse"))
-def fuse(model: ModelRef, calib: StageRef, thresholds: StageRef, alpha: StageRef, protocol: str, device: str,
-         dtype: str, work_dir: str) -> StageRef:
+def fuse(model: ModelRef, calib: StageRef, thresholds: StageRef, alpha: StageRef, device: str, dtype: str,
+         work_dir: str) -> StageRef:
     return run_stage("fuse", locals(), lambda out, key: stages.fuse(
-        model.path, calib.dir, thresholds.dir, alpha.dir, protocol, device, dtype, out, source=model.source))
+        stages.base_model(model.path, device, dtype), calib.dir, thresholds.dir, alpha.dir, out, source=model.source))
 
 
 def fused_model(fused: StageRef) -> ModelRef:

@@ -14,4 +14,5 @@ from .policies import run_stage, stage
 @task(**stage("thresholds"))
 def compute_thresholds(model: ModelRef, calib: StageRef, cfg: SparsityConfig, device: str, dtype: str,
                        work_dir: str) -> StageRef:
-    return run_stage("thresholds", locals(), lambda out, key: stages.thresholds(model.path, calib.dir, cfg, device, dtype, out))
+    return run_stage("thresholds", locals(), lambda out, key: stages.thresholds(
+        stages.base_model(model.path, device, dtype), calib.dir, cfg, out))

@@ -77,22 +77,17 @@ def fuse_closed_form(model_path: Path, out: Path, protocol: str = "all", criteri
     a real, cheap alpha; no training steps), fused and saved to `out` with `protocol`."""
     import torch
 
-    from spon.calibration import sample_blocks
-    from spon.config import SparsityConfig
+    import spon
     from spon.distill import closed_form_alpha
-    from spon.fuse import save_fused
-    from spon.model import load_model
-    from spon.sparse import load_alphas, set_thresholds, sparsify
-    from spon.thresholds import compute_thresholds
+    from spon.sparse import load_alphas
 
     torch.manual_seed(0)
-    model, tok = load_model(str(model_path))
-    sparsify(model)
-    blocks = sample_blocks(model, tok, num_blocks=16, block_len=64, seed=0)
-    taus, _ = compute_thresholds(model, blocks, SparsityConfig(sparsity=0.5, criterion=criterion))
-    set_thresholds(model, taus)
-    load_alphas(model, closed_form_alpha(model, blocks))
-    return save_fused(model, tok, out, {"sparsity": 0.5, "protocol": protocol})
+    model, tok = spon.load_model(str(model_path))
+    cal = spon.calibrate(model, tok, spon.CalibrationConfig(num_blocks=16, block_len=64, heldout_blocks=0,
+                                                            sample_precision="model"))
+    spon.sparsify_(model, spon.SparsityConfig(sparsity=0.5, criterion=criterion, protocol=protocol), cal)
+    load_alphas(model, closed_form_alpha(model, cal.train))
+    return spon.save_pretrained(model, tok, out)
 
 
 @pytest.fixture(scope="session")

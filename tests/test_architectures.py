@@ -12,9 +12,12 @@ from spon.calibration import sample_blocks
 from spon.config import DistillConfig, SparsityConfig
 from spon.distill import distill
 from spon.errors import SponError
-from spon.fuse import ALPHA_FILE, SIDECAR, load_sparse_model, save_fused
-from spon.model import find_projections, load_model
-from spon.sparse import by_name, set_mode, sparsify
+from spon.format import ALPHA_FILE, SIDECAR
+from spon.fuse import load_sparse_model, save_pretrained
+from spon.oneshot import fuse_
+from spon.model import find_projections
+from spon.sources import load_model
+from spon.sparse import by_name, set_mode, wrap_projections
 from spon.thresholds import compute_thresholds
 
 # Which projections each architecture can carry a bias for in a vanilla checkpoint.
@@ -30,7 +33,7 @@ FUSED_IN_CHECKPOINT = {
 def test_whole_chain(arch, tiny_models, tmp_path):
     model, tok = load_model(str(tiny_models[arch]))
     assert model.config.model_type == arch
-    mods = sparsify(model)
+    mods = wrap_projections(model)
     assert len(mods) == 2 * 7
     blocks = sample_blocks(model, tok, num_blocks=24, block_len=32, seed=0)
     compute_thresholds(model, blocks[:16], SparsityConfig(sparsity=0.5))
@@ -41,7 +44,8 @@ def test_whole_chain(arch, tiny_models, tmp_path):
     assert r.selected_step is not None and r.heldout_kl_after == min(r.heldout_kl_by_step.values())
 
     set_mode(model, "spon")
-    out = save_fused(model, tok, tmp_path / arch, {"sparsity": 0.5, "protocol": "all"})
+    out = save_pretrained(model, tok, tmp_path / arch)
+    fuse_(model)  # the model in memory as the checkpoint holds it: b' = b + W alpha in the biases
     ids = blocks[:2]
     with torch.no_grad():
         expected = model(ids).logits
@@ -75,5 +79,5 @@ def test_unsupported_architecture_lists_the_modules_found(tmp_path):
 
 def test_a_subset_of_projections(tiny_models):
     model, _ = load_model(str(tiny_models["llama"]))
-    mods = sparsify(model, ["down"])
+    mods = wrap_projections(model, ["down"])
     assert [m.name for m in mods] == ["0.down", "1.down"]

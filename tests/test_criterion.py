@@ -1,6 +1,6 @@
 """WINA's weighted criterion (arXiv 2505.19427) beside TEAL's magnitude one: drop x_i when
 |x_i| * ||W[:, i]||_2 <= tau. Calibration, realized sparsity, quality on stories260K, the
-checkpoint (sidecar spon/2 + channel norms), its loaders and the kernels path."""
+checkpoint (the weighted sidecar format + channel norms), its loaders and the kernels path."""
 
 from __future__ import annotations
 
@@ -14,12 +14,14 @@ from spon.calibration import read_documents, sample_blocks
 from spon.config import SparsityConfig, load_config
 from spon.distill import closed_form_alpha
 from spon.errors import SponError
-from spon.fuse import CHANNEL_NORMS_FILE, load_sparse_model, save_fused
-from spon.inputs import check_fused_dir
+from spon.format import CHANNEL_NORMS_FILE, SIDECAR, format_for
+from spon.oneshot import fuse_
+from spon.fuse import load_sparse_model, save_pretrained
+from spon.checks import check_fused_dir
 from spon.kernel_backend import use_kernels
-from spon.model import load_model
+from spon.sources import load_model
 from spon.perplexity import perplexity
-from spon.sparse import by_name, column_norms, counting_zeros, load_alphas, mode, set_mode, sparse_linears, sparsify
+from spon.sparse import by_name, column_norms, counting_zeros, load_alphas, mode, set_mode, sparse_linears, wrap_projections
 from spon.thresholds import compute_thresholds
 
 
@@ -31,7 +33,7 @@ def calib(stories_path):
 
 def calibrated(stories_path, blocks, criterion: str, sparsity: float = 0.5, dtype: str = "fp32"):
     model, tok = load_model(str(stories_path), dtype=dtype)
-    sparsify(model)
+    wrap_projections(model)
     compute_thresholds(model, blocks, SparsityConfig(sparsity=sparsity, criterion=criterion))
     return model, tok
 
@@ -84,7 +86,7 @@ def test_greedy_allocation_reads_the_weighted_scores(stories_path, calib):
     from spon.thresholds import collect_histograms, threshold_from_histogram
 
     model, _ = load_model(str(stories_path))
-    sparsify(model)
+    wrap_projections(model)
     taus, sp = compute_thresholds(model, calib, SparsityConfig(sparsity=0.5, criterion="weighted", allocation="greedy",
                                                                greedy_step=0.25, greedy_blocks=8, calibrate_on="dense"))
     hists = collect_histograms(model, calib)  # the model's criterion is weighted now: scores |x| * c
@@ -120,16 +122,16 @@ def test_weighted_criterion_on_stories260k_is_teals_quality_at_the_same_sparsity
 
 @torch.no_grad()
 def test_weighted_checkpoint_round_trip(stories_path, calib, tmp_path):
-    """save_fused writes spon/2 + the channel norms; spon's loader gives the in-memory model's logits
+    """save_pretrained writes the weighted format + the channel norms; spon's loader gives the in-memory model's logits
     exactly; the input checks and the loader refuse a checkpoint that lost its norms."""
     model, tok = calibrated(stories_path, calib[:16], "weighted")
     load_alphas(model, closed_form_alpha(model, calib[:16]))
     ids = calib[40:44]
-    out = save_fused(model, tok, tmp_path / "fused", {"sparsity": 0.5, "protocol": "all"})
-    set_mode(model, "spon")
+    out = save_pretrained(model, tok, tmp_path / "fused")
+    fuse_(model)  # as the checkpoint holds it
     want = model(ids).logits
-    meta = json.loads((out / "spon.json").read_text())
-    assert meta["format"] == "spon/2" and meta["criterion"] == "weighted"
+    meta = json.loads((out / SIDECAR).read_text())
+    assert meta["format"] == format_for("weighted") and meta["criterion"] == "weighted"
     assert check_fused_dir(out)["criterion"] == "weighted"
     loaded, _, _ = load_sparse_model(out)
     assert all(m.criterion == "weighted" for m in sparse_linears(loaded))
@@ -151,7 +153,7 @@ def test_quantized_copy_keeps_the_calibrated_norms(stories_path, calib, tmp_path
     from spon.quantize import load_quantized, quantize_model, save_quantized
 
     model, tok = calibrated(stories_path, calib[:16], "weighted")
-    fused = save_fused(model, tok, tmp_path / "fused", {"sparsity": 0.5, "protocol": "all"})
+    fused = save_pretrained(model, tok, tmp_path / "fused")
     q, qtok, _ = load_sparse_model(fused)
     quantize_model(q, "int8")
     qdir = save_quantized(q, qtok, tmp_path / "int8", fused, {"scheme": "int8"})
@@ -162,8 +164,8 @@ def test_quantized_copy_keeps_the_calibrated_norms(stories_path, calib, tmp_path
 
 
 def test_magnitude_checkpoints_stay_spon_1(fused_dir):
-    meta = json.loads((fused_dir / "spon.json").read_text())
-    assert meta["format"] == "spon/1" and meta["criterion"] == "magnitude"
+    meta = json.loads((fused_dir / SIDECAR).read_text())
+    assert meta["format"] == format_for("magnitude") and meta["criterion"] == "magnitude"
     assert not (fused_dir / CHANNEL_NORMS_FILE).exists()
 
 
@@ -181,7 +183,7 @@ def test_kernels_path_gives_the_torch_paths_numbers(stories_path, calib, sample_
     model, tok = calibrated(stories_path, calib[:16], "weighted", dtype=dtype)
     g = torch.Generator().manual_seed(0)
     load_alphas(model, {m.name: torch.randn(m.linear.in_features, generator=g) * 0.05 for m in sparse_linears(model)})
-    from spon.fuse import fuse_alpha
+    from spon.sparse import fuse_alpha
 
     fuse_alpha(model)
     set_mode(model, "spon")
@@ -221,8 +223,8 @@ def test_an_unknown_format_or_criterion_is_refused_by_every_reader(fused_dir, tm
     for field, value, match in (("format", "spon/3", "unknown format"), ("criterion", "wanda", "unknown criterion")):
         d = tmp_path / value.replace("/", "-")
         shutil.copytree(fused_dir, d)
-        meta = json.loads((d / "spon.json").read_text())
-        (d / "spon.json").write_text(json.dumps({**meta, field: value}))
+        meta = json.loads((d / SIDECAR).read_text())
+        (d / SIDECAR).write_text(json.dumps({**meta, field: value}))
         with pytest.raises(ValueError, match=f"unknown spon {field}|unknown {field}"):
             remote_read_sidecar(str(d))
         with pytest.raises(SponError, match=match):

@@ -37,13 +37,14 @@ def free_port() -> int:
 def calib(tmp_path_factory, stories_path) -> Path:
     """24 sampled blocks of 32 tokens (6 held out) and 50 % thresholds."""
     d = tmp_path_factory.mktemp("calib")
-    stages.calibrate(str(stories_path), CalibrationConfig(num_blocks=24, block_len=32), "cpu", "fp32", d)
-    stages.thresholds(str(stories_path), d, SparsityConfig(sparsity=0.5), "cpu", "fp32", d)
+    model = stages.base_model(str(stories_path))
+    stages.calibrate(model, CalibrationConfig(num_blocks=24, block_len=32), d)
+    stages.thresholds(model, d, SparsityConfig(sparsity=0.5), d)
     return d
 
 
 def _distill(model: str, calib: Path, out: Path, cfg: DistillConfig) -> None:
-    stages.distill(model, calib, calib, cfg, "all", "cpu", "fp32", out, checkpoint_dir=out / "alpha_checkpoints")
+    stages.distill(stages.base_model(model), calib, calib, cfg, out, checkpoint_dir=out / "alpha_checkpoints")
 
 
 def _rank(rank: int, world: int, port: int, model: str, calib: str, outs: list[str], cfg_json: str) -> None:

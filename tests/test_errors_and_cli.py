@@ -13,8 +13,8 @@ from spon.calibration import blocks_from_stream, sample_blocks, text_blocks
 from spon.config import DistillConfig, SparsityConfig, load_config
 from spon.distill import distill
 from spon.errors import SponError
-from spon.model import load_model
-from spon.sparse import by_name, sparsify
+from spon.sources import load_model
+from spon.sparse import by_name, wrap_projections
 from spon.thresholds import check_sparsity, compute_thresholds
 
 
@@ -51,7 +51,7 @@ def test_empty_calibration_data(stories_path, tmp_path):
 
 def test_nan_loss_stops_distillation(stories_path):
     model, tok = load_model(str(stories_path))
-    sparsify(model)
+    wrap_projections(model)
     blocks = sample_blocks(model, tok, num_blocks=8, block_len=32, seed=0)
     compute_thresholds(model, blocks, SparsityConfig(sparsity=0.5))
     with torch.no_grad():

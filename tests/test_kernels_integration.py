@@ -9,16 +9,16 @@ import torch
 
 from spon.calibration import sample_blocks
 from spon.config import SparsityConfig
-from spon.fuse import fuse_alpha
+from spon.sparse import fuse_alpha
 from spon.kernel_backend import KernelGroup, KernelSingle, use_kernels
-from spon.model import load_model
-from spon.sparse import by_name, load_alphas, set_mode, sparse_linears, sparsify
+from spon.sources import load_model
+from spon.sparse import by_name, load_alphas, set_mode, sparse_linears, wrap_projections
 from spon.thresholds import compute_thresholds
 
 
 def sparse_stories(stories_path, dtype="fp32"):
     model, tok = load_model(str(stories_path), dtype=dtype)
-    sparsify(model)
+    wrap_projections(model)
     blocks = sample_blocks(model, tok, num_blocks=16, block_len=64, seed=0)
     compute_thresholds(model, blocks, SparsityConfig(sparsity=0.5))
     g = torch.Generator().manual_seed(0)

@@ -10,10 +10,13 @@ from transformers import AutoModelForCausalLM
 from spon.calibration import read_documents, sample_blocks, text_blocks, token_stream
 from spon.config import DistillConfig, SparsityConfig
 from spon.distill import distill, heldout_kl, heldout_scores
-from spon.fuse import fuse_alpha, load_sparse_model, save_fused
-from spon.model import PROJECTIONS, load_model
+from spon.fuse import load_sparse_model, save_pretrained
+from spon.oneshot import fuse_
+from spon.sparse import fuse_alpha
+from spon.model import PROJECTIONS
+from spon.sources import load_model
 from spon.perplexity import perplexity
-from spon.sparse import alphas, by_name, load_alphas, mode, set_mode, set_thresholds, sparsify
+from spon.sparse import alphas, by_name, load_alphas, mode, set_mode, set_thresholds, wrap_projections
 from spon.thresholds import collect_histograms, compute_thresholds, greedy_sparsities, threshold_from_histogram
 
 
@@ -25,7 +28,7 @@ def calib(stories_path):
 
 def fresh(stories_path, kinds=PROJECTIONS):
     model, tok = load_model(str(stories_path))
-    sparsify(model, kinds)
+    wrap_projections(model, kinds)
     return model, tok
 
 
@@ -172,7 +175,9 @@ def test_vanilla_transformers_loads_the_fused_checkpoint(stories_path, calib, tm
     random_alphas(model)
     set_mode(model, "spon")
     ids = calib[:2]
-    out = save_fused(model, tok, tmp_path / "fused", {"sparsity": 0.5, "protocol": "all"})
+    out = save_pretrained(model, tok, tmp_path / "fused")
+    assert not any(m.fused for m in by_name(model).values())  # saving does not change the model
+    fuse_(model)
     expected = model(ids).logits  # the fused model in memory
     vanilla = AutoModelForCausalLM.from_pretrained(out)  # no custom code
     assert vanilla.config.attention_bias and vanilla.config.mlp_bias
@@ -182,12 +187,12 @@ def test_vanilla_transformers_loads_the_fused_checkpoint(stories_path, calib, tm
         grp = "self_attn" if kind in ("q", "k", "v", "o") else "mlp"
         b = sd[f"model.layers.{layer}.{grp}.{kind}_proj.bias"]
         torch.testing.assert_close(b, m.linear.weight @ m.alpha, atol=1e-6, rtol=0)
-    # The vanilla model is W x + b'; ours with tau = 0 is W (x + alpha) + b: the same function.
+    # The vanilla model is W x + b'; ours fused with tau = 0 is the same function.
     set_thresholds(model, {n: 0.0 for n in by_name(model)})
     close(vanilla(ids).logits, model(ids).logits)
     # The spon loader restores thresholds and gives the sparse model's logits.
     loaded, _, meta = load_sparse_model(out)
-    assert meta["sparsity"] == 0.5
+    assert meta["thresholds"] == {m.name: float(m.threshold) for m in by_name(loaded).values()} and meta["sparsity"] is None
     assert torch.equal(loaded(ids).logits, expected)
 
 

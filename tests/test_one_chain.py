@@ -12,6 +12,7 @@ import torch
 from safetensors.torch import load_file
 
 from spon.cli import main
+from spon.format import SIDECAR
 
 REPO = Path(__file__).resolve().parents[1]
 SMALL = ["--sparsity", "0.5", "--steps", "12", "--calib-blocks", "32", "--calib-len", "48", "--batch-size", "8",
@@ -37,8 +38,8 @@ def test_stage_commands_equal_run(chains, sample_txt, capsys):
         json.loads((root / "cal" / "thresholds.json").read_text())["thresholds"]
     a, b = load_file(str(run / "distill" / "alpha.safetensors")), load_file(str(root / "alpha" / "alpha.safetensors"))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
-    side_run = json.loads((run / "fused" / "spon.json").read_text())
-    side_cli = json.loads((root / "fused" / "spon.json").read_text())
+    side_run = json.loads((run / "fused" / SIDECAR).read_text())
+    side_cli = json.loads((root / "fused" / SIDECAR).read_text())
     assert side_run == side_cli  # the same sidecar: thresholds, selection, provenance, realized sparsity, smoke text
     capsys.readouterr()
     assert main(["ppl", str(root / "fused"), "--eval-text", str(sample_txt)]) == 0

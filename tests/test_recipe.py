@@ -12,10 +12,9 @@ from spon.calibration import read_documents, sample_blocks
 from spon.config import DistillConfig, SparsityConfig, load_config
 from spon.distill import distill
 from spon.errors import SponError
-from spon.model import load_model
+from spon.sources import load_model
 from spon.perplexity import perplexity
-from spon.presets import PRESETS
-from spon.sparse import by_name, counting_zeros, mode, sparsify
+from spon.sparse import by_name, counting_zeros, mode, wrap_projections
 from spon.thresholds import compute_thresholds
 
 
@@ -27,22 +26,26 @@ def blocks(stories_path):
 
 def fresh(stories_path):
     model, tok = load_model(str(stories_path))
-    sparsify(model)
+    wrap_projections(model)
     return model, tok
 
 
 # ----------------------------------------------------------------------------- presets
 
 def test_a_named_model_brings_its_preset_under_file_and_flags(tmp_path):
-    smol = PRESETS["smollm2-135m"]
+    # SmolLM2-135M's recipe (spon/presets.py), spelled out: the test pins the values, not the table.
     cfg = load_config(None, {"model": "smollm2-135m"})
     assert cfg.preset == "smollm2-135m"
-    assert cfg.distill.lr == smol["distill"]["lr"] and cfg.calibration.block_len == smol["calibration"]["block_len"]
-    assert cfg.eval.max_tokens == smol["eval"]["max_tokens"]
+    assert (cfg.calibration.source, cfg.calibration.num_blocks, cfg.calibration.block_len,
+            cfg.calibration.heldout_blocks) == ("text", 72, 256, 8)
+    assert (cfg.distill.steps, cfg.distill.lr, cfg.distill.batch_size, cfg.distill.init, cfg.distill.warmup,
+            cfg.distill.checkpoint_every, cfg.distill.compute_dtype, cfg.distill.teacher_cache_gb) == \
+        (400, 1e-3, 2, "closed_form", 10, 50, "bf16", 4.0)
+    assert (cfg.eval.window, cfg.eval.stride, cfg.eval.max_tokens) == (512, 512, 25600)
     f = tmp_path / "c.json"
     f.write_text(json.dumps({"model": "smollm2-135m", "distill": {"lr": 5e-4}}))
     cfg = load_config(f, {"distill.steps": 3})  # file over preset, flag over file; the rest of the section stays
-    assert (cfg.distill.lr, cfg.distill.steps, cfg.distill.batch_size) == (5e-4, 3, smol["distill"]["batch_size"])
+    assert (cfg.distill.lr, cfg.distill.steps, cfg.distill.batch_size) == (5e-4, 3, 2)
 
 
 def test_no_preset_for_other_models_or_when_switched_off():
@@ -100,7 +103,7 @@ def test_alpha_on_down_only(stories_path, blocks):
         assert (m.alpha.abs().sum() > 0) == (m.kind == "down"), n
         assert m.threshold.item() > 0  # every projection stays sparse
     only_q, _ = load_model(str(stories_path))
-    sparsify(only_q, ["q"])
+    wrap_projections(only_q, ["q"])
     compute_thresholds(only_q, blocks[:32], SparsityConfig(sparsity=0.5, targets=["q"]))
     with pytest.raises(SponError, match="no sparse linears to train alpha for"):
         distill(only_q, blocks[:32], blocks[32:], DistillConfig(steps=1, targets=["down"]), progress=False)

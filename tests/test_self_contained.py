@@ -22,6 +22,7 @@ from spon.remote_code import CARD_FILE, MODELING_FILE
 from spon.remote_code.modeling_spon import SPARSE_CLASSES
 from spon.runtime import store
 from spon.sparse import mode
+from spon.format import CHANNEL_NORMS_FILE, SIDECAR, format_for
 
 # Prepended to every subprocess script: the process stands for a machine without spon. The venv
 # has spon installed (editable), so it must be blocked actively, before anything imports it.
@@ -93,7 +94,7 @@ def test_the_checkpoint_carries_its_code_and_card(tiny_fused):
             AutoModelForCausalLM.from_pretrained(d)).__name__]
         assert config["auto_map"] == {"AutoModelForCausalLM": f"modeling_spon.{SPARSE_CLASSES[arch].__name__}"}
         assert (d / MODELING_FILE).read_bytes() == source.read_bytes()  # verbatim
-        meta = json.loads((d / "spon.json").read_text())
+        meta = json.loads((d / SIDECAR).read_text())
         card = (d / CARD_FILE).read_text()
         header = card.split("---\n")[1]
         assert "library_name: transformers" in header and "- spon" in header and f"- {arch}" in header
@@ -101,10 +102,10 @@ def test_the_checkpoint_carries_its_code_and_card(tiny_fused):
         assert f"| protocol | {meta['protocol']} " in card and "trust_remote_code=True" in card
         assert f"| criterion | {meta['criterion']} " in card
         # the weighted criterion's channel norms travel with the checkpoint (and its format says so)
-        assert (d / "spon_channel_norms.safetensors").is_file() == (meta["criterion"] == "weighted")
-        assert meta["format"] == {"magnitude": "spon/1", "weighted": "spon/2"}[meta["criterion"]]
+        assert (d / CHANNEL_NORMS_FILE).is_file() == (meta["criterion"] == "weighted")
+        assert meta["format"] == format_for(meta["criterion"])
         assert ("alpha outside the biases" in card) == bool(meta["unfusable_projections"])
-        assert "Not measured yet" in card  # save_fused alone has no perplexities
+        assert "Not measured yet" in card  # save_pretrained alone has no perplexities
 
 
 @pytest.mark.slow  # subprocesses and the fused stories260K (~40 s)
@@ -124,7 +125,7 @@ def test_trust_remote_code_without_spon_gives_spons_sparse_model(fused_dir, tiny
     x = torch.tensor(ids)
     for name, d in dirs.items():
         got = load_file(str(work / f"{name}.safetensors"))
-        meta = json.loads((Path(d) / "spon.json").read_text())
+        meta = json.loads((Path(d) / SIDECAR).read_text())
         arch = json.loads((Path(d) / "config.json").read_text())["model_type"]
         plain = AutoModelForCausalLM.from_pretrained(d)  # this process: no flag, the vanilla model
         assert type(plain).__module__.startswith("transformers.models."), type(plain)

@@ -21,8 +21,8 @@ import shutil
 import sys
 from pathlib import Path
 
-MODELING_FILE = "modeling_spon.py"
-CARD_FILE = "README.md"
+from spon.format import CARD_FILE, CHANNEL_NORMS_FILE, MODELING_FILE, SIDECAR
+
 _HUB_ID = re.compile(r"[\w.-]+/[\w.-]+")
 
 
@@ -70,7 +70,7 @@ def write_model_card(model_dir: str | Path, summary: dict | None = None) -> Path
     written to a new file renamed into place: the run's out/fused holds hard links to the cached
     fuse stage's files, which must not change under it."""
     d = Path(model_dir)
-    meta = json.loads((d / "spon.json").read_text())
+    meta = json.loads((d / SIDECAR).read_text())
     model_type = json.loads((d / "config.json").read_text()).get("model_type", "?")
     prov = meta.get("provenance", {})
     source = str(prov.get("source_model", "unknown"))
@@ -88,7 +88,7 @@ def write_model_card(model_dir: str | Path, summary: dict | None = None) -> Path
                                 f"over {', '.join(meta.get('targets', []))})"),
             ("criterion", {"magnitude": "magnitude (TEAL: drop x_i when |x_i| ≤ τ)",
                            "weighted": "weighted (WINA: drop x_i when |x_i| · ‖W[:, i]‖₂ ≤ τ; ‖W[:, i]‖₂ in "
-                                       "`spon_channel_norms.safetensors`)"}.get(meta.get("criterion", "magnitude"),
+                                       f"`{CHANNEL_NORMS_FILE}`)"}.get(meta.get("criterion", "magnitude"),
                                                                                  meta.get("criterion"))),
             ("protocol", protocol_text.get(protocol, protocol))]
     if meta.get("realized_sparsity_heldout") is not None:
@@ -129,8 +129,8 @@ def write_model_card(model_dir: str | Path, summary: dict | None = None) -> Path
         "tok = AutoTokenizer.from_pretrained(DIR)",
         "model = AutoModelForCausalLM.from_pretrained(DIR, trust_remote_code=True)  # the sparse model",
         "```", "",
-        "`trust_remote_code=True` runs `modeling_spon.py` from this directory (torch and transformers only): "
-        "it reads the thresholds and protocol from `spon.json` and applies them. Without the flag, transformers "
+        f"`trust_remote_code=True` runs `{MODELING_FILE}` from this directory (torch and transformers only): "
+        f"it reads the thresholds and protocol from `{SIDECAR}` and applies them. Without the flag, transformers "
         "loads the dense model with the fused biases (`W x + b'`): not the sparse model. With spon installed, "
         "`spon.load_sparse_model(DIR)` gives the same model with dense/TEAL/SPON modes and the sparse kernels.", "",
         "lm-eval: `lm_eval --model hf --model_args pretrained=DIR,trust_remote_code=True --tasks TASKS`.", "",

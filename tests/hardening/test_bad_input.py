@@ -17,6 +17,7 @@ import torch
 
 from pipeline_helpers import free_port
 from spon.assets import assets_root
+from spon.format import ALPHA_FILE, SIDECAR, format_for
 
 pytestmark = pytest.mark.slow  # services / subprocesses: not in the fast tier
 
@@ -190,8 +191,8 @@ def _model_copies(t: Path) -> None:
     (copy("zerobyte") / "model.safetensors").write_bytes(b"")
     (copy("badconfig") / "config.json").write_text(json.dumps({"hidden_size": 64}))
     fused = copy("fakefused")
-    (fused / "spon.json").write_text(json.dumps({"format": "spon/1", "thresholds": {}, "targets": []}))
-    save_file({"0.q": torch.zeros(64)}, str(fused / "spon_alpha.safetensors"))
+    (fused / SIDECAR).write_text(json.dumps({"format": format_for("magnitude"), "thresholds": {}, "targets": []}))
+    save_file({"0.q": torch.zeros(64)}, str(fused / ALPHA_FILE))
     (t / "fakecal").mkdir()
     save_file({"train": torch.zeros(4, 8, dtype=torch.long), "heldout": torch.zeros(1, 8, dtype=torch.long)},
               str(t / "fakecal" / "calibration.safetensors"))

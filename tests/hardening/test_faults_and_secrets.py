@@ -12,6 +12,7 @@ from cli_helpers import TINY, cli_env, spon
 from pipeline_helpers import BUCKET, free_port
 
 import pytest
+from spon.format import SIDECAR
 
 pytestmark = pytest.mark.slow  # services / subprocesses: not in the fast tier
 
@@ -37,7 +38,7 @@ def test_store_down_then_publish_and_no_secret_leaks(tmp_path, sample_txt):
     assert dead in errors[0] and f"s3://{BUCKET}/models/" in errors[0], errors[0]
     assert time.time() - t0 < 600  # bounded: boto3 standard retries x Prefect IO_RETRIES, then give up
     summary = json.loads((out / "summary.json").read_text())
-    assert (out / "fused" / "spon.json").is_file() and (out / "fused" / "model.safetensors").is_file()
+    assert (out / "fused" / SIDECAR).is_file() and (out / "fused" / "model.safetensors").is_file()
 
     port = free_port()
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)

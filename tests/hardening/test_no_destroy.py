@@ -22,6 +22,7 @@ from safetensors.torch import load_file
 
 from cli_helpers import TINY, cli_env, error_lines, spon, tree_state
 from spon.assets import assets_root
+from spon.format import SIDECAR
 
 pytestmark = pytest.mark.slow  # services / subprocesses: not in the fast tier
 
@@ -171,7 +172,7 @@ def test_distill_zero_steps_end_to_end(work):
     d = json.loads((zero / "distill.json").read_text())
     assert d["kl_history"] == [] and d["selected_step"] in (None, 0) and d["config"]["steps"] == 0
     assert not (zero / "alpha_checkpoints").exists() or not any((zero / "alpha_checkpoints").iterdir())
-    sidecar = json.loads((work["fused"] / "spon.json").read_text())
+    sidecar = json.loads((work["fused"] / SIDECAR).read_text())
     assert sidecar["provenance"]["distill"]["steps"] == 0
     p = spon(["-q", "ppl", str(work["fused"]), "--eval-text", str(work["data"] / "sample.txt"), "--window", "128", "--stride", "128"], ENV)
     _ok(p, "ppl of the fused 0-step model")

@@ -17,6 +17,7 @@ from faulty_proxy import FaultyProxy
 from pipeline_helpers import BUCKET
 
 import pytest
+from spon.format import SIDECAR
 
 pytestmark = pytest.mark.slow  # services / subprocesses: not in the fast tier
 
@@ -76,7 +77,7 @@ def test_persistent_faults_fail_cleanly_then_publish_finishes(s3_endpoint, tmp_p
         assert not _keys(s3, prefix)
         fused = out / "fused" / "model.safetensors"
         before = fused.read_bytes()
-        assert (out / "summary.json").is_file() and (out / "fused" / "spon.json").is_file()
+        assert (out / "summary.json").is_file() and (out / "fused" / SIDECAR).is_file()
         assert any((tmp_path / "work" / "prefect-results").iterdir())  # cache records beside the stage outputs
 
         # (c) the connection drops in the middle of every UploadPart

@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from pipeline_helpers import BUCKET, QUALITY_SPARSITY, tiny_config
+from spon.format import SIDECAR
 
 pytestmark = pytest.mark.slow  # services / subprocesses: not in the fast tier
 
@@ -67,7 +68,7 @@ def test_run_tracked_registered_and_stored(first, settings, cfg):
     assert c.get_model_version_by_alias(name, "champion").version == mv.version  # first version: champion
     keys = [o["Key"] for o in s3.list_objects_v2(Bucket=BUCKET, Prefix=f"models/{name}/{run.info.run_id}/")["Contents"]]
     assert f"models/{name}/{run.info.run_id}/manifest.json" in keys
-    assert (Path(cfg.out) / "summary.json").is_file() and (Path(cfg.out) / "fused" / "spon.json").is_file()
+    assert (Path(cfg.out) / "summary.json").is_file() and (Path(cfg.out) / "fused" / SIDECAR).is_file()
 
 
 def test_pull_by_alias_generates_identically(first, settings, tmp_path, monkeypatch, capsys):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+from spon.format import SIDECAR
 
 pytestmark = pytest.mark.slow  # a real mlflow tracking store, ~8 s a test: not in the fast tier
 
@@ -36,7 +37,7 @@ def test_quality_gate_refuses_a_spon_worse_than_its_teal(tmp_path):
 
     fused = tmp_path / "fused"
     fused.mkdir()
-    (fused / "spon.json").write_text("{}")
+    (fused / SIDECAR).write_text("{}")
     s = PipelineSettings(work_dir=str(tmp_path / "work"), tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}",
                          store=str(tmp_path / "store"))
     base = {"model": "m", "sparsity": 0.5, "protocol": "all", "heldout_kl": {"teal": 0.6, "spon": 0.5}}
