@@ -32,7 +32,7 @@ def check_args(args) -> None:
     """Every argument and input of `spon eval`, before any model is loaded or anything written."""
     from pathlib import Path
 
-    from spon import inputs
+    from spon import checks
     from spon.cli_args import check_out_dir
     from spon.errors import SponError
 
@@ -40,14 +40,14 @@ def check_args(args) -> None:
         raise SponError("--threads and --jobs must be >= 1")
     if args.limit is not None and not args.limit > 0:
         raise SponError("--limit must be positive")
-    inputs.check_int(args.batch_size, "--batch-size", 1)
-    inputs.check_int(args.group_size, "--group-size", 1)
-    inputs.check_int(args.bootstrap_iters, "--bootstrap-iters", 0)
-    inputs.check_device(args.device)
+    checks.check_int(args.batch_size, "--batch-size", 1)
+    checks.check_int(args.group_size, "--group-size", 1)
+    checks.check_int(args.bootstrap_iters, "--bootstrap-iters", 0)
+    checks.check_device(args.device)
     for d in args.task_dir:
         if not Path(d).is_dir():
             raise SponError(f"--task-dir {d} is not a directory")
-    inputs.check_fused_dir(args.model_dir)
+    checks.check_fused_dir(args.model_dir)
     from spon.assets import assets_root
 
     fidelity_text = assets_root() / "data" / "tinystories" / "sample.txt"  # = spon.evaluation.suite.FIDELITY_TEXT

@@ -16,10 +16,10 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterable, Iterator
 
+from spon.checks import check_device, check_json_file, check_safetensors, check_text_file, check_window
 from spon.errors import SponError
 from spon.format import CALIBRATION_FILE, DISTILL_FILE, THRESHOLDS_FILE
-from spon.inputs import (check_device, check_json_file, check_model, check_safetensors, check_text_file,
-                         check_window, model_label)
+from spon.sources import check_model, model_label
 
 Inputs = Iterable["tuple[str, str | Path] | str | Path | None"]
 

@@ -1,7 +1,7 @@
 """GGUF files as a model source: dequantized once to a plain transformers checkpoint.
 
-A `.gguf` path (or a hub repo + file, `ORG/REPO:FILE.gguf`, or a named model from spon.models)
-is turned into a directory holding config.json, fp32 safetensors weights and the tokenizer,
+A `.gguf` path (or a hub repo + file, `ORG/REPO:FILE.gguf`, or a named model from spon.models;
+spon.sources decides which a model string is) is turned into a directory holding config.json, fp32 safetensors weights and the tokenizer,
 cached under <root>/gguf/<sha256[:16]>/ (root: $SPON_CACHE, default ~/.cache/spon). The
 directory is written under a temporary name and renamed into place when complete, so a killed
 conversion leaves nothing that looks finished; later loads open the directory directly.
@@ -21,6 +21,7 @@ import time
 import uuid
 from pathlib import Path
 
+from spon.digest import sha256_file
 from spon.errors import SponError
 
 MAGIC = b"GGUF"
@@ -29,7 +30,6 @@ MARKER = "spon-gguf.json"  # written last inside the temporary directory: what i
 # "llama"; transformers then picks mistral from the model name).
 GGUF_ARCHS = ("llama", "mistral", "qwen2", "qwen3")
 HUB_GGUF = re.compile(r"(?P<repo>[\w.-]+/[\w.-]+):(?P<file>[\w./-]+\.gguf)")
-_CHUNK = 1 << 20
 
 
 def cache_root() -> Path:
@@ -38,28 +38,6 @@ def cache_root() -> Path:
 
 def dequantized_dir(sha256: str, root: Path | None = None) -> Path:
     return (root or cache_root()) / "gguf" / sha256[:16]
-
-
-def resolve_model_source(name: str | None) -> str:
-    """What load_model and fetch_model open: a named model or a GGUF (a local `.gguf` file or
-    `ORG/REPO:FILE.gguf` on the hub) -> its dequantized checkpoint directory; anything else
-    (a directory, a hub id) unchanged."""
-    from spon.model import default_model_path
-
-    name = name or default_model_path()
-    from spon.models import MODELS, resolve as resolve_named
-
-    if name in MODELS and not Path(name).exists():
-        return resolve_named(name)
-    if not name.lower().endswith(".gguf"):
-        return name
-    path = Path(name).expanduser()
-    if path.is_file():
-        return str(dequantize(path))
-    m = HUB_GGUF.fullmatch(name)
-    if m and not path.exists():
-        return str(dequantize(hub_download(m["repo"], m["file"])))
-    raise SponError(f"GGUF file does not exist: {name} (a hub GGUF is ORG/REPO:FILE.gguf)")
 
 
 def source_digest(path: str | Path) -> str | None:
@@ -199,11 +177,7 @@ def file_sha256(path: Path, root: Path | None = None) -> str:
         got = memo.read_text().strip()
         if re.fullmatch(r"[0-9a-f]{64}", got):
             return got
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(_CHUNK):
-            h.update(chunk)
-    digest = h.hexdigest()
+    digest = sha256_file(path)
     memo.parent.mkdir(parents=True, exist_ok=True)
     tmp = memo.with_name(temp_name(key))
     tmp.write_text(digest)

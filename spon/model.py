@@ -8,7 +8,6 @@ a bias, which matters for fusion (b' = b + W alpha needs a bias slot).
 from __future__ import annotations
 
 import os
-import re
 import threading
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,67 +16,53 @@ import torch
 from torch import nn
 
 from spon.errors import SponError
+from spon.format import ATTENTION, MLP, PROJECTIONS
 
-PROJECTIONS = ("q", "k", "v", "o", "gate", "up", "down")
-_ATTN = ("q", "k", "v", "o")
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 # Which config flag turns on the bias of each projection, per architecture. "always" means the
 # architecture builds that projection with a bias regardless of config; None means it never has
 # one, so alpha cannot be fused into a vanilla checkpoint there (it goes to the sidecar instead).
 BIAS_FLAGS: dict[str, dict[str, str | None]] = {
-    "llama": {**{p: "attention_bias" for p in _ATTN}, **{p: "mlp_bias" for p in ("gate", "up", "down")}},
+    "llama": {**{p: "attention_bias" for p in ATTENTION}, **{p: "mlp_bias" for p in MLP}},
     "mistral": {p: None for p in PROJECTIONS},
     "qwen2": {"q": "always", "k": "always", "v": "always", "o": None, "gate": None, "up": None, "down": None},
-    "qwen3": {**{p: "attention_bias" for p in _ATTN}, "gate": None, "up": None, "down": None},
+    "qwen3": {**{p: "attention_bias" for p in ATTENTION}, "gate": None, "up": None, "down": None},
 }
 SUPPORTED = tuple(BIAS_FLAGS)
 # from_pretrained initialises on the meta device through process-global state: two threads loading
 # at once (a sweep's fanned-out tasks) can leave one model's parameters on meta. Load one at a time.
 _LOAD_LOCK = threading.Lock()
 
-def default_model_path() -> str:
-    """The embedded default: the real trained stories260K Llama shipped beside the repo."""
-    env = os.environ.get("SPON_DEFAULT_MODEL")
-    if env:
-        return env
-    from spon.assets import assets_root
 
-    return str(assets_root() / "models" / "stories260K")
-
-
-def load_model(
-    name_or_path: str | None = None,
-    device: str = "cpu",
-    dtype: str = "fp32",
-    device_map: str | None = None,
-):
-    """Load any causal LM by hub id, local directory, `.gguf` file or named model (spon.models).
-    Returns (model, tokenizer)."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from spon.gguf import resolve_model_source
-
-    name_or_path = name_or_path or default_model_path()
+def torch_dtype(dtype: str) -> torch.dtype:
+    """fp32 / bf16 / fp16 -> the torch dtype; anything else is a one-line SponError."""
     if dtype not in DTYPES:
         raise SponError(f"unknown dtype {dtype!r}; choose one of {sorted(DTYPES)}")
-    name_or_path = resolve_model_source(name_or_path)  # a GGUF or named model -> its dequantized dir
-    path = Path(name_or_path).expanduser()
-    hub_id = re.fullmatch(r"[\w.-]+(/[\w.-]+)?", name_or_path) and not name_or_path.startswith(".")
-    if not path.exists() and not hub_id:
-        raise SponError(f"model path does not exist: {name_or_path}")
+    return DTYPES[dtype]
+
+
+def load_pretrained(path_or_hub_id: str | Path, device: str = "cpu", dtype: str = "fp32",
+                    device_map: str | None = None):
+    """transformers' from_pretrained of a local model directory or hub id, in eval mode with no
+    gradients. Returns (model, tokenizer). Which string is which, named models and GGUF files:
+    spon.sources.load_model, which resolves them to one of these first."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    kwargs = {"dtype": torch_dtype(dtype)}
+    name = str(path_or_hub_id)
+    path = Path(name).expanduser()
     if path.is_dir():
         _offline_for_local_assets()
-        name_or_path = str(path)
-    kwargs = {"dtype": DTYPES[dtype]}
+        name = str(path)
     if device_map:
         kwargs["device_map"] = device_map
     try:
         with _LOAD_LOCK:
-            model = AutoModelForCausalLM.from_pretrained(name_or_path, **kwargs)
-            tokenizer = AutoTokenizer.from_pretrained(name_or_path)
+            model = AutoModelForCausalLM.from_pretrained(name, **kwargs)
+            tokenizer = AutoTokenizer.from_pretrained(name)
     except OSError as e:
-        raise SponError(f"cannot load model {name_or_path!r}: {str(e).splitlines()[0]}") from e
+        raise SponError(f"cannot load model {name!r}: {str(e).splitlines()[0]}") from e
     if not device_map:
         model.to(device)
     model.eval()
@@ -139,7 +124,7 @@ def find_projections(model, kinds=PROJECTIONS) -> list[Projection]:
         for kind in PROJECTIONS:
             if kind not in kinds:
                 continue
-            parent = layer.self_attn if kind in _ATTN else layer.mlp
+            parent = layer.self_attn if kind in ATTENTION else layer.mlp
             attr = f"{kind}_proj"
             if not hasattr(parent, attr):
                 raise SponError(_unsupported(model, f"layer {i} has no {attr}"))
@@ -158,3 +143,13 @@ def _unsupported(model, why: str) -> str:
         f"unsupported architecture ({why}); supported: {', '.join(SUPPORTED)}; "
         f"linear modules found: {', '.join(names) or 'none'}"
     )
+
+
+def __getattr__(name: str):
+    # transitional: the lead removes this. load_model and default_model_path live in spon.sources
+    # (the model-sources layer); resolved lazily here so spon.model imports nothing above it.
+    if name in ("load_model", "default_model_path"):
+        from spon import sources
+
+        return getattr(sources, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

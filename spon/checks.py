@@ -1,29 +1,25 @@
-"""Every check on what a user passes in, made once where each entry point takes its inputs and
-before anything is written: a refused command leaves its out dir absent (or unchanged) and the
-inputs untouched, and says in one line which value or file is wrong.
+"""Checks of files and values, generic to any entry point: UTF-8 text files, JSON objects,
+safetensors headers, model and fused checkpoint directories, device, dtype, ints, window/stride
+and sequence lengths against a model's context. Each failure is one line (a SponError) naming
+the value or file that is wrong.
 
-Pure functions over paths and configs: nothing here loads a model or reads tensor data (text
-files, config.json and the headers of safetensors and GGUF files are read), and nothing imports
-prefect, mlflow or lm_eval.
+Core layer: pure functions over paths and values. Nothing here loads a model or reads tensor
+data (text files, config.json and safetensors headers are read); torch is imported only by the
+device and dtype checks, transformers not at all.
 """
 
 from __future__ import annotations
 
 import codecs
 import json
-import re
 from pathlib import Path
 from typing import Iterable
 
 from spon.errors import SponError
-
-HUB_ID = re.compile(r"[\w.-]+(/[\w.-]+)?")
-REMOTE = ("models:/", "s3://")  # resolved by the pipeline (fetch_model), never a local path
-SIDECAR = "spon.json"  # = spon.fuse.SIDECAR
-FUSED_ALPHA = "spon_alpha.safetensors"  # = spon.fuse.ALPHA_FILE
+from spon.format import ALPHA_FILE, CHANNEL_NORMS_FILE, CRITERIA, FORMATS, SIDECAR
 
 
-def _first_line(e: BaseException) -> str:
+def first_line(e: BaseException) -> str:
     return (str(e).strip().splitlines() or [type(e).__name__])[0]
 
 
@@ -60,7 +56,7 @@ def check_text_file(path: str | Path, role: str = "text", allow_empty: bool = Fa
             except UnicodeDecodeError as e:
                 raise SponError(f"{role} file {path} is not UTF-8 text (truncated character at its end)") from e
     except OSError as e:
-        raise SponError(f"cannot read {role} file {path}: {e.strerror or _first_line(e)}") from e
+        raise SponError(f"cannot read {role} file {path}: {e.strerror or first_line(e)}") from e
     if not has_text and not allow_empty:
         raise SponError(f"{role} is empty: {path} has no text")
     return p
@@ -76,9 +72,9 @@ def check_json_file(path: str | Path, what: str) -> dict:
     except UnicodeDecodeError as e:
         raise SponError(f"{what} {p} is not UTF-8 text (invalid byte at offset {e.start})") from e
     except ValueError as e:
-        raise SponError(f"{what} {p} is not valid JSON: {_first_line(e)}") from e
+        raise SponError(f"{what} {p} is not valid JSON: {first_line(e)}") from e
     except OSError as e:
-        raise SponError(f"cannot read {what} {p}: {e.strerror or _first_line(e)}") from e
+        raise SponError(f"cannot read {what} {p}: {e.strerror or first_line(e)}") from e
     if not isinstance(data, dict):
         raise SponError(f"{what} {p} must hold a JSON object, got {type(data).__name__}")
     return data
@@ -105,7 +101,7 @@ def check_safetensors(path: str | Path, what: str, keys: Iterable[str] = ()) -> 
                 raise SponError(f"{bad}: not a safetensors file, or truncated (header of {n} bytes in a file of {size})")
             raw = f.read(n)
     except OSError as e:
-        raise SponError(f"{bad}: {e.strerror or _first_line(e)}") from e
+        raise SponError(f"{bad}: {e.strerror or first_line(e)}") from e
     try:
         header = json.loads(raw.decode("utf-8"))
     except ValueError as e:  # UnicodeDecodeError is one
@@ -164,69 +160,15 @@ def check_fused_dir(path: str | Path) -> dict:
     if not (p / SIDECAR).is_file():
         raise SponError(f"{path} is not a spon model: no {SIDECAR}")
     meta = check_json_file(p / SIDECAR, "sidecar")
-    if meta.get("format") not in ("spon/1", "spon/2"):  # = spon.fuse.FORMATS
-        raise SponError(f"{p / SIDECAR}: unknown format {meta.get('format')!r}, expected spon/1 or spon/2")
-    check_safetensors(p / FUSED_ALPHA, "alpha file")
-    if meta.get("criterion", "magnitude") not in ("magnitude", "weighted"):  # = spon.sparse.CRITERIA
-        raise SponError(f"{p / SIDECAR}: unknown criterion {meta.get('criterion')!r}, expected magnitude or weighted")
-    if meta.get("criterion", "magnitude") == "weighted":
-        check_safetensors(p / "spon_channel_norms.safetensors", "channel norms file")  # = spon.fuse.CHANNEL_NORMS_FILE
+    if meta.get("format") not in FORMATS:
+        raise SponError(f"{p / SIDECAR}: unknown format {meta.get('format')!r}, expected {' or '.join(FORMATS)}")
+    check_safetensors(p / ALPHA_FILE, "alpha file")
+    criterion = meta.get("criterion", "magnitude")  # a spon/1 sidecar may predate the field
+    if criterion not in CRITERIA:
+        raise SponError(f"{p / SIDECAR}: unknown criterion {meta.get('criterion')!r}, expected {' or '.join(CRITERIA)}")
+    if criterion == "weighted":
+        check_safetensors(p / CHANNEL_NORMS_FILE, "channel norms file")
     return meta
-
-
-def check_model_source(model: str | None, pipeline: bool = False) -> Path | None:
-    """--model / config `model`: None is the embedded default; '' is refused. Returns the local
-    model directory (or `.gguf` file) to check further, or None for what cannot be checked here:
-    a hub id, a hub GGUF, a named model not fetched yet, and in the pipeline a models:/ or s3://
-    reference or a model-store copy (fetch_model resolves and verifies those)."""
-    from spon import gguf
-    from spon.model import default_model_path
-    from spon.models import MODELS
-
-    if model is not None and not model.strip():
-        raise SponError("empty model name (--model ''): pass a model directory or hub id, "
-                        "or leave --model out for the embedded default")
-    src = model or default_model_path()
-    if src.startswith(REMOTE):
-        if not pipeline:
-            raise SponError(f"model {src}: registry and store references need the pipeline "
-                            f"(`spon run` without --in-process), or `spon pull` it to a directory first")
-        return None
-    p = Path(src).expanduser()
-    if src in MODELS and not p.exists():  # a named model: its dequantized checkpoint once fetched
-        done = gguf.dequantized_dir(MODELS[src]["sha256"])
-        if done.is_dir():
-            check_model_dir(done)
-            return done
-        return None
-    if src.lower().endswith(".gguf"):
-        if p.is_file():
-            gguf.inspect(p)  # header only: magic, truncation, architecture
-            return p
-        if gguf.HUB_GGUF.fullmatch(src) and not p.exists():
-            return None
-        raise SponError(f"GGUF file does not exist: {src} (a hub GGUF is ORG/REPO:FILE.gguf)")
-    if p.exists():
-        if pipeline and p.is_dir() and (p / "manifest.json").is_file():
-            return None  # a model-store copy: pulled and checksum-verified by fetch_model
-        check_model_dir(p)
-        return p
-    if not HUB_ID.fullmatch(src) or src.startswith((".", "~", "/")):
-        raise SponError(f"model path does not exist: {src}")
-    return None  # a hub id: nothing local to check
-
-
-def model_config(path: str | Path):
-    """transformers' config of a local model directory (config.json only, no weights)."""
-    from spon.model import _offline_for_local_assets
-
-    _offline_for_local_assets()
-    try:
-        from transformers import AutoConfig
-
-        return AutoConfig.from_pretrained(str(path))
-    except Exception as e:  # transformers raises ValueError, OSError, KeyError, ... for a bad config
-        raise SponError(f"{Path(path) / 'config.json'} is not a usable model config: {_first_line(e)}") from e
 
 
 def max_context(config) -> int | None:
@@ -235,14 +177,6 @@ def max_context(config) -> int | None:
         if isinstance(v, int) and not isinstance(v, bool) and v > 0:
             return v
     return None
-
-
-def check_architecture(config, source) -> None:
-    from spon.model import SUPPORTED
-
-    arch = getattr(config, "model_type", None)
-    if arch not in SUPPORTED:
-        raise SponError(f"unsupported architecture: {source} is model_type {arch!r}; supported: {', '.join(SUPPORTED)}")
 
 
 def check_context(config, source, window: int | None = None, calib_len: int | None = None,
@@ -303,35 +237,3 @@ def check_window(window: int, stride: int, window_flag: str = "--window", stride
         raise SponError(f"{window_flag} must be >= 2 (a window predicts window - 1 tokens), got {window}")
     if not 1 <= stride <= window:
         raise SponError(f"{stride_flag} must be in [1, {window_flag} {window}], got {stride}")
-
-
-# ----------------------------------------------------------------------------- entry points
-
-def check_model(cfg, pipeline: bool = False, calib_len: int | None = None, window: int | None = None) -> Path | None:
-    """cfg.model (a RunConfig's): exists, is a loadable supported model whose context holds the
-    sequence lengths given. Returns its local directory (None: hub id or remote reference)."""
-    local = check_model_source(cfg.model, pipeline)
-    if local is not None and local.is_dir():  # (a .gguf file: its header was checked)
-        conf = model_config(local)
-        check_architecture(conf, local)
-        check_context(conf, local, window=window, calib_len=calib_len)
-    elif local is None and cfg.model and HUB_ID.fullmatch(cfg.model) and cfg.model not in _named_models():
-        try:  # a hub id: its config, if it is in the local cache
-            from transformers import AutoConfig
-
-            conf = AutoConfig.from_pretrained(cfg.model, local_files_only=True)
-        except Exception:
-            conf = None
-        if conf is not None:
-            check_context(conf, cfg.model, window=window, calib_len=calib_len)
-    return local
-
-
-def _named_models():
-    from spon.models import MODELS
-
-    return MODELS
-
-
-def model_label(model: Path | None) -> str:
-    return "the model file" if model is not None and model.is_file() else "the model directory"
