@@ -163,7 +163,7 @@ def check_fused_dir(path: str | Path) -> dict:
     if meta.get("format") not in FORMATS:
         raise SponError(f"{p / SIDECAR}: unknown format {meta.get('format')!r}, expected {' or '.join(FORMATS)}")
     check_safetensors(p / ALPHA_FILE, "alpha file")
-    criterion = meta.get("criterion", "magnitude")  # a spon/1 sidecar may predate the field
+    criterion = meta.get("criterion", "magnitude")  # a magnitude-criterion sidecar may predate the field
     if criterion not in CRITERIA:
         raise SponError(f"{p / SIDECAR}: unknown criterion {meta.get('criterion')!r}, expected {' or '.join(CRITERIA)}")
     if criterion == "weighted":

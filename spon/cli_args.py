@@ -32,7 +32,7 @@ CONFIG_FLAGS = {
     "--device-map": ("device_map", str, "e.g. 'auto' for a model larger than one GPU"),
     "--preset": ("preset", str, "per-model recipe under the flags: the named model's own by default "
                  "(spon/presets.py), or none"),
-    "--protocol": ("protocol", str, "all (every token sparse) or last_half (TEAL's prefill protocol)"),
+    "--protocol": ("sparsity.protocol", str, "all (every token sparse) or last_half (TEAL's prefill protocol)"),
     "--sparsity": ("sparsity.sparsity", float, "target sparsity in [0, 1)"),
     "--allocation": ("sparsity.allocation", str, "uniform or greedy"),
     "--criterion": ("sparsity.criterion", str, "which activations are dropped: magnitude (TEAL, |x| <= tau) or "
