@@ -140,6 +140,10 @@ def test_pyfunc_in_a_fresh_process_gives_spon_generates_text(result, reference, 
         "import mlflow\n"
         "assert not any(m == 'spon' or m.startswith('spon.') for m in sys.modules), 'spon imported before the load'\n"
         f"m = mlflow.pyfunc.load_model('models:/{NAME}@champion')\n"
+        "inner = m.unwrap_python_model()\n"
+        "from spon.sparse import sparse_linears\n"
+        "mods = sparse_linears(inner.model)\n"
+        "assert inner.kernels and mods and all(x.mode == 'spon' and x.kernel is not None for x in mods)\n"
         "print(json.dumps(m.predict(['Once upon a time'])))\n"
     )
     env = {**os.environ, "MLFLOW_TRACKING_URI": settings.tracking_uri, "TRITON_INTERPRET": "1"}
