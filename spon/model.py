@@ -144,12 +144,3 @@ def _unsupported(model, why: str) -> str:
         f"linear modules found: {', '.join(names) or 'none'}"
     )
 
-
-def __getattr__(name: str):
-    # transitional: the lead removes this. load_model and default_model_path live in spon.sources
-    # (the model-sources layer); resolved lazily here so spon.model imports nothing above it.
-    if name in ("load_model", "default_model_path"):
-        from spon import sources
-
-        return getattr(sources, name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

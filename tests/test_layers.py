@@ -48,10 +48,6 @@ PIPELINE_DEPS = ("prefect", "prefect_dask", "mlflow", "boto3", "botocore", "dask
 # without the pipeline installed: they import none of it, not even inside a function.
 METHOD_COMMANDS = ("spon.method_cli", "spon.cli_args")
 PIPELINE_PACKAGES = ("spon.runtime", "spon.tasks", "spon.flows")
-# transitional: the lead removes this. spon.model re-exports load_model / default_model_path from
-# spon.sources (a module __getattr__) until spon/stages.py and spon/__init__.py import them from
-# spon.sources; then this edge and this entry go.
-TRANSITIONAL = {("spon.model", "spon.sources")}
 
 
 def layer_of(module: str) -> int | None:
@@ -132,13 +128,13 @@ def test_no_module_imports_a_higher_layer():
     for mod, targets in graph().items():
         for t in sorted(targets):
             lm, lt = layer_of(mod), layer_of(t)
-            if lm is not None and lt is not None and lt > lm and (mod, t) not in TRANSITIONAL:
+            if lm is not None and lt is not None and lt > lm:
                 bad.append(f"{mod} ({NAMES[lm]}) imports {t} ({NAMES[lt]})")
     assert not bad, "imports of a higher layer:\n" + "\n".join(bad)
 
 
 def test_no_import_cycle():
-    edges = {m: {t for t in ts if (m, t) not in TRANSITIONAL} for m, ts in graph().items()}
+    edges = graph()
     index, low, stack, on, cycles, counter = {}, {}, [], set(), [], [0]
 
     def visit(v):  # Tarjan: every strongly connected component of more than one module is a cycle
