@@ -180,6 +180,33 @@ def test_the_method_command_line_does_not_import_the_pipeline():
     assert not bad, "\n".join(bad)
 
 
+def module_level_imports(module: str) -> set[str]:
+    """What `module` imports when it is imported: its top-level statements (an `if`/`try` block
+    at top level included), not function or class bodies."""
+    path = package_modules()[module]
+    tree = ast.parse(path.read_text())
+    found: set[str] = set()
+
+    def top(nodes):
+        for n in nodes:
+            if isinstance(n, (ast.Import, ast.ImportFrom)):
+                found.update(imports_of(ast.unparse(n), module, path.stem == "__init__"))
+            elif isinstance(n, (ast.If, ast.Try)):
+                top(n.body + n.orelse + getattr(n, "finalbody", []) + [x for h in getattr(n, "handlers", []) for x in h.body])
+
+    top(tree.body)
+    return found
+
+
+def test_checks_and_sources_load_no_model_library_on_import():
+    """spon.checks (every command's first checks) and spon.sources import neither torch nor
+    transformers when imported: a refused command never pays for them."""
+    for module in ("spon.checks", "spon.sources"):
+        heavy = sorted(t for t in module_level_imports(module) if t.split(".")[0] in ("torch", "transformers"))
+        assert not heavy, f"{module} imports {heavy} at module level"
+    assert not any(t.split(".")[0] == "transformers" for t in all_imports()["spon.checks"])
+
+
 def test_the_collector_sees_function_level_and_relative_imports():
     src = ("import spon.errors\n"
            "def f():\n    from spon.runtime import store\n"
