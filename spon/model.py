@@ -1,4 +1,6 @@
-"""Model loading and the architecture adapter that finds the seven sparsifiable projections.
+"""transformers' from_pretrained of a directory or hub id (load_pretrained; what a model string
+names, GGUF and named models: spon.sources.load_model) and the architecture adapter that finds
+the seven sparsifiable projections.
 
 Llama, Mistral, Qwen2 and Qwen3 share one layout: `model.layers[i].self_attn.{q,k,v,o}_proj`
 and `model.layers[i].mlp.{gate,up,down}_proj`. They differ only in which projections can carry
