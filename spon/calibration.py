@@ -3,12 +3,16 @@ model's own samples (data-free: the only in-domain source for a model whose data
 
 from __future__ import annotations
 
+from contextlib import contextmanager, nullcontext
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Iterator, Sequence
 
 import torch
 
 from spon.config import CalibrationConfig
 from spon.errors import SponError
+from spon.sparse import mode
 
 DOC_SEPARATOR = "<|endoftext|>"
 
@@ -144,3 +148,61 @@ def split_heldout(blocks: torch.Tensor, heldout: int) -> tuple[torch.Tensor, tor
     if len(blocks) - heldout < 1:
         raise SponError(f"calibration data too short: {len(blocks)} block(s)")
     return blocks[: len(blocks) - heldout], blocks[len(blocks) - heldout :]
+
+
+@dataclass
+class Calibration:
+    """Token blocks [N, L] the method calibrates on, split once into training and held-out blocks
+    (thresholds and alpha train on `train`; `heldout` selects alpha and measures realized sparsity).
+    `source`: "samples" (the model's own), "text" or "dataset"; `config`: what made them."""
+
+    train: torch.Tensor
+    heldout: torch.Tensor
+    source: str
+    config: dict = field(default_factory=dict)
+
+
+def calibrate(model, tokenizer, data: CalibrationConfig | Sequence[str] | object | None = None) -> Calibration:
+    """Calibration blocks from a CalibrationConfig (the model's own samples, text files or a
+    `datasets` dataset by name), from documents in memory (a list of strings), or from a
+    `datasets.Dataset` object (its "text" column). The model is used dense and left unchanged."""
+    if data is None:
+        data = CalibrationConfig()
+    if isinstance(data, CalibrationConfig):
+        cfg = data
+        ctx = _in_float64(model) if cfg.source == "samples" and cfg.sample_precision == "fp64" else nullcontext()
+        # float64 while sampling: a one-ulp logit difference between CPU kinds cannot flip a token
+        with ctx, mode(model, "dense"):
+            train, heldout = build_calibration(model, tokenizer, cfg)
+        return Calibration(train, heldout, cfg.source, cfg.model_dump(mode="json"))
+    cfg = CalibrationConfig(source="text")
+    if hasattr(data, "column_names"):  # a datasets.Dataset
+        if cfg.text_field not in data.column_names:
+            raise SponError(f"dataset has no field {cfg.text_field!r}; fields: {data.column_names}")
+        docs, what = [t for t in data[cfg.text_field] if t and t.strip()], "the dataset"
+    elif isinstance(data, (list, tuple)) and all(isinstance(d, str) for d in data):
+        docs, what = [d for d in data if d.strip()], f"{len(data)} documents"
+    else:
+        raise SponError(f"calibration data must be a CalibrationConfig, a list of strings or a datasets.Dataset, "
+                        f"got {type(data).__name__}")
+    blocks = blocks_from_stream(token_stream(tokenizer, docs), cfg.block_len, cfg.num_blocks, what)
+    train, heldout = split_heldout(blocks, cfg.heldout_blocks)
+    return Calibration(train, heldout, "text", {**cfg.model_dump(mode="json"), "files": [f"<{what} in memory>"]})
+
+
+@contextmanager
+def _in_float64(model) -> Iterator[None]:
+    """The model in float64 for the duration, then every parameter and buffer back in its own
+    dtype (fp32/bf16 -> fp64 -> back is exact). Buffers are replaced, not converted in place, by
+    Module.double(), so they are restored by name."""
+    params = {n: p.dtype for n, p in model.named_parameters()}
+    buffers = {n: b.dtype for n, b in model.named_buffers()}
+    model.double()
+    try:
+        yield
+    finally:
+        for n, p in model.named_parameters():
+            p.data = p.data.to(params[n])
+        for n, b in list(model.named_buffers()):
+            owner, _, attr = n.rpartition(".")
+            model.get_submodule(owner)._buffers[attr] = b.to(buffers[n])

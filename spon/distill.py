@@ -14,7 +14,7 @@ import contextlib
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 import torch
 import torch.nn.functional as F
@@ -22,7 +22,10 @@ import torch.nn.functional as F
 from spon import distributed
 from spon.config import DistillConfig
 from spon.errors import SponError
-from spon.sparse import alphas, load_alphas, mode, sparse_linears, sparsified_positions
+from spon.sparse import alphas, load_alphas, mode, provenance, set_mode, sparse_linears, sparsified_positions
+
+if TYPE_CHECKING:
+    from spon.calibration import Calibration
 
 
 @dataclass
@@ -364,3 +367,31 @@ def _latest_checkpoint(directory) -> Path | None:
         return None
     found = sorted(Path(directory).glob("alpha_step*.pt"))
     return found[-1] if found else None
+
+
+def distill_(model, calibration: Calibration, config: DistillConfig | None = None, *,
+             checkpoint_dir: str | Path | None = None, checkpoint_key: str | None = None, progress: bool = False,
+             on_step: Callable[[int, float], None] | None = None) -> DistillResult:
+    """Spontaneous neurons in place: train alpha to minimise KL(dense || sparse) on the training
+    blocks with the model frozen, keep the checkpoint best on the held-out blocks (never worse than
+    TEAL: alpha = 0 otherwise) and leave the model in SPON mode with that alpha. On text
+    calibration a checkpoint must also not raise the held-out next-token NLL above TEAL's; on the
+    model's own samples the NLL is their entropy plus the KL, so selection stays on KL."""
+    config = config or DistillConfig()
+    if not sparse_linears(model):
+        raise SponError("the model is not sparse: call spon.sparsify_(model, SparsityConfig(...), calibration) first")
+    model.requires_grad_(False)  # only alpha trains
+    result = distill(model, calibration.train, calibration.heldout, config, checkpoint_dir=checkpoint_dir,
+                     checkpoint_key=checkpoint_key, progress=progress, on_step=on_step,
+                     nll_guard=calibration.source != "samples")
+    set_mode(model, "spon")
+    record_distillation(model, config, result)
+    return result
+
+
+def record_distillation(model, config: DistillConfig, result: DistillResult) -> None:
+    """The distillation config and alpha selection, for the sidecar save_pretrained writes."""
+    provenance(model).update({
+        "distill": config.model_dump(mode="json"),
+        "heldout_kl": {"teal": result.heldout_kl_before, "spon": result.heldout_kl_after},
+        "alpha_selection": {"selected_step": result.selected_step, "selection": result.selection}})

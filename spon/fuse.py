@@ -24,8 +24,8 @@ from spon.errors import SponError
 from spon.format import ALPHA_FILE, CHANNEL_NORMS_FILE, FORMATS, PROJECTIONS, SIDECAR, format_for
 from spon.model import bias_slot, find_projections, load_pretrained
 from spon.remote_code import install as install_remote_code, write_model_card
-from spon.sparse import (SparseLinear, SparseState, apply_sparse_state_, channel_norms, fused_bias, provenance,
-                         sparse_linears, weight_times_alpha)
+from spon.sparse import (SparseLinear, SparseState, apply_sparse_state_, channel_norms, fuse_alpha, fused_bias,
+                         provenance, set_mode, sparse_linears, weight_times_alpha)
 
 log = logging.getLogger(__name__)
 
@@ -77,15 +77,23 @@ def _vanilla_view(model):
             setattr(model.config, f, v)
 
 
+def fuse_(model) -> None:
+    """b' = b + W alpha into the biases in memory: SPON then costs exactly what TEAL costs, and the
+    model computes what its saved checkpoint computes, bit for bit."""
+    fuse_alpha(model)
+    set_mode(model, "spon")
+
+
 def save_pretrained(model, tokenizer, out_dir: str | Path, *, source_model: str | None = None,
-                    smoke: dict | None = None) -> Path:
+                    smoke: dict | None = None, card: bool = True) -> Path:
     """Write the sparse model in memory as a self-contained fused checkpoint: vanilla transformers
     weights with b' = b + W alpha in the biases (where the architecture has a slot), the sidecar,
     alpha, channel norms (weighted criterion), its own modeling code and a model card.
 
     Everything in the sidecar comes from the model: thresholds, targets, criterion and protocol
     from its sparse linears, how it was made from what the verbs recorded (`provenance`). The
-    model is not changed (fused in memory or not, the checkpoint is the same)."""
+    model is not changed (fused in memory or not, the checkpoint is the same). card=False leaves
+    the model card to whoever measures the perplexities next (spon.stages.summarize)."""
     mods = sparse_linears(model)
     if not mods:
         raise SponError("the model is not sparse: call spon.sparsify_(model, SparsityConfig(...), calibration) first")
@@ -107,7 +115,8 @@ def save_pretrained(model, tokenizer, out_dir: str | Path, *, source_model: str 
         save_file(norms, str(out / CHANNEL_NORMS_FILE))
     (out / SIDECAR).write_text(json.dumps(sidecar(model, source_model, smoke), indent=2, sort_keys=True))
     install_remote_code(out)
-    write_model_card(out)
+    if card:
+        write_model_card(out)
     return out
 
 

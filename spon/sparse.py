@@ -351,3 +351,14 @@ def counting_zeros(model) -> Iterator[dict]:
         result["per_projection"] = per
         result["weighted"] = sum(per[n] * sizes[n] for n in per) / total if total else 0.0
         result["mean"] = sum(per.values()) / len(per) if per else 0.0
+
+
+@torch.no_grad()
+def realized_sparsity(model, blocks: torch.Tensor, batch_size: int = 16) -> float:
+    """Fraction of the sparse linears' inputs that S zeroes on `blocks` (TEAL mode), weighted by
+    weight size: what decode speed depends on (the weight bytes skipped)."""
+    device = next(model.parameters()).device
+    with mode(model, "teal"), counting_zeros(model) as z:
+        for i in range(0, len(blocks), batch_size):
+            model(blocks[i : i + batch_size].to(device), use_cache=False)
+    return z["weighted"]

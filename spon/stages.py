@@ -1,6 +1,6 @@
 """The one chain of the method: calibrate -> thresholds -> distill -> fuse -> evaluate.
 
-Each stage is an adapter from files to files over a verb of spon.oneshot: it takes the base
+Each stage is an adapter from files to files over one of the method's verbs (spon.oneshot): it takes the base
 model, reads what the stages before it wrote, runs one verb and writes its result into `out` (a
 directory). `spon run --in-process`, the stage commands (`spon calibrate | distill | fuse`) and
 the Prefect tasks all call these functions and nothing else, so they cannot drift apart. Every
@@ -32,18 +32,19 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from spon import distributed
+from spon.calibration import Calibration, calibrate as calibrate_blocks
 from spon.config import CalibrationConfig, DistillConfig, EvalConfig, RunConfig, SparsityConfig
 from spon.digest import content_key
-from spon.distill import DistillResult
+from spon.distill import DistillResult, distill_, record_distillation
 from spon.errors import SponError
 from spon.format import (ALPHA_STAGE_FILE, CALIBRATION_FILE, DISTILL_FILE, EVAL_FILE, QUANT_FILE, SIDECAR,
                          SUMMARY_FILE, THRESHOLDS_FILE)
-from spon.fuse import load_sparse_model, read_alpha, save_pretrained
-from spon.oneshot import Calibration, calibrate as calibrate_blocks, distill_, fuse_, record_distillation, sparsify_
+from spon.fuse import fuse_, load_sparse_model, read_alpha, save_pretrained
 from spon.perplexity import perplexities
 from spon.remote_code import write_model_card
 from spon.sources import default_model_path, load_model
 from spon.sparse import SparseState, apply_sparse_state_, provenance
+from spon.thresholds import sparsify_
 
 log = logging.getLogger(__name__)
 
@@ -171,11 +172,12 @@ def distill(model: ModelHandle, calib_dir: str | Path, thresholds_dir: str | Pat
 
 
 def fuse(model: ModelHandle, calib_dir: str | Path, thresholds_dir: str | Path, distill_dir: str | Path, out: Path,
-         source: str | None = None) -> None:
+         source: str | None = None, card: bool = True) -> None:
     """b' = b + W alpha into a vanilla transformers checkpoint at `out`, with the sidecar a loader
     needs (thresholds, protocol) and what made it (calibration, sparsity and distillation configs,
     held-out KL and alpha selection, realized sparsity on the held-out blocks, a greedy sample
-    that a pulled copy must reproduce). The handle's model is fused in place, then released."""
+    that a pulled copy must reproduce). The handle's model is fused in place, then released.
+    card=False: a chain that evaluates next writes the model card once, with its perplexities."""
     m, tok = model.get()
     apply_thresholds(m, thresholds_dir, alpha=read_alpha(Path(distill_dir) / ALPHA_STAGE_FILE))
     d = read_json(Path(distill_dir) / DISTILL_FILE)
@@ -185,7 +187,7 @@ def fuse(model: ModelHandle, calib_dir: str | Path, thresholds_dir: str | Path, 
         selected_step=d["selected_step"], selection=d["selection"]))
     fuse_(m)
     smoke = {"prompt": SMOKE_PROMPT, "text": greedy(m, tok, SMOKE_PROMPT)}
-    save_pretrained(m, tok, out, source_model=source or model.path, smoke=smoke)
+    save_pretrained(m, tok, out, source_model=source or model.path, smoke=smoke, card=card)
     model.release()
 
 
@@ -219,8 +221,8 @@ def _metadata(path: Path) -> dict:
 def summarize(cfg: RunConfig, source: str, calib_dir, thresholds_dir, distill_dir, fused_dir, eval_dir,
               walls: dict[str, float]) -> dict:
     """summary.json: what a run produced, read back from the stage outputs. Every writer of
-    summary.json calls this, so it also brings the fused checkpoint's model card up to date with
-    the perplexities measured after fusion (the fuse stage wrote it without them)."""
+    summary.json calls this, so it also writes the fused checkpoint's model card, with the
+    perplexities measured after fusion (a chain's fuse stage leaves the card to it)."""
     ppl = read_json(Path(eval_dir) / EVAL_FILE)
     d = read_json(Path(distill_dir) / DISTILL_FILE)
     sidecar = read_json(Path(fused_dir) / SIDECAR)
@@ -310,7 +312,8 @@ def run(cfg: RunConfig, progress: bool = True, on_stage: Callable[[str, float], 
           checkpoint_dir=out / "alpha_checkpoints", progress=progress)
     if not distributed.is_main():
         return {}
-    stage("fuse", fuse, model, dirs["calibration"], dirs["thresholds"], dirs["distill"], dirs["fused"], source=source)
+    stage("fuse", fuse, model, dirs["calibration"], dirs["thresholds"], dirs["distill"], dirs["fused"], source=source,
+          card=False)  # summarize writes it, with the perplexities
     stage("evaluate", evaluate, dirs["fused"], cfg.eval, cfg.device, cfg.dtype, dirs["eval"])
     summary = summarize(cfg, source, dirs["calibration"], dirs["thresholds"], dirs["distill"], dirs["fused"],
                         dirs["eval"], walls)

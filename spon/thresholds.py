@@ -13,14 +13,18 @@ from __future__ import annotations
 
 import math
 from contextlib import contextmanager
-from typing import Iterator
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Iterator
 
 import torch
 
 from spon.config import SparsityConfig
 from spon.errors import SponError
-from spon.sparse import (SparseLinear, by_name, mode, set_criterion, set_protocol, set_thresholds, sparse_linears,
-                         sparsified_positions)
+from spon.sparse import (SparseLinear, by_name, mode, provenance, realized_sparsity, set_criterion, set_mode,
+                         set_protocol, set_thresholds, sparse_linears, sparsified_positions, wrap_projections)
+
+if TYPE_CHECKING:
+    from spon.calibration import Calibration
 
 LOG_MIN, LOG_MAX, BINS = -10.0, 6.0, 16_000
 
@@ -238,3 +242,26 @@ def compute_thresholds(model, blocks: torch.Tensor, cfg: SparsityConfig) -> tupl
         taus = {n: threshold_from_histogram(hists[n], s) for n, s in sp.items()}
     set_thresholds(model, taus)
     return taus, sp
+
+
+@dataclass
+class SparsityReport:
+    """What sparsify_ set: tau and the target sparsity per "layer.kind", and the weight-size-weighted
+    sparsity the thresholds realize on the held-out blocks (None without held-out blocks)."""
+
+    thresholds: dict[str, float]
+    sparsities: dict[str, float]
+    realized_heldout: float | None
+
+
+def sparsify_(model, config: SparsityConfig, calibration: Calibration) -> SparsityReport:
+    """TEAL in place: wrap config.targets of every layer, take each tau on the training blocks
+    (uniform or greedy allocation, magnitude or weighted criterion, over the positions the protocol
+    sparsifies) and leave the model in TEAL mode. Idempotent: a second call recalibrates."""
+    wrap_projections(model, config.targets)
+    taus, sparsities = compute_thresholds(model, calibration.train, config)
+    realized = realized_sparsity(model, calibration.heldout) if len(calibration.heldout) else None
+    set_mode(model, "teal")
+    provenance(model).update({"calibration": calibration.config, "sparsity": config.model_dump(mode="json"),
+                              "per_projection_sparsity": sparsities, "realized_sparsity_heldout": realized})
+    return SparsityReport(taus, sparsities, realized)

@@ -14,7 +14,8 @@ from .policies import run_stage, stage
 def fuse(model: ModelRef, calib: StageRef, thresholds: StageRef, alpha: StageRef, device: str, dtype: str,
          work_dir: str) -> StageRef:
     return run_stage("fuse", locals(), lambda out, key: stages.fuse(
-        stages.base_model(model.path, device, dtype), calib.dir, thresholds.dir, alpha.dir, out, source=model.source))
+        stages.base_model(model.path, device, dtype), calib.dir, thresholds.dir, alpha.dir, out, source=model.source,
+        card=False))  # written once, with the perplexities, when the flow collects its results
 
 
 def fused_model(fused: StageRef) -> ModelRef:

@@ -53,20 +53,3 @@ def test_calibration_split_is_made_once(chains):
     """Thresholds use the training blocks only; the held-out blocks judge alpha (every entry point)."""
     t = load_file(str(chains / "cal" / "calibration.safetensors"))
     assert t["train"].shape == (24, 48) and t["heldout"].shape == (8, 48)
-
-
-def test_one_place_chains_load_sparsify_thresholds_alpha():
-    """Only spon.stages.sparse_model loads a base model and applies the calibrated sparsity; loaders
-    of fused or quantized checkpoints build a SparsifyConfig from the sidecar and call sparsify_."""
-    hits = []
-    for path in [*REPO.glob("spon/*.py"), *REPO.glob("tasks/*.py"), *REPO.glob("flows/*.py"),
-                 *REPO.glob("evaluation/*.py"), *REPO.glob("runtime/*.py")]:
-        for i, line in enumerate(path.read_text().splitlines(), 1):
-            if re.search(r"\b(set_thresholds|load_alphas|set_protocol)\(", line) and "def " not in line:
-                hits.append(f"{path.relative_to(REPO)}:{i}")
-    # the verb itself, and the method modules that set what they compute
-    allowed = ("spon/sparse.py", "spon/thresholds.py", "spon/distill.py")
-    assert [h for h in hits if not h.startswith(allowed)] == []
-    packages = ("spon", "tasks", "flows", "evaluation", "runtime", "kernels")
-    callers = [str(p.relative_to(REPO)) for d in packages for p in (REPO / d).glob("*.py") if "sparsify_(" in p.read_text()]
-    assert sorted(callers) == ["spon/fuse.py", "spon/quantize.py", "spon/sparse.py", "spon/stages.py"]

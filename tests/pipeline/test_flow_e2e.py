@@ -30,10 +30,35 @@ def cfg(tmp_path_factory, sample_txt):
 
 
 @pytest.fixture(scope="module")
-def first(prefect_harness, cfg, settings):
+def first_and_loads(prefect_harness, cfg, settings):
+    """The flow's result, and every model directory it loaded (spon.model.load_pretrained)."""
+    from spon import model as spon_model
     from spon.flows.pipeline import spon_pipeline
 
-    return spon_pipeline(cfg, settings)
+    loads: list[str] = []
+    real = spon_model.load_pretrained
+
+    def counting(path, *a, **kw):
+        loads.append(str(path))
+        return real(path, *a, **kw)
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(spon_model, "load_pretrained", counting)
+        return spon_pipeline(cfg, settings), loads
+
+
+@pytest.fixture(scope="module")
+def first(first_and_loads):
+    return first_and_loads[0]
+
+
+def test_the_flow_loads_the_base_model_once(first_and_loads, cfg):
+    """calibrate, thresholds, distill and fuse are four tasks over one loaded base model."""
+    from spon.sources import default_model_path
+
+    _, loads = first_and_loads
+    base = str(Path(cfg.model or default_model_path()).resolve())
+    assert [str(Path(p).resolve()) for p in loads].count(base) == 1, loads
 
 
 def mlflow_client(settings):
