@@ -357,6 +357,9 @@ def build_variants(args, base_fp32, tok, source_gguf: Path | None, workdir: Path
         use_kernels(model, weights=weights, int4_group=args.int4_group)
         model._peer_weights = weights
         models[prec] = model
+        from spon.kernel_backend import describe
+
+        meta.setdefault("spon_path", {})[prec] = describe(model)
         if prec in ("fp32", "bf16"):
             variants[f"spon dense {prec}"] = ("spon dense", prec, None,
                                               lambda model=model: _timed(unwrapped(model), ids, args.new_tokens))

@@ -51,6 +51,24 @@ def _cpu_tag() -> str:
     return hashlib.sha1(f"{platform.machine()} {_arch()} {flags}".encode()).hexdigest()[:10]
 
 
+def instruction_set() -> str:
+    """What the built op's hot loop uses: the -march target decides (AVX-512, AVX2+F16C+FMA, or plain C++)."""
+    arch = _arch()
+    if arch == "native":
+        flags = ""
+        try:
+            flags = next((l for l in Path("/proc/cpuinfo").read_text().splitlines() if l.startswith("flags")), "")
+        except OSError:
+            pass
+        words = set(flags.split())
+        if {"avx512f", "avx512bw"} <= words:
+            return "AVX-512"
+        if {"avx2", "f16c", "fma"} <= words:
+            return "AVX2"
+        return "C++ (no SIMD path)"
+    return f"-march={arch}"
+
+
 def enabled() -> bool:
     return os.environ.get("SPON_CPU_NATIVE", "1") != "0"
 

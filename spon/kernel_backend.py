@@ -178,3 +178,25 @@ def use_kernels(model, enabled: bool = True, weights: str = "float", int4_group:
         for m in by_kind.values():
             if m.kernel is None:
                 KernelSingle(m, weights, int4_group)
+
+
+def describe(model) -> str:
+    """Which path a decode step of `model` takes, in words (what `spon generate` prints): the sparse
+    kernels (native CPU op with the instruction set it was built for, its embedding_bag fallback,
+    or Triton on CUDA) with how many fused groups and which weight format, or the torch path."""
+    groups = {id(m.kernel): m.kernel for m in sparse_linears(model) if m.kernel is not None}
+    if not groups:
+        return "torch path (spon.sparse, F.linear on the masked input; kernels off)"
+    first = next(iter(groups.values()))
+    device = first.weight_t.device
+    fused = sum(len(g.members) > 1 for g in groups.values())
+    what = f"{len(groups)} kernel groups ({fused} fused q/k/v or gate/up), {first.weights} weights"
+    if device.type == "cuda":
+        from spon.kernels.triton_sparse_gemv import HAS_TRITON
+
+        return f"sparse kernels: Triton on CUDA, {what}" if HAS_TRITON else f"torch reference on CUDA (no triton), {what}"
+    from spon.kernels import cpu_native
+
+    if cpu_native.native_op() is None:
+        return f"sparse kernels: embedding_bag fallback (native op unavailable), {what}"
+    return f"sparse kernels: native CPU op ({cpu_native.instruction_set()}), {what}"
