@@ -73,7 +73,7 @@ def test_oneshot_is_the_four_verbs(in_process_run, stories_path, tmp_path):
 def test_a_run_loads_the_base_model_once(monkeypatch, stories_path, sample_txt, tmp_path):
     """`spon run --in-process` and `spon calibrate` (two stages) each load the base model once; the
     fused checkpoint the evaluation reads is another model."""
-    from spon import model as spon_model
+    from spon import fuse as spon_fuse, model as spon_model
     from spon.cli import main
 
     loads: list[str] = []
@@ -83,7 +83,8 @@ def test_a_run_loads_the_base_model_once(monkeypatch, stories_path, sample_txt, 
         loads.append(str(path))
         return real(path, *a, **kw)
 
-    monkeypatch.setattr(spon_model, "load_pretrained", counting)
+    monkeypatch.setattr(spon_model, "load_pretrained", counting)  # what spon.sources.load_model calls
+    monkeypatch.setattr(spon_fuse, "load_pretrained", counting)  # what load_sparse_model calls
     small = ["--model", str(stories_path), "--sparsity", "0.5", "--steps", "4", "--calib-blocks", "16",
              "--calib-len", "32", "--batch-size", "4", "--checkpoint-every", "2"]
     assert main(["-q", "run", "--in-process", *small, "--out", str(tmp_path / "run"), "--eval-text", str(sample_txt)]) == 0
