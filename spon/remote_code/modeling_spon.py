@@ -25,7 +25,8 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file
 from torch import nn
-from transformers import LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM, Qwen3ForCausalLM
+from transformers import (Gemma2ForCausalLM, Gemma3ForCausalLM, LlamaForCausalLM, MistralForCausalLM,
+                          Qwen2ForCausalLM, Qwen3ForCausalLM)
 from transformers.utils import cached_file
 
 SIDECAR = "spon.json"
@@ -150,6 +151,15 @@ class SponQwen3ForCausalLM(SponSparseMixin, Qwen3ForCausalLM):
     pass
 
 
+class SponGemma2ForCausalLM(SponSparseMixin, Gemma2ForCausalLM):
+    pass
+
+
+class SponGemma3ForCausalLM(SponSparseMixin, Gemma3ForCausalLM):  # text-only Gemma-3 (model_type gemma3_text)
+    pass
+
+
 # config.json model_type -> the class its auto_map names (the architectures spon supports).
 SPARSE_CLASSES = {"llama": SponLlamaForCausalLM, "mistral": SponMistralForCausalLM,
-                  "qwen2": SponQwen2ForCausalLM, "qwen3": SponQwen3ForCausalLM}
+                  "qwen2": SponQwen2ForCausalLM, "qwen3": SponQwen3ForCausalLM,
+                  "gemma2": SponGemma2ForCausalLM, "gemma3_text": SponGemma3ForCausalLM}
