@@ -27,8 +27,8 @@ from spon.errors import SponError
 MAGIC = b"GGUF"
 MARKER = "spon-gguf.json"  # written last inside the temporary directory: what it came from
 # GGUF general.architecture values whose models the adapter handles (Mistral GGUFs usually say
-# "llama"; transformers then picks mistral from the model name).
-GGUF_ARCHS = ("llama", "mistral", "qwen2", "qwen3")
+# "llama"; transformers then picks mistral from the model name; "gemma3" loads as gemma3_text).
+GGUF_ARCHS = ("llama", "mistral", "qwen2", "qwen3", "gemma2", "gemma3")
 HUB_GGUF = re.compile(r"(?P<repo>[\w.-]+/[\w.-]+):(?P<file>[\w./-]+\.gguf)")
 
 

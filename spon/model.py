@@ -2,9 +2,12 @@
 names, GGUF and named models: spon.sources.load_model) and the architecture adapter that finds
 the seven sparsifiable projections.
 
-Llama, Mistral, Qwen2 and Qwen3 share one layout: `model.layers[i].self_attn.{q,k,v,o}_proj`
-and `model.layers[i].mlp.{gate,up,down}_proj`. They differ only in which projections can carry
-a bias, which matters for fusion (b' = b + W alpha needs a bias slot).
+Llama, Mistral, Qwen2, Qwen3, Gemma-2 and Gemma-3 (text, model_type gemma3_text) share one
+layout: `model.layers[i].self_attn.{q,k,v,o}_proj` and `model.layers[i].mlp.{gate,up,down}_proj`.
+They differ in which projections can carry a bias, which matters for fusion (b' = b + W alpha
+needs a bias slot), and in what sits around the projections (Gemma: norms after attention and
+MLP, q/k norms, a scaled embedding, sliding-window layers, logit soft-capping), which the method
+does not touch: S and alpha act at the linears' inputs only (README "Gemma").
 """
 
 from __future__ import annotations
@@ -30,6 +33,11 @@ BIAS_FLAGS: dict[str, dict[str, str | None]] = {
     "mistral": {p: None for p in PROJECTIONS},
     "qwen2": {"q": "always", "k": "always", "v": "always", "o": None, "gate": None, "up": None, "down": None},
     "qwen3": {**{p: "attention_bias" for p in ATTENTION}, "gate": None, "up": None, "down": None},
+    # Gemma-2 and Gemma-3: q/k/v/o follow `attention_bias` (False in every released model); the
+    # GeGLU MLP is built with bias=False unconditionally (no config flag), so its alpha stays in
+    # the sidecar and is fused at load.
+    "gemma2": {**{p: "attention_bias" for p in ATTENTION}, "gate": None, "up": None, "down": None},
+    "gemma3_text": {**{p: "attention_bias" for p in ATTENTION}, "gate": None, "up": None, "down": None},
 }
 SUPPORTED = tuple(BIAS_FLAGS)
 # from_pretrained initialises on the meta device through process-global state: two threads loading
@@ -114,7 +122,7 @@ def decoder_layers(model) -> nn.ModuleList:
 
 
 def find_projections(model, kinds=PROJECTIONS) -> list[Projection]:
-    """All (layer, projection) linears of a Llama/Mistral/Qwen2/Qwen3-layout model."""
+    """All (layer, projection) linears of a model of one of the SUPPORTED architectures."""
     arch = getattr(model.config, "model_type", "?")
     if arch not in SUPPORTED:
         raise SponError(_unsupported(model, f"model_type {arch!r}"))

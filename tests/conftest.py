@@ -1,4 +1,5 @@
-"""Shared fixtures: the real stories260K model and tiny random models of each architecture."""
+"""Shared fixtures: the real stories260K model, tiny random models of each architecture and the
+real SmolLM2-135M / Gemma-3-270M (slow tests)."""
 
 from __future__ import annotations
 
@@ -39,6 +40,19 @@ def sample_txt() -> Path:
     return SAMPLE_TXT
 
 
+# Gemma: head_dim 8 (the config default is 256), query_pre_attn_scalar = head_dim, a sliding
+# window of 16 on layer 0 (every calibration block of the tests is longer: the window is exercised),
+# full attention on layer 1; Gemma-2 with its final-logit and attention soft-capping set low enough
+# to act on these logits; Gemma-3 with tied embeddings, as the released models.
+_GEMMA = dict(head_dim=8, query_pre_attn_scalar=8, sliding_window=16, layer_types=["sliding_attention", "full_attention"])
+TINY_EXTRA = {
+    "qwen3": {"head_dim": 8},
+    "gemma2": {**_GEMMA, "final_logit_softcapping": 3.0, "attn_logit_softcapping": 5.0},
+    "gemma3_text": {**_GEMMA, "tie_word_embeddings": True},
+}
+TINY_ARCHS = ("llama", "mistral", "qwen2", "qwen3", "gemma2", "gemma3_text")
+
+
 def make_tiny(arch: str, out: Path, seed: int = 0) -> Path:
     """A tiny randomly initialised model of `arch` saved with the stories tokenizer (vocab 512)."""
     import torch
@@ -54,8 +68,7 @@ def make_tiny(arch: str, out: Path, seed: int = 0) -> Path:
         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
         bos_token_id=1, eos_token_id=2, tie_word_embeddings=False,
     )
-    extra = {"qwen3": {"head_dim": 8}}.get(arch, {})
-    cfg = AutoConfig.for_model(arch, **common, **extra)
+    cfg = AutoConfig.for_model(arch, **{**common, **TINY_EXTRA.get(arch, {})})
     model = AutoModelForCausalLM.from_config(cfg)
     # Random init gives near-zero weights; scale up so sparsification visibly matters.
     with torch.no_grad():
@@ -69,7 +82,7 @@ def make_tiny(arch: str, out: Path, seed: int = 0) -> Path:
 @pytest.fixture(scope="session")
 def tiny_models(tmp_path_factory) -> dict[str, Path]:
     base = tmp_path_factory.mktemp("tiny")
-    return {a: make_tiny(a, base / a) for a in ("llama", "mistral", "qwen2", "qwen3")}
+    return {a: make_tiny(a, base / a) for a in TINY_ARCHS}
 
 
 def fuse_closed_form(model_path: Path, out: Path, protocol: str = "all", criterion: str = "magnitude") -> Path:
@@ -100,7 +113,7 @@ def fused_dir(tmp_path_factory, stories_path) -> Path:
 # whose alpha is all in the biases (llama) and on one with projections it cannot carry (qwen2), `all`
 # on the others; WINA's weighted criterion on one of each protocol.
 TINY_FUSED = {"llama": ("last_half", "magnitude"), "mistral": ("all", "weighted"), "qwen2": ("last_half", "weighted"),
-              "qwen3": ("all", "magnitude")}
+              "qwen3": ("all", "magnitude"), "gemma2": ("last_half", "magnitude"), "gemma3_text": ("all", "weighted")}
 
 
 @pytest.fixture(scope="session")

@@ -228,7 +228,7 @@ def test_unsupported_gguf_architecture(tmp_path, cache):
     with pytest.raises(SponError, match="unsupported architecture: gpt2.gguf is GGUF architecture 'gpt2'; "
                                         f"supported: {', '.join(SUPPORTED)}$"):
         load_model(str(src))
-    assert SUPPORTED == ("llama", "mistral", "qwen2", "qwen3")
+    assert SUPPORTED == ("llama", "mistral", "qwen2", "qwen3", "gemma2", "gemma3_text")
 
 
 def test_missing_gguf_and_unknown_named_model(tmp_path, cache, monkeypatch):
@@ -237,7 +237,7 @@ def test_missing_gguf_and_unknown_named_model(tmp_path, cache, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # a hub GGUF: this machine has no hub, so a clear error
     with pytest.raises(SponError, match="cannot fetch model.q4.gguf from org/repo: "):
         load_model("org/repo:model.q4.gguf")
-    with pytest.raises(SponError, match="unknown named model 'nope'; known: smollm2-135m"):
+    with pytest.raises(SponError, match="unknown named model 'nope'; known: gemma3-270m, smollm2-135m"):
         models.spec("nope")
 
 
