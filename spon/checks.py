@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Iterable
 
 from spon.errors import SponError
-from spon.format import ALPHA_FILE, CHANNEL_NORMS_FILE, CRITERIA, FORMATS, SIDECAR
+from spon.format import ALPHA_FILE, CHANNEL_NORMS_FILE, SIDECAR, validate_sidecar
 
 
 def first_line(e: BaseException) -> str:
@@ -154,20 +154,29 @@ def check_model_dir(path: str | Path, what: str = "model") -> dict:
 
 def check_fused_dir(path: str | Path) -> dict:
     """A fused checkpoint written by `spon fuse` / `spon run`: a model directory plus its sidecar
-    and alpha file. Returns the sidecar."""
-    check_model_dir(path, "fused model")
+    and alpha file, the sidecar checked against the format (spon.format.validate_sidecar: fields,
+    types, finite thresholds >= 0, one per layer and target of config.json's num_hidden_layers)
+    and the alpha / channel norms headers against it (names, 1-D, fp32). Returns the sidecar."""
+    config = check_model_dir(path, "fused model")
     p = Path(path)
     if not (p / SIDECAR).is_file():
         raise SponError(f"{path} is not a spon model: no {SIDECAR}")
     meta = check_json_file(p / SIDECAR, "sidecar")
-    if meta.get("format") not in FORMATS:
-        raise SponError(f"{p / SIDECAR}: unknown format {meta.get('format')!r}, expected {' or '.join(FORMATS)}")
-    check_safetensors(p / ALPHA_FILE, "alpha file")
-    criterion = meta.get("criterion", "magnitude")  # a magnitude-criterion sidecar may predate the field
-    if criterion not in CRITERIA:
-        raise SponError(f"{p / SIDECAR}: unknown criterion {meta.get('criterion')!r}, expected {' or '.join(CRITERIA)}")
-    if criterion == "weighted":
-        check_safetensors(p / CHANNEL_NORMS_FILE, "channel norms file")
+    n = config.get("num_hidden_layers")
+    num_layers = n if isinstance(n, int) and not isinstance(n, bool) and n > 0 else None
+    try:
+        validate_sidecar(meta, num_layers=num_layers)
+    except ValueError as e:
+        raise SponError(f"{p / SIDECAR}: {e}") from None
+    headers = {"alpha": check_safetensors(p / ALPHA_FILE, "alpha file")}
+    if meta.get("criterion", "magnitude") == "weighted":
+        headers["norms"] = check_safetensors(p / CHANNEL_NORMS_FILE, "channel norms file")
+    info = {k: {n: (tuple(v.get("shape") or ()), v.get("dtype"), None) for n, v in h.items()
+                if n != "__metadata__" and isinstance(v, dict)} for k, h in headers.items()}
+    try:
+        validate_sidecar(meta, num_layers=num_layers, alpha=info["alpha"], channel_norms=info.get("norms"))
+    except ValueError as e:
+        raise SponError(f"{p}: {e}") from None
     return meta
 
 

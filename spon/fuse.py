@@ -21,7 +21,8 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from spon.errors import SponError
-from spon.format import ALPHA_FILE, CHANNEL_NORMS_FILE, FORMATS, PROJECTIONS, SIDECAR, format_for
+from spon.format import (ALPHA_FILE, CHANNEL_NORMS_FILE, DIGEST_KEY, PROJECTIONS, SIDECAR, format_for, sidecar_digest,
+                         validate_sidecar)
 from spon.model import bias_slot, find_projections, load_pretrained
 from spon.remote_code import install as install_remote_code, write_model_card
 from spon.sparse import (SparseLinear, SparseState, apply_sparse_state_, channel_norms, fuse_alpha, fused_bias,
@@ -113,7 +114,11 @@ def save_pretrained(model, tokenizer, out_dir: str | Path, *, source_model: str 
     norms = channel_norms(model)
     if norms:
         save_file(norms, str(out / CHANNEL_NORMS_FILE))
-    (out / SIDECAR).write_text(json.dumps(sidecar(model, source_model, smoke), indent=2, sort_keys=True))
+    meta = sidecar(model, source_model, smoke)
+    # what the thresholds and alpha were when written: a reader refuses files changed afterwards
+    meta[DIGEST_KEY] = sidecar_digest(meta, file_sha256(out / ALPHA_FILE),
+                                      file_sha256(out / CHANNEL_NORMS_FILE) if norms else None)
+    (out / SIDECAR).write_text(json.dumps(meta, indent=2, sort_keys=True))
     install_remote_code(out)
     if card:
         write_model_card(out)
@@ -156,26 +161,83 @@ def sidecar(model, source_model: str | None = None, smoke: dict | None = None) -
     return meta
 
 
+def file_sha256(path: str | Path) -> str:
+    import hashlib
+
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            h.update(chunk)
+    return h.hexdigest()
+
+
 def read_sidecar(model_dir: str | Path) -> dict:
-    """A checkpoint's sidecar, refused when its format is unknown."""
+    """A checkpoint's sidecar, checked against the format (spon.format.validate_sidecar): an
+    unknown format, criterion or protocol, a missing field, a threshold that is not a finite number
+    >= 0, or a target without a threshold in some layer is refused in one line."""
+    from spon.checks import check_json_file
+
     path = Path(model_dir) / SIDECAR
     if not path.is_file():
         raise SponError(f"{model_dir} is not a spon model: no {SIDECAR}")
-    meta = json.loads(path.read_text())
-    if meta.get("format") not in FORMATS:
-        raise SponError(f"{path}: unknown format {meta.get('format')!r}, expected one of {', '.join(FORMATS)}")
+    meta = check_json_file(path, "sidecar")
+    try:
+        validate_sidecar(meta, num_layers=_num_layers(model_dir))
+    except ValueError as e:
+        raise SponError(f"{path}: {e}") from None
     return meta
 
 
+def _num_layers(model_dir) -> int | None:
+    try:
+        n = json.loads((Path(model_dir) / "config.json").read_text()).get("num_hidden_layers")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return n if isinstance(n, int) and not isinstance(n, bool) and n > 0 else None
+
+
+def tensor_info(tensors: dict[str, torch.Tensor] | None) -> dict | None:
+    """{name: (shape, dtype, all finite)}: what validate_sidecar checks of alpha and channel norms."""
+    if tensors is None:
+        return None
+    return {n: (tuple(t.shape), str(t.dtype), bool(torch.isfinite(t).all()) if t.is_floating_point() else None)
+            for n, t in tensors.items()}
+
+
+def projection_info(model) -> dict[str, tuple[int, bool]]:
+    """{"layer.kind": (in_features, has a bias)} of a loaded (not yet sparse) model."""
+    out = {}
+    for p in find_projections(model):
+        m = p.module
+        inner = m.linear if isinstance(m, SparseLinear) else m
+        out[p.name] = (inner.in_features, inner.bias is not None)
+    return out
+
+
+def check_checkpoint(model_dir: str | Path, meta: dict, model, alpha: dict, norms: dict | None) -> None:
+    """The sidecar, alpha and channel norms of a checkpoint against the model loaded from it and
+    against the digest it was written with (the checkpoint's own modeling code runs the same check)."""
+    d = Path(model_dir)
+    try:
+        validate_sidecar(meta, projections=projection_info(model), alpha=tensor_info(alpha),
+                         channel_norms=tensor_info(norms), alpha_sha256=file_sha256(d / ALPHA_FILE),
+                         norms_sha256=file_sha256(d / CHANNEL_NORMS_FILE) if norms is not None else None)
+    except ValueError as e:
+        raise SponError(f"{d}: {e}") from None
+
+
 def load_sparse_model(model_dir: str | Path, device: str = "cpu", dtype: str = "fp32", device_map: str | None = None):
-    """Load a fused spon checkpoint as a sparse model in spon mode, ready to generate.
+    """Load a fused spon checkpoint as a sparse model in spon mode, ready to generate. The sidecar,
+    alpha and channel norms are checked against the format, the loaded model and the sidecar's
+    digest first (check_checkpoint): a tampered or mismatched checkpoint is refused in one line.
 
     Returns (model, tokenizer, sidecar metadata).
     """
     meta = read_sidecar(model_dir)
     model, tokenizer = load_pretrained(str(model_dir), device=device, dtype=dtype, device_map=device_map)
-    apply_sparse_state_(model, SparseState.from_sidecar(meta, read_alpha(Path(model_dir) / ALPHA_FILE),
-                                                        read_channel_norms(model_dir, meta)))
+    alpha, norms = read_alpha(Path(model_dir) / ALPHA_FILE), read_channel_norms(model_dir, meta)
+    check_checkpoint(model_dir, meta, model, alpha, norms)
+    apply_sparse_state_(model, SparseState.from_sidecar(meta, alpha, norms))
     return model, tokenizer, meta
 
 

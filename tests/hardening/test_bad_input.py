@@ -157,6 +157,16 @@ CASES = [
     ("sweep-levels-empty", SWEEP_IN_OUT + ["--sparsities", ""], "no sparsity levels"),
     ("sweep-level-empty-item", SWEEP_IN_OUT + ["--sparsities", "0.3,,0.5"], "empty item"),
     ("sweep-level-not-number", SWEEP_IN_OUT + ["--sparsities", "0.3,abc"], "'abc' is not a number"),
+    # issue #22 items 2-4: a fused checkpoint's sidecar and alpha are validated by every load path
+    ("generate-tau-nan", ["generate", "{T}/fused-tau-nan", "--prompt", "hi"], "a threshold is a finite number >= 0"),
+    ("ppl-tau-negative", ["ppl", "{T}/fused-tau-negative", "--eval-text", SAMPLE], "threshold 0.q is -0.5"),
+    ("eval-tau-true", ["eval", "{T}/fused-tau-true", "--out", "{OUT}"], "threshold 0.q is True, not a number"),
+    ("generate-tau-missing-layer", ["generate", "{T}/fused-tau-missing", "--prompt", "hi"], "thresholds has no entry for 4.q"),
+    ("ppl-no-thresholds", ["ppl", "{T}/fused-no-thresholds", "--eval-text", SAMPLE], "it has no 'thresholds'"),
+    ("ppl-bias-flag-off", ["ppl", "{T}/fused-bias-off", "--eval-text", SAMPLE], "has no bias"),
+    ("generate-bias-flag-off", ["generate", "{T}/fused-bias-off", "--prompt", "hi"], "has no bias"),
+    ("eval-alpha-shape", ["eval", "{T}/fused-alpha-shape", "--out", "{OUT}"], "alpha 0.q has shape [8]"),
+    ("ppl-alpha-nan", ["ppl", "{T}/fused-alpha-nan", "--eval-text", SAMPLE], "alpha 1.q holds NaN or inf"),
 ]
 
 
@@ -190,9 +200,23 @@ def _model_copies(t: Path) -> None:
     w.write_bytes(w.read_bytes()[: w.stat().st_size // 2])
     (copy("zerobyte") / "model.safetensors").write_bytes(b"")
     (copy("badconfig") / "config.json").write_text(json.dumps({"hidden_size": 64}))
-    fused = copy("fakefused")
-    (fused / SIDECAR).write_text(json.dumps({"format": format_for("magnitude"), "thresholds": {}, "targets": []}))
-    save_file({"0.q": torch.zeros(64)}, str(fused / ALPHA_FILE))
+    # fused-looking: stories260K (no biases) with a well-formed sidecar for q in its 5 layers
+    side = {"format": format_for("magnitude"), "targets": ["q"], "thresholds": {f"{i}.q": 0.1 for i in range(5)},
+            "fused_in_checkpoint": {f"{i}.q": False for i in range(5)}}
+    alpha = {f"{i}.q": torch.zeros(64) for i in range(5)}
+    tampered = {"fakefused": (side, alpha),  # item 2-4 of issue #22: every reader validates the checkpoint
+                "fused-tau-nan": ({**side, "thresholds": {**side["thresholds"], "0.q": float("nan")}}, alpha),
+                "fused-tau-negative": ({**side, "thresholds": {**side["thresholds"], "0.q": -0.5}}, alpha),
+                "fused-tau-true": ({**side, "thresholds": {**side["thresholds"], "0.q": True}}, alpha),
+                "fused-tau-missing": ({**side, "thresholds": {f"{i}.q": 0.1 for i in range(4)}}, alpha),
+                "fused-no-thresholds": ({k: v for k, v in side.items() if k != "thresholds"}, alpha),
+                "fused-bias-off": ({**side, "fused_in_checkpoint": {f"{i}.q": True for i in range(5)}}, alpha),
+                "fused-alpha-shape": (side, {**alpha, "0.q": torch.zeros(8)}),
+                "fused-alpha-nan": (side, {**alpha, "1.q": torch.full((64,), float("nan"))})}
+    for name, (meta, tensors) in tampered.items():
+        d = copy(name)
+        (d / SIDECAR).write_text(json.dumps(meta))
+        save_file(tensors, str(d / ALPHA_FILE))
     (t / "fakecal").mkdir()
     save_file({"train": torch.zeros(4, 8, dtype=torch.long), "heldout": torch.zeros(1, 8, dtype=torch.long)},
               str(t / "fakecal" / "calibration.safetensors"))
