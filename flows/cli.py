@@ -128,6 +128,23 @@ def _prepare(args):
     return cfg, settings
 
 
+@contextmanager
+def writers(cfg, settings) -> Iterator[None]:
+    """The writer locks of a pipeline command (spon.lock): its --out and its --work-dir, so a second
+    command on either is refused in one line instead of mixing its results with this one's."""
+    from contextlib import ExitStack
+
+    from spon.lock import writer_lock
+
+    with ExitStack() as stack:
+        stack.enter_context(writer_lock(cfg.out, "--out"))
+        work = Path(settings.resolved_work_dir(cfg.out)).expanduser().resolve()
+        out = Path(cfg.out).expanduser().resolve()
+        if work != out and out not in work.parents:
+            stack.enter_context(writer_lock(work, "--work-dir"))
+        yield
+
+
 def cmd_run(args) -> int:
     if args.in_process:
         from spon.method_cli import cmd_run_in_process
@@ -136,7 +153,7 @@ def cmd_run(args) -> int:
     cfg, settings = _prepare(args)
     from spon.flows.pipeline import spon_pipeline
 
-    with embedded_env(settings.resolved_work_dir(cfg.out), args.refresh, args.verbose):
+    with writers(cfg, settings), embedded_env(settings.resolved_work_dir(cfg.out), args.refresh, args.verbose):
         summary = spon_pipeline(cfg, settings)
     from spon.console import result_lines
 
@@ -168,7 +185,7 @@ def cmd_sweep(args) -> int:
     check_dask_address(settings.resolved_dask_address())
     from spon.flows.sweep import sparsity_sweep
 
-    with embedded_env(settings.resolved_work_dir(cfg.out), args.refresh, args.verbose):
+    with writers(cfg, settings), embedded_env(settings.resolved_work_dir(cfg.out), args.refresh, args.verbose):
         summaries = sparsity_sweep(levels, cfg, settings)
     for s in summaries:
         print(json.dumps({k: s[k] for k in ("sparsity", "perplexity", "version", "store_uri") if k in s}))
@@ -184,7 +201,10 @@ def cmd_pull(args) -> int:
     uri = args.uri
     if uri.startswith("models:/"):
         uri = resolve_store_uri(uri, PipelineSettings(tracking_uri=args.tracking_uri))
-    out = store.pull(uri, args.out)
+    from spon.lock import writer_lock
+
+    with writer_lock(args.out, "--out"):
+        out = store.pull(uri, args.out)
     print(f"{uri} -> {out} (all checksums verified)")
     return 0
 
@@ -213,7 +233,9 @@ def cmd_publish(args) -> int:
     fused = Path(summary["fused_model_dir"])
     if not (fused / SIDECAR).is_file():
         raise SponError(f"fused model missing at {fused}")
-    with embedded_env(settings.resolved_work_dir(str(result))):
+    from spon.lock import writer_lock
+
+    with writer_lock(result, "result directory"), embedded_env(settings.resolved_work_dir(str(result))):
         from spon.tasks.publish import publish
         from spon.tasks.track import track_run
 

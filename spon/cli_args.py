@@ -146,20 +146,47 @@ def check_out_dir(out: str | Path | None, inputs: Inputs = (), flag: str = "--ou
 
 
 @contextmanager
-def new_out_dir(out: str | Path) -> Iterator[Path]:
-    """Create `out` (and missing parents) for a command; if the command then fails with a
-    SponError, remove what this created, so a refused command leaves no half-made out dir.
-    A directory that already existed is never removed (it may hold checkpoints to resume), and
-    neither is anything on an interrupt or a crash."""
+def new_out_dir(out: str | Path, flag: str = "--out") -> Iterator[Path]:
+    """Create `out` (and missing parents) for a command and hold its writer lock (spon.lock: a
+    second command writing the same directory is refused in one line naming this one); if the
+    command then fails with a SponError, remove what this created, so a refused command leaves no
+    half-made out dir. A directory that already existed is never removed (it may hold checkpoints
+    to resume), and neither is anything on an interrupt or a crash."""
+    from spon.lock import writer_lock
+
     p = Path(out).expanduser().resolve()
     created = next((a for a in reversed((p, *p.parents)) if not a.exists()), None)
-    p.mkdir(parents=True, exist_ok=True)
     try:
-        yield p
+        lock = writer_lock(p, flag)
+        lock.__enter__()
     except SponError:
-        if created is not None:
-            shutil.rmtree(created, ignore_errors=True)
+        _remove_empty(created, p.parent)  # the parents made for the lock, nothing else
         raise
+    try:
+        if p.exists():  # made by a writer that finished between our look and our lock: not ours
+            created = None
+        p.mkdir(parents=True, exist_ok=True)
+        try:
+            yield p
+        except SponError:
+            if created is not None:
+                shutil.rmtree(created, ignore_errors=True)
+            raise
+    finally:
+        lock.__exit__(None, None, None)
+
+
+def _remove_empty(created: Path | None, deepest: Path) -> None:
+    """Remove the directories from `deepest` up to `created` that this command made, if empty."""
+    if created is None:
+        return
+    for d in (deepest, *deepest.parents):
+        try:
+            d.rmdir()
+        except OSError:
+            return
+        if d == created:
+            return
 
 
 # ----------------------------------------------------------------------------- entry points

@@ -177,3 +177,7 @@ def validate_sidecar(meta, num_layers=None, projections=None, alpha=None, channe
             if actual != record:
                 raise ValueError(f"its thresholds or alpha changed after fusion ({DIGEST_KEY} {record[:12]}..., "
                                  f"the files give {actual[:12]}...)")
+
+
+# ----------------------------------------------------------------------------- one writer per output
+LOCK_SUFFIX = ".spon-lock"  # beside an output directory D: D's parent/.<D's name>.spon-lock (spon.lock)
