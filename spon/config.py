@@ -6,10 +6,10 @@ import json
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from spon.errors import SponError
-from spon.format import PROJECTIONS
+from spon.format import PROJECTIONS, PROTOCOLS
 
 
 class _Strict(BaseModel):
@@ -115,22 +115,6 @@ class RunConfig(Recipe):
     out: str = "out/run"
     eval: EvalConfig = Field(default_factory=EvalConfig)
 
-    @model_validator(mode="before")
-    @classmethod
-    def _protocol_in_sparsity(cls, data):
-        """`protocol` was a top-level key before it moved into `sparsity` (what the thresholds
-        depend on): a config file that still has it there keeps working."""
-        if isinstance(data, dict) and "protocol" in data:
-            data = dict(data)
-            legacy = data.pop("protocol")
-            section = data.get("sparsity")
-            section = dict(section) if isinstance(section, dict) else {}
-            if "protocol" in section and section["protocol"] != legacy:
-                raise ValueError(f"protocol {legacy!r} and sparsity.protocol {section['protocol']!r} disagree")
-            section.setdefault("protocol", legacy)
-            data["sparsity"] = section
-        return data
-
     @property
     def protocol(self) -> str:
         return self.sparsity.protocol
@@ -172,9 +156,28 @@ def load_config(path: str | Path | None = None, overrides: dict | None = None) -
 
 
 def validate(data: dict) -> RunConfig:
+    data = _protocol_in_sparsity(data)
     try:
         return RunConfig.model_validate(data)
     except ValidationError as e:
         err = e.errors()[0]
         where = ".".join(str(x) for x in err["loc"]) or "config"
         raise SponError(f"invalid config: {where}: {err['msg']}") from e
+
+
+def _protocol_in_sparsity(data):
+    """`protocol` was a top-level key before it moved into `sparsity` (the thresholds depend on
+    it): a config that still has it there keeps working, and an error about it names `protocol`."""
+    if not isinstance(data, dict) or "protocol" not in data:
+        return data
+    data = dict(data)
+    legacy = data.pop("protocol")
+    if legacy not in PROTOCOLS:
+        raise SponError(f"invalid config: protocol: Input should be {' or '.join(map(repr, PROTOCOLS))}")
+    section = data.get("sparsity", {})
+    if not isinstance(section, dict):
+        return {**data, "sparsity": section}  # the section's own error names it
+    if section.get("protocol", legacy) != legacy:
+        raise SponError(f"invalid config: protocol: {legacy!r} disagrees with sparsity.protocol {section['protocol']!r}")
+    data["sparsity"] = {**section, "protocol": legacy}
+    return data

@@ -125,9 +125,13 @@ def test_the_thresholds_depend_on_the_protocol(stories_path):
 
 
 def test_a_legacy_top_level_protocol_is_the_sparsity_sections():
-    assert RunConfig.model_validate({"protocol": "last_half"}).sparsity.protocol == "last_half"
-    with pytest.raises(ValueError, match="disagree"):
-        RunConfig.model_validate({"protocol": "last_half", "sparsity": {"protocol": "all"}})
+    from spon.config import validate
+
+    assert validate({"protocol": "last_half"}).sparsity.protocol == "last_half"
+    with pytest.raises(spon.SponError, match="^invalid config: protocol: 'last_half' disagrees"):
+        validate({"protocol": "last_half", "sparsity": {"protocol": "all"}})
+    with pytest.raises(spon.SponError, match="^invalid config: protocol: "):
+        validate({"protocol": "first_half"})
 
 
 def test_the_remote_codes_vendored_format_is_spons():

@@ -21,10 +21,10 @@ scalars = st.one_of(st.none(), st.booleans(), st.integers(-10**6, 10**6), st.flo
 values = st.recursive(scalars, lambda inner: st.one_of(st.lists(inner, max_size=4),
                                                        st.dictionaries(st.sampled_from(KEYS), inner, max_size=4)), max_leaves=12)
 SECTIONS = {"calibration": ["source", "files", "num_blocks", "block_len", "heldout_blocks", "temperature", "bogus"],
-            "sparsity": ["sparsity", "allocation", "targets", "greedy_step"], "distill": ["steps", "lr", "init", "checkpoint_every"],
+            "sparsity": ["sparsity", "allocation", "targets", "greedy_step", "protocol"], "distill": ["steps", "lr", "init", "checkpoint_every"],
             "eval": ["files", "window", "stride"]}
 structured = st.fixed_dictionaries({}, optional={s: st.dictionaries(st.sampled_from(ks), values, max_size=4) for s, ks in SECTIONS.items()}
-                                   | {k: values for k in ("model", "device", "dtype", "protocol", "out", "bogus")})
+                                   | {k: values for k in ("model", "device", "dtype", "out", "bogus")})
 
 
 def _same(given, got) -> bool:
@@ -100,14 +100,15 @@ valid_sections = {
                     "heldout_blocks": ints(0), "seed": st.integers(-10**6, 10**6), "temperature": positive},
     "sparsity": {"sparsity": st.floats(0.0, 1.0, exclude_max=True), "allocation": st.sampled_from(["uniform", "greedy"]),
                  "targets": st.lists(st.sampled_from(["q", "k", "v", "o", "gate", "up", "down"]), min_size=1, max_size=9),
-                 "greedy_step": st.floats(0.0, 1.0, exclude_min=True, exclude_max=True), "greedy_blocks": ints(1)},
+                 "greedy_step": st.floats(0.0, 1.0, exclude_min=True, exclude_max=True), "greedy_blocks": ints(1),
+                 "protocol": st.sampled_from(["all", "last_half"])},
     "distill": {"steps": ints(0), "lr": positive, "schedule": st.sampled_from(["cosine", "constant"]), "warmup": ints(0),
                 "batch_size": ints(1), "grad_accum": ints(1), "weight_decay": st.floats(0.0, 10.0),
                 "init": st.sampled_from(["zeros", "closed_form"]), "seed": st.integers(-10**6, 10**6), "checkpoint_every": ints(1)},
     "eval": {"files": st.lists(names, max_size=3), "window": ints(2), "stride": ints(1)},
 }
 valid_top = {"model": opt_names, "device": names, "dtype": st.sampled_from(["fp32", "bf16", "fp16"]), "device_map": opt_names,
-             "protocol": st.sampled_from(["all", "last_half"]), "out": names}
+             "out": names}
 valid_configs = st.fixed_dictionaries({}, optional={**valid_top, **{s: st.fixed_dictionaries({}, optional=f) for s, f in valid_sections.items()}})
 
 # One field out of its domain (the rest valid): a SponError that names exactly that field.
@@ -117,7 +118,7 @@ BAD = [("sparsity", "sparsity", [1.0, -0.1, "half", None]), ("sparsity", "target
        ("calibration", "temperature", [0.0, -1.0, float("nan")]), ("calibration", "source", ["web"]),
        ("distill", "lr", [0.0, -1e-3, float("nan")]), ("distill", "steps", [-1, "many"]), ("distill", "checkpoint_every", [0]),
        ("distill", "batch_size", [0]), ("distill", "init", ["ones"]), ("distill", "bogus", [1]),
-       ("eval", "window", [1]), ("eval", "stride", [0]), (None, "dtype", ["fp8", 32]), (None, "protocol", ["first_half"]),
+       ("eval", "window", [1]), ("eval", "stride", [0]), (None, "dtype", ["fp8", 32]), ("sparsity", "protocol", ["first_half"]),
        (None, "model", [5]), (None, "bogus", [True])]
 broken = st.tuples(valid_configs, st.sampled_from(BAD).flatmap(lambda b: st.tuples(st.just(b[:2]), st.sampled_from(b[2]))))
 
