@@ -74,35 +74,148 @@ def _kl_and_student(model, ids: torch.Tensor, teacher: torch.Tensor | None):
     return kl, student
 
 
+# The most bytes of one [tokens, vocab] fp32 tensor the chunked KL holds at once (it holds a few
+# such tensors per chunk): 32 MB is 32 tokens of Gemma-3's 262,144-entry vocabulary. A teacher
+# whose log-probs do not fit its cache budget goes chunked when one block's fp32 logits are larger
+# than this (Gemma-3: 64 tokens already are); smaller ones (stories260K, SmolLM2-135M at 128-256
+# tokens) keep the plain KL, whose Adam trajectory their tests pin to 1e-4.
+LOGITS_CHUNK_BYTES = 32 << 20
+
+
+def lm_head_parts(model) -> tuple[torch.Tensor, torch.Tensor | None, float | None]:
+    """What turns the decoder's last hidden state into logits: the LM head's weight and bias and
+    the final-logit soft-cap (Gemma-2: logits = c * tanh(z / c); None elsewhere)."""
+    head = model.get_output_embeddings()
+    return head.weight, head.bias, getattr(model.config, "final_logit_softcapping", None)
+
+
+def final_hidden(model, ids: torch.Tensor) -> torch.Tensor:
+    """The LM head's input for `ids`: the decoder's last hidden state, after its final norm."""
+    return model.get_decoder()(input_ids=ids, use_cache=False).last_hidden_state
+
+
+def _head_logits(h: torch.Tensor, weight, bias, softcap) -> torch.Tensor:
+    z = F.linear(h, weight, bias)
+    if softcap is not None:
+        z = torch.tanh(z / softcap) * softcap
+    return z
+
+
+class _ChunkedKL(torch.autograd.Function):
+    """sum over tokens of KL(p_teacher || p_student) and of the student's NLL at `targets` (-1: none),
+    with both distributions made from hidden states by the LM head `chunk` tokens at a time.
+
+    Forward computes, per chunk, the teacher's log-probs (in the model's precision, no autocast),
+    the student's (under the caller's autocast, like the model's own LM head) and, when the student
+    needs a gradient, dKL/dh_student = ((p_s * sum p_t - p_t) * dz/du) W: only that [tokens, hidden]
+    tensor is kept for backward, never a [tokens, vocab] one."""
+
+    @staticmethod
+    def forward(ctx, h_student, h_teacher, targets, weight, bias, softcap, chunk, need_grad):
+        kl = torch.zeros((), dtype=torch.float64, device=h_student.device)
+        nll = torch.zeros((), dtype=torch.float64, device=h_student.device)
+        grad = torch.empty(h_student.shape, dtype=torch.float32, device=h_student.device) if need_grad else None
+        for i in range(0, h_student.shape[0], chunk):
+            sl = slice(i, i + chunk)
+            with torch.autocast(h_student.device.type, enabled=False):
+                t = F.log_softmax(_head_logits(h_teacher[sl], weight, bias, softcap).float(), dim=-1)
+            z = _head_logits(h_student[sl], weight, bias, softcap).float()
+            s = F.log_softmax(z, dim=-1)
+            pt = t.exp()
+            kl += (pt * (t - s)).sum(dtype=torch.float64)
+            tg = targets[sl]
+            has = tg >= 0
+            if bool(has.any()):
+                nll -= s[has].gather(-1, tg[has, None]).sum(dtype=torch.float64)
+            if need_grad:
+                g = s.exp_().mul_(pt.sum(-1, keepdim=True)).sub_(pt)  # dKL/dz, reusing s's memory
+                if softcap is not None:
+                    g.mul_(1 - (z / softcap).square())  # z = c tanh(u / c): dz/du = 1 - (z / c)^2
+                grad[sl] = (g.to(weight.dtype) @ weight).float()  # under the caller's autocast, as autograd's
+        ctx.h_dtype = h_student.dtype
+        ctx.save_for_backward(grad)
+        ctx.mark_non_differentiable(nll)
+        return kl.float(), nll.float()
+
+    @staticmethod
+    def backward(ctx, grad_kl, grad_nll):
+        (grad,) = ctx.saved_tensors
+        if grad is None:
+            raise RuntimeError("_ChunkedKL: backward through a forward run without need_grad")
+        return (grad * grad_kl).to(ctx.h_dtype), None, None, None, None, None, None, None
+
+
+def chunked_kl_and_nll(model, ids: torch.Tensor, h_teacher: torch.Tensor, chunk: int | None = None):
+    """KL(dense || current mode) (mean over tokens, as kl_div's batchmean) and the current mode's mean
+    next-token NLL on `ids`, from the dense model's final hidden states `h_teacher` [B, T, H] and
+    the LM head applied `chunk` tokens at a time (default: LOGITS_CHUNK_BYTES of fp32 logits)."""
+    weight, bias, softcap = lm_head_parts(model)
+    if chunk is None:
+        chunk = max(1, LOGITS_CHUNK_BYTES // (weight.shape[0] * 4))
+    h = final_hidden(model, ids)
+    b, t = ids.shape
+    targets = torch.full((b, t), -1, dtype=torch.long, device=ids.device)
+    targets[:, :-1] = ids[:, 1:]
+    need_grad = torch.is_grad_enabled() and h.requires_grad
+    kl, nll = _ChunkedKL.apply(h.reshape(b * t, -1), h_teacher.to(h.device).reshape(b * t, -1), targets.reshape(-1),
+                               weight, bias, softcap, chunk, need_grad)
+    return kl / (b * t), nll / (b * (t - 1)) if t > 1 else nll * float("nan")
+
+
 class Teacher:
-    """The dense model's log-probabilities for a fixed set of blocks.
+    """The dense model's next-token distributions for a fixed set of blocks.
 
     The teacher never changes while alpha trains, and its forward pass is a quarter of a step
-    (SmolLM2-135M, 2 x 256 tokens, fp32: 1.06 s of 3.95 s). When all of them fit in `budget_gb`
-    they are computed once, in batches of `batch_size` blocks, and served from memory; otherwise
-    (budget 0, or a large vocabulary times many blocks) every call recomputes them.
+    (SmolLM2-135M, 2 x 256 tokens, fp32: 1.06 s of 3.95 s). When all its log-probabilities fit in
+    `budget_gb` they are computed once, in batches of `batch_size` blocks, and served from memory
+    (the KL as before, bit for bit). Otherwise (a large vocabulary times many blocks: Gemma-3's
+    262,144 x 64 x 256 tokens would be 17 GB) the teacher is its final hidden states instead,
+    [tokens, hidden] (Gemma-3-270M: 640 floats a token, 410x less), cached when they fit the budget
+    and recomputed by a dense forward pass otherwise; the KL is then computed by the LM head in
+    chunks of tokens (chunked_kl_and_nll), so no [tokens, vocab] fp32 tensor is held whole.
     """
 
-    def __init__(self, model, blocks: torch.Tensor, budget_gb: float = 0.0, batch_size: int = 16):
+    def __init__(self, model, blocks: torch.Tensor, budget_gb: float = 0.0, batch_size: int = 16,
+                 logits_chunk_bytes: int = LOGITS_CHUNK_BYTES):
         self.model, self.blocks, self.batch_size = model, blocks, batch_size
         self.sharded = False  # True: `blocks` are this rank's shard of a set (spon.distributed)
-        vocab = model.get_output_embeddings().weight.shape[0]
+        vocab, hidden = model.get_output_embeddings().weight.shape
         self.cached: torch.Tensor | None = None
+        self.hidden: torch.Tensor | None = None  # the dense final hidden states, when cached
+        self.chunk = max(1, logits_chunk_bytes // (vocab * 4))  # tokens per LM-head chunk
+        device = next(model.parameters()).device
         if len(blocks) and blocks.numel() * vocab * 4 <= budget_gb * 1e9:
-            device = next(model.parameters()).device
             self.cached = torch.cat([teacher_logprobs(model, blocks[i : i + batch_size].to(device)).cpu()
                                      for i in range(0, len(blocks), batch_size)])
+        # True: KL by the LM head in chunks, from the teacher's final hidden states
+        self.chunked = self.cached is None and blocks.dim() == 2 and blocks.shape[1] * vocab * 4 > logits_chunk_bytes
+        if not self.chunked:
+            return
+        if len(blocks) and blocks.numel() * hidden * 4 <= budget_gb * 1e9:
+            self.hidden = torch.cat([self._dense_hidden(blocks[i : i + batch_size].to(device)).cpu()
+                                     for i in range(0, len(blocks), batch_size)])
+
+    @torch.no_grad()
+    def _dense_hidden(self, ids: torch.Tensor) -> torch.Tensor:
+        with mode(self.model, "dense"), torch.autocast(ids.device.type, enabled=False):
+            return final_hidden(self.model, ids)
 
     def __len__(self) -> int:
         return len(self.blocks)
 
     def kl(self, idx: torch.Tensor) -> torch.Tensor:
         """KL(dense || current mode) on the blocks at `idx`."""
+        if self.chunked:
+            return self.kl_and_nll(idx)[0]
         return _kl_and_student(self.model, *self._inputs(idx))[0]
 
     def kl_and_nll(self, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """KL(dense || current mode) and the current mode's mean cross-entropy on the blocks' own
         next tokens, from one forward pass."""
+        if self.chunked:
+            ids = self.blocks[idx].to(next(self.model.parameters()).device)
+            teacher = self._dense_hidden(ids) if self.hidden is None else self.hidden[idx]
+            return chunked_kl_and_nll(self.model, ids, teacher, self.chunk)
         ids, teacher = self._inputs(idx)
         kl, student = _kl_and_student(self.model, ids, teacher)
         nll = -student[:, :-1].gather(-1, ids[:, 1:, None]).mean()
