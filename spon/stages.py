@@ -142,23 +142,25 @@ def calibrate(model: ModelHandle, cfg: CalibrationConfig, out: Path) -> None:
     m, tok = model.get()
     cal = calibrate_blocks(m, tok, cfg)
     save_file({"train": cal.train.contiguous(), "heldout": cal.heldout.contiguous()}, str(out / CALIBRATION_FILE),
-              metadata={"config": cfg.model_dump_json()})
+              metadata={"config": cfg.model_dump_json(), "model": json.dumps(model_identity(model), sort_keys=True)})
 
 
 def thresholds(model: ModelHandle, calib_dir: str | Path, cfg: SparsityConfig, out: Path) -> None:
     """TEAL thresholds on the training blocks only (the held-out blocks judge alpha later, and
     measure the sparsity the thresholds realize on text they were not taken on)."""
     m, _ = model.get()
+    check_made_by(_calibration_model(calib_dir), model, Path(calib_dir) / CALIBRATION_FILE)
     r = sparsify_(m, cfg, read_calibration(calib_dir))
     write_json(out / THRESHOLDS_FILE, {"thresholds": r.thresholds, "sparsities": r.sparsities, "targets": cfg.targets,
                                        "realized_sparsity_heldout": r.realized_heldout,
-                                       "config": cfg.model_dump(mode="json")})
+                                       "config": cfg.model_dump(mode="json"), "model": model_identity(model)})
 
 
 def distill(model: ModelHandle, calib_dir: str | Path, thresholds_dir: str | Path, cfg: DistillConfig, out: Path,
             checkpoint_dir: Path | None = None, checkpoint_key: str | None = None, progress: bool = False,
             on_step: Callable[[int, float], None] | None = None) -> None:
     m, _ = model.get()
+    _check_inputs_made_by(model, calib_dir, thresholds_dir)
     apply_thresholds(m, thresholds_dir)
     if checkpoint_key is None:  # what these checkpoints continue: never another calibration's
         checkpoint_key = content_key(_content(model.path), Path(calib_dir) / CALIBRATION_FILE,
@@ -167,8 +169,10 @@ def distill(model: ModelHandle, calib_dir: str | Path, thresholds_dir: str | Pat
                  progress=progress, on_step=on_step)
     if not distributed.is_main():  # every rank holds the same result; rank 0 alone writes it
         return
-    save_file({k: v.contiguous() for k, v in r.alphas.items()}, str(out / ALPHA_STAGE_FILE))
-    write_json(out / DISTILL_FILE, {**r.record(), "config": cfg.model_dump(mode="json")})
+    identity = model_identity(model)
+    save_file({k: v.contiguous() for k, v in r.alphas.items()}, str(out / ALPHA_STAGE_FILE),
+              metadata={"model": json.dumps(identity, sort_keys=True)})
+    write_json(out / DISTILL_FILE, {**r.record(), "config": cfg.model_dump(mode="json"), "model": identity})
 
 
 def fuse(model: ModelHandle, calib_dir: str | Path, thresholds_dir: str | Path, distill_dir: str | Path, out: Path,
@@ -179,8 +183,12 @@ def fuse(model: ModelHandle, calib_dir: str | Path, thresholds_dir: str | Path, 
     that a pulled copy must reproduce). The handle's model is fused in place, then released.
     card=False: a chain that evaluates next writes the model card once, with its perplexities."""
     m, tok = model.get()
-    apply_thresholds(m, thresholds_dir, alpha=read_alpha(Path(distill_dir) / ALPHA_STAGE_FILE))
+    _check_inputs_made_by(model, calib_dir, thresholds_dir)
     d = read_json(Path(distill_dir) / DISTILL_FILE)
+    check_made_by(d.get("model"), model, Path(distill_dir) / DISTILL_FILE)
+    alpha = read_alpha(Path(distill_dir) / ALPHA_STAGE_FILE)
+    _check_alpha_fits(alpha, m, thresholds_dir, Path(distill_dir) / ALPHA_STAGE_FILE)
+    apply_thresholds(m, thresholds_dir, alpha=alpha)
     provenance(m)["calibration"] = read_calibration(calib_dir).config
     record_distillation(m, DistillConfig.model_validate(d["config"]), DistillResult(
         alphas={}, heldout_kl_before=d["heldout_kl_before"], heldout_kl_after=d["heldout_kl_after"],
@@ -206,6 +214,34 @@ def greedy(model, tokenizer, prompt: str = SMOKE_PROMPT, new_tokens: int = 24) -
     return tokenizer.decode(out[0], skip_special_tokens=True)
 
 
+def _check_inputs_made_by(model: ModelHandle, calib_dir, thresholds_dir) -> None:
+    check_made_by(_calibration_model(calib_dir), model, Path(calib_dir) / CALIBRATION_FILE)
+    check_made_by(read_json(Path(thresholds_dir) / THRESHOLDS_FILE).get("model"), model,
+                  Path(thresholds_dir) / THRESHOLDS_FILE)
+
+
+def _check_alpha_fits(alpha: dict, m, thresholds_dir, path: Path) -> None:
+    """alpha for exactly the projections the thresholds name, each a finite fp32 vector of the
+    projection's input width in `m` (an alpha of another model or calibration is refused here)."""
+    from spon.fuse import projection_info
+
+    names = set(read_json(Path(thresholds_dir) / THRESHOLDS_FILE)["thresholds"])
+    missing, extra = sorted(names - set(alpha)), sorted(set(alpha) - names)
+    if missing or extra:
+        raise SponError(f"{path} does not fit the thresholds in {thresholds_dir}: "
+                        + (f"no alpha for {', '.join(missing[:4])}" if missing else f"alpha for {', '.join(extra[:4])}, "
+                           "which has no threshold") + " (alpha of another calibration?)")
+    widths = projection_info(m)
+    for n, t in sorted(alpha.items()):
+        want = widths.get(n, (None,))[0]
+        if tuple(t.shape) != (want,):
+            raise SponError(f"{path}: alpha {n} has shape {list(t.shape)}, the model's projection takes {want} "
+                            "(alpha of another model?)")
+        if t.dtype != torch.float32 or not bool(torch.isfinite(t).all()):
+            raise SponError(f"{path}: alpha {n} must be finite float32, got {t.dtype}"
+                            + (" with NaN or inf" if t.is_floating_point() else ""))
+
+
 def _content(path: str):
     """A local model by its content (a Path: content_key hashes it), a hub id as its name."""
     return Path(path) if Path(path).exists() else path
@@ -216,6 +252,46 @@ def _metadata(path: Path) -> dict:
 
     with safe_open(str(path), "pt") as f:
         return f.metadata() or {}
+
+
+# ----------------------------------------------------------------------------- provenance
+# Every stage file records the model that made it (its source and a fingerprint of its config and
+# tokenizer); a stage given another model's files refuses them in one line. Files written before
+# the record existed are read as before.
+_FINGERPRINT_KEYS = ("model_type", "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
+                     "num_attention_heads", "num_key_value_heads", "head_dim")
+
+
+def model_identity(model: ModelHandle) -> dict:
+    """{"source", "fingerprint", "config"}: what a stage file records of the model that made it."""
+    import hashlib
+
+    m, tok = model.get()
+    config = {k: getattr(m.config, k, None) for k in _FINGERPRINT_KEYS}
+    config["tokenizer_size"] = len(tok) if tok is not None else None
+    fp = hashlib.sha256(json.dumps(config, sort_keys=True, default=str).encode()).hexdigest()[:16]
+    return {"source": str(model.path), "fingerprint": fp, "config": config}
+
+
+def check_made_by(record, model: ModelHandle, path: str | Path) -> None:
+    """Refuse a stage file (`path`) that another model made."""
+    if not isinstance(record, dict) or "fingerprint" not in record:
+        return  # written before provenance was recorded
+    mine = model_identity(model)
+    if record["fingerprint"] == mine["fingerprint"]:
+        return
+    diff = ", ".join(f"{k} {record.get('config', {}).get(k)} vs {v}" for k, v in mine["config"].items()
+                     if record.get("config", {}).get(k) != v)
+    raise SponError(f"{path} was made with model {record.get('source')}, not {mine['source']} ({diff or 'another model'}): "
+                    f"pass --model {record.get('source')}, or recompute it with this model")
+
+
+def _calibration_model(calib_dir) -> dict | None:
+    raw = _metadata(Path(calib_dir) / CALIBRATION_FILE).get("model")
+    try:
+        return json.loads(raw) if raw else None
+    except ValueError:
+        return None
 
 
 def summarize(cfg: RunConfig, source: str, calib_dir, thresholds_dir, distill_dir, fused_dir, eval_dir,
