@@ -53,8 +53,8 @@ def _alive(pid) -> bool:
 
 def _describe(h: dict) -> str:
     cmd = h.get("command") or "?"
-    if len(cmd) > 160:
-        cmd = cmd[:157] + "..."
+    if len(cmd) > 400:
+        cmd = cmd[:397] + "..."
     host = h.get("host")
     where = f" on {host}" if host and host != socket.gethostname() else ""
     since = f", since {h['started']}" if h.get("started") else ""
