@@ -165,7 +165,8 @@ def write_shape_gguf(model, tokenizer_gguf: Path, precision: str, out: Path) -> 
     w.add_head_count(c.num_attention_heads)
     w.add_head_count_kv(c.num_key_value_heads)
     w.add_rope_dimension_count(c.head_dim)
-    w.add_rope_freq_base(c.rope_theta)
+    rope = getattr(c, "rope_parameters", None) or {}  # transformers 5 keeps rope_theta there
+    w.add_rope_freq_base(float(rope.get("rope_theta") or getattr(c, "rope_theta", 10000.0)))
     w.add_layer_norm_rms_eps(c.rms_norm_eps)
     w.add_vocab_size(c.vocab_size)
     w.add_file_type(_file_type(precision))
