@@ -121,6 +121,7 @@ def _check_protocol(cfg, calib_dir) -> None:
 def cmd_ppl(args) -> int:
     if not args.eval_text:
         raise SponError("ppl needs at least one --eval-text FILE")
+    _ppl_window(args)
     checks.check_window(args.window, args.stride)
     checks.check_device(args.device)
     checks.check_dtype(args.dtype)
@@ -144,6 +145,34 @@ def cmd_ppl(args) -> int:
     res = perplexities(model, tok, args.eval_text, modes, args.window, args.stride)
     print(json.dumps({"protocol": protocol, "perplexity": res}, indent=2))
     return 0
+
+
+PPL_WINDOW, PPL_STRIDE = 512, 256
+
+
+def _ppl_window(args) -> None:
+    """`spon ppl`'s defaults adapt to the model's context (said in one line); a typed --window is
+    checked against it as given."""
+    if args.window is not None:
+        if args.stride is None:
+            args.stride = min(PPL_STRIDE, args.window)
+        return
+    args.window = PPL_WINDOW
+    local = Path(args.model_dir).expanduser()
+    n = None
+    if local.is_dir() and (local / "config.json").is_file():
+        try:
+            n = checks.max_context(sources.model_config(local))
+        except SponError:
+            n = None  # the model checks below say what is wrong with it
+    if n is not None and n < PPL_WINDOW:
+        from spon.console import say
+
+        args.window = n
+        say(f"--window: the default {PPL_WINDOW} exceeds the model's max_position_embeddings {n} ({args.model_dir}); "
+            f"using {n}")
+    if args.stride is None:
+        args.stride = min(PPL_STRIDE, max(1, args.window // 2)) if args.window < PPL_WINDOW else PPL_STRIDE
 
 
 def cmd_generate(args) -> int:
@@ -182,8 +211,9 @@ def _add_model_dir_command(sub, name, func, helptext):
     q.add_argument("--dtype", default="fp32")
     if name == "ppl":
         q.add_argument("--eval-text", action="append", default=None)
-        q.add_argument("--window", type=int, default=512)
-        q.add_argument("--stride", type=int, default=256)
+        q.add_argument("--window", type=int, default=None, help="perplexity window (default 512, or the model's "
+                       "context if shorter)")
+        q.add_argument("--stride", type=int, default=None, help="default: 256, at most half the window")
     else:
         q.add_argument("--prompt", required=True)
         q.add_argument("--max-new-tokens", type=int, default=64)

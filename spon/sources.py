@@ -186,6 +186,7 @@ def check_model(cfg, pipeline: bool = False, calib_len: int | None = None, windo
     if local is not None and local.is_dir():  # (a .gguf file: its header was checked)
         conf = model_config(local)
         check_architecture(conf, local)
+        calib_len, window = adapt_to_context(cfg, conf, local, calib_len, window)
         check_context(conf, local, window=window, calib_len=calib_len)
     elif local is None and cfg.model and classify(cfg.model).kind == "hub":
         try:  # a hub id: its config, if it is in the local cache
@@ -195,8 +196,33 @@ def check_model(cfg, pipeline: bool = False, calib_len: int | None = None, windo
         except Exception:
             conf = None
         if conf is not None:
+            calib_len, window = adapt_to_context(cfg, conf, cfg.model, calib_len, window)
             check_context(conf, cfg.model, window=window, calib_len=calib_len)
     return local
+
+
+def adapt_to_context(cfg, conf, source, calib_len: int | None, window: int | None) -> tuple[int | None, int | None]:
+    """A default that the model's context cannot hold adapts to it (said in one line): the
+    calibration block length and the perplexity window (and its stride) are clamped to the model's
+    max_position_embeddings. A value the user gave (a flag or the config file) is left for
+    check_context to refuse. Returns the (calib_len, window) to check."""
+    from spon.checks import max_context
+    from spon.console import say
+
+    n = max_context(conf)
+    if n is None:
+        return calib_len, window
+    if calib_len is not None and calib_len > n and "block_len" not in cfg.calibration.model_fields_set:
+        say(f"calibration.block_len: the default {calib_len} exceeds the model's max_position_embeddings {n} "
+            f"({source}); using {n}")
+        cfg.calibration.block_len = calib_len = n
+    if window is not None and window > n and "window" not in cfg.eval.model_fields_set:
+        stride = cfg.eval.stride if "stride" in cfg.eval.model_fields_set else min(cfg.eval.stride, max(1, n // 2))
+        say(f"eval.window: the default {window} exceeds the model's max_position_embeddings {n} ({source}); "
+            f"using {n} (stride {stride})")
+        cfg.eval.window = window = n
+        cfg.eval.stride = stride
+    return calib_len, window
 
 
 def model_label(model: Path | None) -> str:
