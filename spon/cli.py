@@ -32,6 +32,18 @@ def check_launcher(args) -> None:
                     "and `spon run --in-process` do; start it without torchrun")
 
 
+def interrupted_line(args, argv: list[str] | None) -> str:
+    """What an interrupted command kept, and how to go on."""
+    import shlex
+
+    again = "spon " + shlex.join(sys.argv[1:] if argv is None else argv)
+    out = getattr(args, "out", None)
+    if out and os.path.isdir(out):
+        kept = f"what was written under {out} is kept (alpha checkpoints included)"
+        return f"spon: interrupted: {kept}; to resume, run the same command again: {again}"
+    return f"spon: interrupted: nothing was written; to start again: {again}"
+
+
 def build_parser() -> argparse.ArgumentParser:
     from spon.evaluation.cli import register as register_eval
     from spon.flows.cli import register as register_pipeline
@@ -63,6 +75,9 @@ def main(argv: list[str] | None = None) -> int:
     except SponError as e:  # every user-caused failure is a SponError (or a subclass)
         print(f"spon: error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # Ctrl-C: one line, exit 130 (128 + SIGINT), what was written stays
+        print(interrupted_line(args, argv), file=sys.stderr)
+        return 130
     except ModuleNotFoundError as e:
         extra = EXTRAS.get((e.name or "").split(".")[0])
         if extra is None:

@@ -17,6 +17,28 @@ class _Strict(BaseModel):
     # mean uniform sampling) only after the first stages ran.
     model_config = ConfigDict(extra="forbid", strict=False, validate_assignment=True, allow_inf_nan=False)
 
+    @field_validator("*", mode="before")
+    @classmethod
+    def _no_bool_for_numbers(cls, v, info):
+        """YAML `steps: true` or `sparsity: false` is a mistake, not 1 and 0.0 (lax mode would cast it)."""
+        if isinstance(v, bool) and bool not in _leaf_types(cls.model_fields[info.field_name].annotation):
+            raise ValueError(f"expected {_kind(cls.model_fields[info.field_name].annotation)}, got {str(v).lower()}")
+        if info.field_name == "seed" and isinstance(v, int) and not -(2**63) <= v < 2**63:
+            raise ValueError(f"a seed must fit in 64 bits (|seed| < 2**63), got {v}")
+        return v
+
+
+def _leaf_types(annotation) -> set:
+    from typing import get_args
+
+    args = get_args(annotation)
+    return {annotation} if not args else set().union(*(_leaf_types(a) for a in args))
+
+
+def _kind(annotation) -> str:
+    leaves = _leaf_types(annotation)
+    return "a number" if leaves & {int, float} else "a value of the field's type, not a boolean"
+
 
 class CalibrationConfig(_Strict):
     source: Literal["samples", "text", "dataset"] = "samples"
@@ -132,9 +154,9 @@ def load_config(path: str | Path | None = None, overrides: dict | None = None) -
             if p.suffix in (".yaml", ".yml"):
                 import yaml
 
-                data = yaml.safe_load(text) or {}
+                data = yaml.load(text, Loader=_unique_keys_loader()) or {}
             else:
-                data = json.loads(text)
+                data = json.loads(text, object_pairs_hook=_unique_pairs)
         except Exception as e:
             raise SponError(f"cannot parse config {p}: {str(e).splitlines()[0]}") from e
         if not isinstance(data, dict):
@@ -153,6 +175,34 @@ def load_config(path: str | Path | None = None, overrides: dict | None = None) -
 
     name = preset_name(data.get("model"), data.get("preset"))
     return validate({**layered(preset(name), data), "preset": name})
+
+
+def _unique_pairs(pairs):
+    seen = {}
+    for k, v in pairs:
+        if k in seen:
+            raise ValueError(f"duplicate key {k!r}: a section or key given twice would keep only the last")
+        seen[k] = v
+    return seen
+
+
+def _unique_keys_loader():
+    """yaml.SafeLoader (no !!python tags) that refuses a key given twice in one mapping."""
+    import yaml
+
+    class UniqueKeyLoader(yaml.SafeLoader):
+        def construct_mapping(self, node, deep=False):
+            keys = set()
+            for key_node, _ in node.value:
+                key = self.construct_object(key_node, deep=deep)
+                if key in keys:
+                    raise yaml.constructor.ConstructorError(
+                        None, None, f"duplicate key {key!r}: a section or key given twice would keep only the last",
+                        key_node.start_mark)
+                keys.add(key)
+            return super().construct_mapping(node, deep=deep)
+
+    return UniqueKeyLoader
 
 
 def validate(data: dict) -> RunConfig:

@@ -476,10 +476,27 @@ def _save_checkpoint(directory, step, model, opt, sched, result: DistillResult, 
 
 
 def _latest_checkpoint(directory) -> Path | None:
+    """The newest checkpoint that loads. One that does not (truncated, overwritten: a disk that
+    filled up, a copy cut short) is set aside as <name>.corrupt, said in one line, and the run
+    resumes from the one before it (or from the start)."""
     if directory is None or not Path(directory).is_dir():
         return None
-    found = sorted(Path(directory).glob("alpha_step*.pt"))
-    return found[-1] if found else None
+    for ckpt in sorted(Path(directory).glob("alpha_step*.pt"), reverse=True):
+        try:
+            state = torch.load(ckpt, map_location="cpu", weights_only=True)
+            if not isinstance(state, dict) or not {"step", "key", "alphas", "optimizer", "best"} <= set(state):
+                raise ValueError("not an alpha checkpoint")
+            return ckpt
+        except Exception as e:  # any unreadable file: never trusted, never deleted
+            if not distributed.is_main():  # rank 0 sets it aside; the others just skip it
+                continue
+            aside = ckpt.with_name(ckpt.name + ".corrupt")
+            ckpt.replace(aside)
+            from spon.console import say
+
+            say(f"spon: alpha checkpoint {ckpt} cannot be read ({(str(e).strip().splitlines() or [type(e).__name__])[0]}); "
+                f"set aside as {aside.name}, resuming from the one before it")
+    return None
 
 
 def distill_(model, calibration: Calibration, config: DistillConfig | None = None, *,

@@ -5,6 +5,7 @@ never any other exception."""
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -221,3 +222,32 @@ def test_config_file_and_overrides_give_the_given_values(tmp_path):
     assert (cfg.sparsity.sparsity, cfg.sparsity.targets) == (0.4, ["down", "up"])
     assert (cfg.distill.steps, cfg.distill.lr) == (7, 0.5)
     _round_trips(cfg)
+
+
+# ----------------------------------------------------------------------------- issue #22, item 11
+@pytest.mark.parametrize("text,expected", [
+    ("distill:\n  steps: true\n", "distill.steps: Value error, expected a number, got true"),
+    ("sparsity:\n  sparsity: false\n", "sparsity.sparsity: Value error, expected a number, got false"),
+    ("eval:\n  window: yes\n", "eval.window: Value error, expected a number, got true"),
+    ("distill:\n  steps: 3\ndistill:\n  steps: 4\n", "duplicate key 'distill'"),
+    ("distill:\n  steps: 3\n  steps: 4\n", "duplicate key 'steps'"),
+    ("calibration:\n  seed: 1180591620717411303424\n", "a seed must fit in 64 bits"),
+])
+def test_booleans_duplicates_and_huge_seeds_are_refused(tmp_path, text, expected):
+    from spon.config import load_config
+    from spon.errors import SponError
+
+    f = tmp_path / "c.yaml"
+    f.write_text(text)
+    with pytest.raises(SponError, match=re.escape(expected)):
+        load_config(f)
+
+
+def test_duplicate_json_keys_are_refused(tmp_path):
+    from spon.config import load_config
+    from spon.errors import SponError
+
+    f = tmp_path / "c.json"
+    f.write_text('{"distill": {"steps": 3}, "distill": {"steps": 4}}')
+    with pytest.raises(SponError, match="duplicate key 'distill'"):
+        load_config(f)
