@@ -26,11 +26,12 @@ def load_model(name_or_path: str | None = None, device: str = "cpu", dtype: str 
     return load(name_or_path, device, dtype, device_map)
 
 
-def use_kernels(model, enabled: bool = True):
-    """Route the sparse model's decode through the sparse kernels (spon.kernel_backend)."""
+def use_kernels(model, enabled: bool = True, **options):
+    """Route the sparse model's decode through the sparse kernels (spon.kernel_backend.use_kernels:
+    options such as weights="int8" | "int4")."""
     from spon.kernel_backend import use_kernels as use
 
-    return use(model, enabled)
+    return use(model, enabled, **options)
 
 
 __all__ = [

@@ -191,6 +191,8 @@ def cmd_generate(args) -> int:
 
     model, tok, _ = load_sparse_model(args.model_dir, args.device, args.dtype)
     use_kernels(model, args.kernels)
+    from spon.kernel_backend import describe
+
     ids = tok(args.prompt, return_tensors="pt").input_ids.to(model.device)
     t0 = time.perf_counter()
     with torch.no_grad():
@@ -199,8 +201,8 @@ def cmd_generate(args) -> int:
     wall = time.perf_counter() - t0
     new = out.shape[1] - ids.shape[1]
     print(tok.decode(out[0], skip_special_tokens=True))
-    print(f"{new} new tokens in {wall:.2f} s ({new / wall:.1f} tok/s incl. the prompt's prefill; "
-          f"kernels {'on' if args.kernels else 'off'})", file=sys.stderr)
+    print(f"{new} new tokens in {wall:.2f} s ({new / wall:.1f} tok/s incl. the prompt's prefill); "
+          f"decode path: {describe(model)}", file=sys.stderr)
     return 0
 
 
