@@ -90,7 +90,12 @@ def inspect(path: str | Path) -> dict:
 
         raise SponError(f"unsupported architecture: {path.name} is GGUF architecture {arch!r}; "
                         f"supported: {', '.join(SUPPORTED)}")
-    return {"architecture": arch, "name": name, "tensors": len(tensors), "size": size}
+    if "tokenizer.ggml.tokens" not in meta:  # transformers would fail on the vocabulary's size instead
+        raise SponError(f"{path.name} has no tokenizer metadata (tokenizer.ggml.tokens): spon needs the model's "
+                        "tokenizer in the GGUF file")
+    ctx = meta.get(f"{arch}.context_length")
+    context = ctx if isinstance(ctx, int) and not isinstance(ctx, bool) and ctx > 0 else None
+    return {"architecture": arch, "name": name, "tensors": len(tensors), "size": size, "context_length": context}
 
 
 # GGUF value types (gguf.GGUFValueType): fixed-size scalars by struct code; 8 string, 9 array.
@@ -192,7 +197,9 @@ def dequantize(path: str | Path, sha256: str | None = None, root: Path | None = 
     sha = sha256 or file_sha256(path, root)
     dest = dequantized_dir(sha, root)
     if dest.is_dir():
-        return dest
+        if _cache_entry_ok(dest, sha):
+            return dest
+        _set_aside(dest)  # never trusted: rebuilt from the file below
     info = inspect(path)
     dest.parent.mkdir(parents=True, exist_ok=True)
     remove_stale(dest.parent)
@@ -213,6 +220,55 @@ def dequantize(path: str | Path, sha256: str | None = None, root: Path | None = 
     return dest
 
 
+def _cache_entry_ok(dest: Path, sha: str) -> bool:
+    """A cache entry is used only when it is what dequantize writes: the marker naming this file's
+    sha256, a model directory whose config and weight headers check out."""
+    from spon.checks import check_model_dir
+    from spon.console import say
+
+    try:
+        marker = json.loads((dest / MARKER).read_text())
+        if not isinstance(marker, dict) or marker.get("sha256") != sha:
+            raise SponError(f"its {MARKER} does not name this file's sha256")
+        check_model_dir(dest, "dequantized model")
+        if not (dest / "tokenizer_config.json").is_file() and not (dest / "tokenizer.json").is_file():
+            raise SponError("it has no tokenizer")
+    except (SponError, OSError, ValueError) as e:
+        say(f"spon: the cached conversion {dest} is unusable ({str(e).splitlines()[0] if str(e) else type(e).__name__}); "
+            "converting the GGUF file again")
+        return False
+    return True
+
+
+def _set_aside(dest: Path) -> None:
+    """Move a bad cache entry out of the way (renamed first, so no reader picks it up), then remove it."""
+    aside = dest.parent / temp_name(dest.name + ".bad")
+    try:
+        os.rename(dest, aside)
+    except OSError:
+        return
+    shutil.rmtree(aside, ignore_errors=True)
+
+
+def check_complete(model, loading_info: dict | None, name: str) -> None:
+    """Every tensor the architecture needs came from the file, and every weight is finite: what a
+    GGUF file lacks, transformers would otherwise initialise at random, silently."""
+    import torch
+
+    missing = sorted((loading_info or {}).get("missing_keys") or [])
+    if getattr(model.config, "tie_word_embeddings", False):
+        missing = [k for k in missing if k != "lm_head.weight"]
+    if missing:
+        raise SponError(f"{name} lacks {len(missing)} tensor(s) the architecture needs ({', '.join(missing[:3])}"
+                        f"{' ...' if len(missing) > 3 else ''}): the file is incomplete or its block_count is wrong")
+    mismatched = (loading_info or {}).get("mismatched_keys") or []
+    if mismatched:
+        raise SponError(f"{name}: tensor(s) of the wrong shape for its metadata: {', '.join(map(str, mismatched[:3]))}")
+    for n, t in model.state_dict().items():
+        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            raise SponError(f"{name}: tensor {n} holds NaN or inf")
+
+
 def _convert(path: Path, out: Path, info: dict) -> None:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer, GgufConfig
@@ -222,14 +278,20 @@ def _convert(path: Path, out: Path, info: dict) -> None:
     try:
         with _LOAD_LOCK:
             # gguf_file absolute: a bare name is looked up in the working directory first
-            model = AutoModelForCausalLM.from_pretrained(
+            model, loading = AutoModelForCausalLM.from_pretrained(
                 str(path.parent), gguf_file=str(path), dtype=torch.float32,
-                quantization_config=GgufConfig(dequantize=True),
+                quantization_config=GgufConfig(dequantize=True), output_loading_info=True,
             )
-            tok = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=str(path))
     except (ValueError, KeyError, OSError, RuntimeError) as e:
         raise SponError(f"cannot dequantize {path.name} ({info['architecture']}): "
                         f"{str(e).splitlines()[0] if str(e) else type(e).__name__}") from e
+    check_complete(model, loading, path.name)
+    try:
+        with _LOAD_LOCK:
+            tok = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=str(path))
+    except Exception as e:  # transformers' message for a file without tokenizer metadata is misleading
+        raise SponError(f"cannot read the tokenizer of {path.name}: the GGUF file has no usable tokenizer metadata "
+                        f"(tokenizer.ggml.*): {str(e).splitlines()[0] if str(e) else type(e).__name__}") from e
     if model.config.model_type not in SUPPORTED:
         raise SponError(f"unsupported architecture: {path.name} loads as model_type {model.config.model_type!r}; "
                         f"supported: {', '.join(SUPPORTED)}")

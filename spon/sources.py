@@ -87,6 +87,8 @@ def classify(model: str | None) -> Source:
             return Source("gguf", src, p, default)
         if gguf.HUB_GGUF.fullmatch(src) and not p.exists():
             return Source("hub_gguf", src, default=default)
+        if p.is_dir():
+            raise SponError(f"{src} is a directory, not a GGUF file (a .gguf model is one file)")
         raise SponError(f"GGUF file does not exist: {src} (a hub GGUF is ORG/REPO:FILE.gguf)")
     if p.exists():
         if p.is_dir() and (p / MANIFEST_FILE).is_file():
@@ -148,7 +150,7 @@ def check_model_source(model: str | None, pipeline: bool = False) -> Path | None
             return done
         return None
     if s.kind == "gguf":
-        gguf.inspect(s.path)  # header only: magic, truncation, architecture
+        gguf.inspect(s.path)  # header only: magic, truncation, architecture, context length
         return s.path
     if s.kind == "store" and pipeline:
         return None  # a model-store copy: pulled and checksum-verified by fetch_model
@@ -183,6 +185,14 @@ def check_model(cfg, pipeline: bool = False, calib_len: int | None = None, windo
     """cfg.model (a RunConfig's): exists, is a loadable supported model whose context holds the
     sequence lengths given. Returns its local directory (None: hub id or remote reference)."""
     local = check_model_source(cfg.model, pipeline)
+    if local is not None and local.is_file():  # a .gguf file: its header's context length
+        n = gguf.inspect(local).get("context_length")
+        if n is not None:
+            from types import SimpleNamespace
+
+            conf = SimpleNamespace(max_position_embeddings=n)
+            calib_len, window = adapt_to_context(cfg, conf, local, calib_len, window)
+            check_context(conf, local, window=window, calib_len=calib_len)
     if local is not None and local.is_dir():  # (a .gguf file: its header was checked)
         conf = model_config(local)
         check_architecture(conf, local)
