@@ -125,7 +125,76 @@ def _prepare(args):
     cfg = config_from_args(args)
     settings = settings_from_args(args)
     check_inputs(cfg, settings, args.config)
+    check_pipeline_settings(settings, cfg.out)
     return cfg, settings
+
+
+TRACKING_SCHEMES = ("sqlite", "http", "https", "file", "postgresql", "mysql", "mssql", "databricks")
+
+
+def check_pipeline_settings(settings, out) -> None:
+    """What the pipeline would otherwise find out after its stages ran (or never, retrying): the
+    experiment name, the tracking URI (a server answers within a bounded connect timeout), the model
+    store (an S3 URI names a bucket; a directory is writable), the lm-eval task names."""
+    from spon.cli_args import check_out_dir
+
+    name = settings.experiment
+    if not name.strip() or any(ord(c) < 32 for c in name) or len(name) > 500:
+        raise SponError(f"--experiment {name!r}: an MLflow experiment name is a non-empty line of at most 500 characters")
+    uri = settings.resolved_tracking_uri()
+    scheme = urlsplit(uri).scheme.split("+")[0].lower()
+    if scheme not in TRACKING_SCHEMES and not (scheme == "" and uri.startswith("/")):  # an absolute path: file store
+        raise SponError(f"--tracking-uri {uri!r} is not a tracking URI: use sqlite:///FILE.db, http(s)://HOST:PORT, "
+                        "file:///DIR or a database URI")
+    if scheme == "sqlite":
+        from spon.runtime.settings import sqlite_path
+
+        db = sqlite_path(uri)
+        if db is not None:
+            if db.is_dir():
+                raise SponError(f"--tracking-uri {uri}: {db} is a directory, not a database file")
+            if not db.exists():
+                check_out_dir(db.parent, [], "--tracking-uri's directory")
+    elif scheme in ("http", "https"):
+        u = urlsplit(uri)
+        if not u.hostname:
+            raise SponError(f"--tracking-uri {uri!r} names no host")
+        try:
+            socket.create_connection((u.hostname, u.port or (443 if scheme == "https" else 80)), timeout=10).close()
+        except (OSError, ValueError) as e:
+            raise SponError(f"cannot reach the MLflow tracking server at {uri}: {e.strerror or e} "
+                            "(checked before the first stage; nothing was run)") from e
+    store = settings.resolved_store()
+    if store.startswith("s3://"):
+        bucket, _, prefix = store[len("s3://"):].partition("/")
+        if not bucket:
+            raise SponError(f"--store {store!r} names no bucket: use s3://BUCKET/PREFIX")
+        if "//" in prefix or prefix.startswith("/"):
+            raise SponError(f"--store {store!r}: empty path segment in the prefix")
+    elif "://" in store:
+        raise SponError(f"--store {store!r}: unsupported store URI (s3://BUCKET/PREFIX or a directory)")
+    else:
+        check_out_dir(store, [], "--store")
+    if settings.lm_eval_tasks:
+        _check_task_names(settings.lm_eval_tasks)
+
+
+def _check_task_names(names: list[str]) -> None:
+    from spon.evaluation.registry import discover
+
+    known = set(discover())
+    unknown = [n for n in names if n not in known]
+    if not unknown:
+        return
+    try:  # lm-eval's own task index, when installed (slow to build: only for names that are not ours)
+        from lm_eval.tasks import TaskManager
+
+        known |= set(TaskManager().all_tasks)
+        unknown = [n for n in names if n not in known]
+    except ImportError:
+        pass
+    if unknown:
+        raise SponError(f"--lm-eval-tasks: unknown task(s) {', '.join(unknown)}; spon's own: {', '.join(sorted(discover()))}")
 
 
 @contextmanager

@@ -228,6 +228,8 @@ def cmd_models(args) -> int:
     """`spon models`: the named models (spon.models), whether each is cached and where."""
     from spon import models
 
+    if args.fetch is not None and not args.fetch.strip():
+        raise SponError(f"--fetch: empty model name; one of: {', '.join(models.MODELS)}")
     if args.fetch:
         print(models.resolve(args.fetch))
         return 0

@@ -167,6 +167,19 @@ CASES = [
     ("generate-bias-flag-off", ["generate", "{T}/fused-bias-off", "--prompt", "hi"], "has no bias"),
     ("eval-alpha-shape", ["eval", "{T}/fused-alpha-shape", "--out", "{OUT}"], "alpha 0.q has shape [8]"),
     ("ppl-alpha-nan", ["ppl", "{T}/fused-alpha-nan", "--eval-text", SAMPLE], "alpha 1.q holds NaN or inf"),
+    # issue #22 item 5: pipeline settings checked before the first stage (no Prefect traceback, no retry loop)
+    ("run-store-s3-no-bucket", RUN + ["--store", "s3://"], "--store 's3://' names no bucket"),
+    ("run-store-s3-empty-bucket", RUN + ["--store", "s3:///prefix"], "--store 's3:///prefix' names no bucket"),
+    ("run-store-existing-file", RUN + ["--store", "{T}/file.out"], "file.out is an existing file, not a directory"),
+    ("run-store-proc", RUN + ["--store", "/proc/x"], "--store /proc/x: /proc is read-only"),
+    ("run-tracking-garbage", RUN + ["--tracking-uri", "garbage"], "--tracking-uri 'garbage' is not a tracking URI"),
+    ("run-tracking-unreachable", RUN + ["--tracking-uri", "http://127.0.0.1:{DEAD}"], "cannot reach the MLflow tracking server"),
+    ("run-experiment-empty", RUN + ["--experiment", ""], "--experiment '': an MLflow experiment name is a non-empty line"),
+    ("run-lm-eval-unknown-task", RUN + ["--lm-eval-tasks", "nope_task"], "--lm-eval-tasks: unknown task(s) nope_task"),
+    ("distill-calib-seed-huge", ["distill", "--calib", "{T}/fakecal", "--out", "{OUT}", "--calib-seed", "1180591620717411303424"],
+     "a seed must fit in 64 bits"),
+    ("models-fetch-empty", ["models", "--fetch", ""], "--fetch: empty model name"),
+    ("model-dir-named-gguf", CAL + ["--model", "{T}/dir.gguf"], "is a directory, not a GGUF file"),
 ]
 
 
@@ -249,6 +262,7 @@ def _inputs(t: Path) -> None:
         (t / name).mkdir()
         (t / name / "manifest.json").write_text(json.dumps({"format": "spon-store/1", "files": [{"path": path, "size": 1, "sha256": "0" * 64}]}))
     (t / "store-empty").mkdir()
+    (t / "dir.gguf").mkdir()
 
 
 @pytest.fixture(scope="module")
