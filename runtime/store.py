@@ -224,8 +224,11 @@ def pull(uri: str, out_dir: str | Path) -> Path:
             dst.parent.mkdir(parents=True, exist_ok=True)
             store.get_file(rel.as_posix(), dst)
             got = sha256_file(dst)
-            if got != e["sha256"] or dst.stat().st_size != e["size"]:
+            if got != e["sha256"]:
                 raise ChecksumError(f"checksum mismatch for {rel} from {uri}: expected sha256 {e['sha256'][:12]}…, got {got[:12]}…")
+            if dst.stat().st_size != e["size"]:
+                raise ChecksumError(f"size mismatch for {rel} from {uri}: the manifest says {e['size']} bytes, "
+                                    f"the file has {dst.stat().st_size} (its sha256 matches: the manifest was altered)")
         if out.exists():
             out.rmdir()
         tmp.rename(out)

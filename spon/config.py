@@ -6,7 +6,7 @@ import json
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from spon.errors import SponError
 from spon.format import PROJECTIONS, PROTOCOLS
@@ -122,6 +122,17 @@ class Recipe(_Strict):
     calibration: CalibrationConfig = Field(default_factory=CalibrationConfig)
     sparsity: SparsityConfig = Field(default_factory=SparsityConfig)
     distill: DistillConfig = Field(default_factory=DistillConfig)
+
+
+    @model_validator(mode="after")
+    def _alpha_on_sparsified_projections(self):
+        """alpha lives on sparsified projections only: `--alpha-targets down` with `--targets q,k`
+        is refused here, not after calibration."""
+        extra = [t for t in self.distill.targets or [] if t not in self.sparsity.targets]
+        if extra:
+            raise ValueError(f"distill.targets (--alpha-targets) {','.join(extra)} not among sparsity.targets "
+                             f"(--targets) {','.join(self.sparsity.targets)}: alpha is trained only on sparsified projections")
+        return self
 
 
 class RunConfig(Recipe):

@@ -77,6 +77,7 @@ def cmd_distill(args) -> int:
     cfg = config_from_args(args)
     _check_stage(cfg, args, ("the --calib directory", check_calib_dir(args.calib)))
     _check_protocol(cfg, args.calib)
+    _check_alpha_targets(cfg, args.calib)
     distributed.init(cfg.device)  # under torchrun: data-parallel over the ranks (spon.distributed)
     out = Path(cfg.out)
     with _main_rank_out_dir(out):
@@ -116,6 +117,17 @@ def _check_protocol(cfg, calib_dir) -> None:
     if cfg.sparsity.protocol != calibrated:
         raise SponError(f"--protocol {cfg.sparsity.protocol}: the thresholds in {calib_dir} were taken for protocol "
                         f"{calibrated}; recalibrate with `spon calibrate --protocol {cfg.sparsity.protocol}`")
+
+
+def _check_alpha_targets(cfg, calib_dir) -> None:
+    """--alpha-targets among the projections the calibration directory's thresholds sparsify."""
+    if not cfg.distill.targets:
+        return
+    calibrated = json.loads((Path(calib_dir) / THRESHOLDS_FILE).read_text()).get("targets") or []
+    extra = [t for t in cfg.distill.targets if t not in calibrated]
+    if extra:
+        raise SponError(f"--alpha-targets {','.join(extra)}: {calib_dir} sparsifies only {','.join(calibrated)}; "
+                        "alpha is trained only on sparsified projections")
 
 
 def cmd_ppl(args) -> int:

@@ -180,6 +180,10 @@ CASES = [
      "a seed must fit in 64 bits"),
     ("models-fetch-empty", ["models", "--fetch", ""], "--fetch: empty model name"),
     ("model-dir-named-gguf", CAL + ["--model", "{T}/dir.gguf"], "is a directory, not a GGUF file"),
+    ("run-alpha-targets-not-sparsified", RUN + ["--in-process", "--targets", "q,k", "--alpha-targets", "down"],
+     "distill.targets (--alpha-targets) down not among sparsity.targets (--targets) q,k"),
+    ("distill-alpha-targets-not-calibrated", ["distill", "--calib", "{T}/fakecal", "--out", "{OUT}", "--alpha-targets", "down"],
+     "/fakecal sparsifies only q; alpha is trained only on sparsified projections"),
 ]
 
 
