@@ -37,7 +37,7 @@ def interrupted_line(args, argv: list[str] | None) -> str:
     import shlex
 
     again = "spon " + shlex.join(sys.argv[1:] if argv is None else argv)
-    out = getattr(args, "out", None)
+    out = getattr(args, "out", None) or ("out/run" if args.command == "run" else None)  # RunConfig.out's default
     if out and os.path.isdir(out):
         kept = f"what was written under {out} is kept (alpha checkpoints included)"
         return f"spon: interrupted: {kept}; to resume, run the same command again: {again}"
