@@ -87,3 +87,22 @@ def test_two_runs_on_one_out_do_not_mix(tmp_path):
     sidecar = json.loads((out / "fused" / SIDECAR).read_text())
     assert summary["sparsity"] == 0.3 and sidecar["sparsity"] == 0.3  # the first's results, not mixed
     assert not lock_path(out).exists()
+
+
+def test_pipeline_commands_lock_their_out_and_work_dirs(tmp_path):
+    from types import SimpleNamespace
+
+    from spon.flows.cli import writers
+    from spon.runtime.settings import PipelineSettings
+
+    cfg = SimpleNamespace(out=str(tmp_path / "o"))
+    settings = PipelineSettings(work_dir=str(tmp_path / "w"))
+    with writers(cfg, settings):
+        for d in ("o", "w"):
+            assert json.loads(lock_path(tmp_path / d).read_text())["pid"] == os.getpid()
+        holder = subprocess.run([sys.executable, "-c", "import sys; from spon.lock import writer_lock\n"
+                                 "with writer_lock(sys.argv[1], '--work-dir'): pass", str(tmp_path / "w")],
+                                capture_output=True, text=True, env=ENV, cwd=REPO)
+        assert holder.returncode != 0 and f"--work-dir {tmp_path / 'w'} is being written by another spon command: " \
+            f"pid {os.getpid()}" in holder.stderr, holder.stderr[-1000:]
+    assert not lock_path(tmp_path / "o").exists() and not lock_path(tmp_path / "w").exists()
