@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import time
 from contextlib import contextmanager
 from contextvars import ContextVar
@@ -317,7 +318,10 @@ def summarize(cfg: RunConfig, source: str, calib_dir, thresholds_dir, distill_di
         "perplexity": {m: first[m]["perplexity"] for m in ("dense", "teal", "spon")} if first else {},
         "perplexity_by_file": {f: {m: r["perplexity"] for m, r in by_mode.items()} for f, by_mode in ppl.items()},
         "realized_sparsity_by_file": {f: by_mode["teal"]["realized_sparsity"] for f, by_mode in ppl.items()},
-        "heldout_kl": {"teal": d["heldout_kl_before"], "spon_init": d["heldout_kl_init"], "spon": d["heldout_kl_after"],
+        # spon_init is measured before the first step only: a run resumed from a checkpoint has none (null, not NaN)
+        "heldout_kl": {"teal": d["heldout_kl_before"],
+                       "spon_init": d["heldout_kl_init"] if math.isfinite(d["heldout_kl_init"]) else None,
+                       "spon": d["heldout_kl_after"],
                        "spon_last_step": d["heldout_kl_last"]},
         "heldout_kl_by_step": d["heldout_kl_by_step"],
         "heldout_nll": {"teal": d.get("heldout_nll_before"), "by_step": d.get("heldout_nll_by_step", {})},
