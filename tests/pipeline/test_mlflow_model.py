@@ -304,5 +304,28 @@ def test_old_artifact_only_version_one_line_error_then_republish(pulled, tmp_pat
     assert '"republished": false' in capsys.readouterr().out
 
 
-def test_zz_report_figures():
+def test_zzz_report_figures():
     print("\nserving figures:", json.dumps(FIGURES, indent=2))
+
+
+def test_refused_version_says_why_in_its_description(pulled, tmp_path):
+    from mlflow import MlflowClient
+
+    from spon.runtime import tracking
+    from spon.runtime.settings import PipelineSettings
+    from spon.tasks.publish import publish
+
+    s = PipelineSettings(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}", store=str(tmp_path / "store"),
+                         registered_model="refused-model")
+    worse = {"model": "stories260K", "sparsity": 0.5, "protocol": "all", "realized_sparsity": 0.5,
+             "perplexity": {"dense": 3.5, "teal": 7.0, "spon": 7.2}, "heldout_kl": {"teal": 0.6, "spon": 0.5},
+             "quality_warnings": ["SPON perplexity 7.2000 is above TEAL's 7.0000 on t.txt"], "config": {}}
+    run = tracking.start_run(s, {}, "r", None, {})
+    tracking.end_run(s, run)
+    r = publish.fn(str(pulled), run, worse, s)
+    assert r["champion"] is False
+    mv = MlflowClient(s.tracking_uri, s.tracking_uri).get_model_version("refused-model", r["version"])
+    assert "Champion refused**: SPON perplexity 7.2000 is above TEAL's 7.0000 on t.txt" in mv.description
+    assert "Quality warnings: SPON perplexity 7.2000" in mv.description and "7.200" in mv.description
+    assert mv.tags["champion_refused"].startswith("SPON perplexity 7.2000")
+    assert mv.source.endswith("/fused_model") and tracking.is_mlflow_model(s, mv)
