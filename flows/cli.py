@@ -162,8 +162,15 @@ def check_pipeline_settings(settings, out) -> None:
         try:
             socket.create_connection((u.hostname, u.port or (443 if scheme == "https" else 80)), timeout=10).close()
         except (OSError, ValueError) as e:
-            raise SponError(f"cannot reach the MLflow tracking server at {uri}: {e.strerror or e} "
-                            "(checked before the first stage; nothing was run)") from e
+            # The stages still run and keep their results (`spon publish` tracks them later), but
+            # MLflow's own retry loop is bounded, so tracking then fails in seconds, not minutes.
+            for k, v in (("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "1"), ("MLFLOW_HTTP_REQUEST_TIMEOUT", "10"),
+                         ("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "1")):
+                os.environ.setdefault(k, v)
+            from spon.console import say
+
+            say(f"spon: warning: cannot reach the MLflow tracking server at {uri} ({e.strerror or e}): the stages run "
+                f"and keep their results; tracking will fail after one retry, and `spon publish {out}` finishes it")
     store = settings.resolved_store()
     if store.startswith("s3://"):
         bucket, _, prefix = store[len("s3://"):].partition("/")
