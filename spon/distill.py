@@ -78,9 +78,9 @@ def _kl_and_student(model, ids: torch.Tensor, teacher: torch.Tensor | None):
 # such tensors per chunk): 128 MB is 128 tokens of Gemma-3's 262,144-entry vocabulary. Every chunk
 # streams the whole LM head (671 MB fp32) through each of its three matmuls, so fewer, larger
 # chunks are faster (Gemma-3-270M, 512 tokens, 1 thread: 16-20 s at 32 tokens a chunk, 12.5 s at
-# 128, 9-10 s at 512). A teacher whose log-probs do not fit its cache budget goes chunked when one
-# block's fp32 logits are at least this (Gemma-3: 128 tokens and up); smaller ones (stories260K,
-# SmolLM2-135M at 128-256 tokens) keep the plain KL, whose Adam trajectory their tests pin to 1e-4.
+# 128, 9-10 s at 512). The teacher goes chunked when one block's fp32 logits are at least this
+# (Gemma-3: 128 tokens and up); smaller ones (stories260K, SmolLM2-135M at 128-512 tokens) keep the
+# plain KL and its log-prob cache, whose Adam trajectory their tests pin to 1e-4.
 LOGITS_CHUNK_BYTES = 128 << 20
 
 
@@ -182,8 +182,9 @@ class Teacher:
     The teacher never changes while alpha trains, and its forward pass is a quarter of a step
     (SmolLM2-135M, 2 x 256 tokens, fp32: 1.06 s of 3.95 s). When all its log-probabilities fit in
     `budget_gb` they are computed once, in batches of `batch_size` blocks, and served from memory
-    (the KL as before, bit for bit). Otherwise (a large vocabulary times many blocks: Gemma-3's
-    262,144 x 64 x 256 tokens would be 17 GB) the teacher is its final hidden states instead,
+    (the KL as before, bit for bit). A large vocabulary (one block's fp32 logits at least
+    `logits_chunk_bytes`; Gemma-3's 262,144 x 64 x 256 tokens would be 17 GB) never holds logits
+    whole: the teacher is its final hidden states instead,
     [tokens, hidden] (Gemma-3-270M: 640 floats a token, 410x less), cached when they fit the budget
     and recomputed by a dense forward pass otherwise; the KL is then computed by the LM head in
     chunks of tokens (chunked_kl_and_nll), so no [tokens, vocab] fp32 tensor is held whole.
@@ -198,12 +199,14 @@ class Teacher:
         self.hidden: torch.Tensor | None = None  # the dense final hidden states, when cached
         self.chunk = max(1, logits_chunk_bytes // (vocab * 4))  # tokens per LM-head chunk
         device = next(model.parameters()).device
-        if len(blocks) and blocks.numel() * vocab * 4 <= budget_gb * 1e9:
-            self.cached = torch.cat([teacher_logprobs(model, blocks[i : i + batch_size].to(device)).cpu()
-                                     for i in range(0, len(blocks), batch_size)])
-        # True: KL by the LM head in chunks, from the teacher's final hidden states
-        self.chunked = self.cached is None and blocks.dim() == 2 and blocks.shape[1] * vocab * 4 >= logits_chunk_bytes
+        # True: KL by the LM head in chunks, from the teacher's final hidden states (a large vocabulary:
+        # even a log-prob cache that fits the budget costs several times its size in temporaries when
+        # a batch of blocks is scored at once: Gemma-3-270M, 4 held-out blocks of 256: 9.3 GB peak)
+        self.chunked = blocks.dim() == 2 and blocks.shape[1] * vocab * 4 >= logits_chunk_bytes
         if not self.chunked:
+            if len(blocks) and blocks.numel() * vocab * 4 <= budget_gb * 1e9:
+                self.cached = torch.cat([teacher_logprobs(model, blocks[i : i + batch_size].to(device)).cpu()
+                                         for i in range(0, len(blocks), batch_size)])
             return
         if len(blocks) and blocks.numel() * hidden * 4 <= budget_gb * 1e9:
             self.hidden = torch.cat([self._dense_hidden(blocks[i : i + batch_size].to(device)).cpu()

@@ -96,6 +96,8 @@ def test_gemma3_through_spon_run(gemma_gguf, in_cache, tmp_path):
     t0 = time.perf_counter()
     summary = run(cfg, progress=False)
     print(f"\nGemma-3-270M chain in-process: {time.perf_counter() - t0:.0f} s")
+    assert summary["preset"] == "gemma3-270m"  # the proposed recipe, under these flags
+    assert summary["config"]["distill"]["compute_dtype"] == "bf16" and summary["config"]["distill"]["steps"] == 2
     ppl = summary["perplexity"]
     assert all(p == p and p < 1e4 for p in (ppl["dense"], ppl["teal"], ppl["spon"])), ppl
     assert ppl["teal"] > ppl["dense"]

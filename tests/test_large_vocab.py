@@ -53,7 +53,7 @@ def test_chunked_kl_is_the_plain_kl(arch, tiny_models):
     assert max(g.abs().max().item() for g in plain_grads) > 1e-4
 
 
-def test_the_teacher_caches_hidden_states_when_log_probs_do_not_fit(tiny_models):
+def test_a_large_vocabulary_teacher_caches_hidden_states_not_log_probs(tiny_models):
     model, blocks = _sparse(tiny_models["gemma2"])
     vocab, hidden = model.get_output_embeddings().weight.shape
     train = blocks[:8]
@@ -61,7 +61,8 @@ def test_the_teacher_caches_hidden_states_when_log_probs_do_not_fit(tiny_models)
     budget = train.numel() * (hidden * 4 + 1) / 1e9
     assert train.numel() * vocab * 4 > budget * 1e9
     chunk_bytes = 5 * vocab * 4  # this tiny vocabulary as if it were large: chunks of 5 tokens
-    cached_logprobs = Teacher(model, train, budget_gb=1.0, logits_chunk_bytes=chunk_bytes)
+    cached_logprobs = Teacher(model, train, budget_gb=1.0)  # a small vocabulary: the plain KL, log-probs cached
+    assert Teacher(model, train, budget_gb=1.0, logits_chunk_bytes=chunk_bytes).cached is None  # large: never
     cached_hidden = Teacher(model, train, budget_gb=budget, logits_chunk_bytes=chunk_bytes)
     recomputed = Teacher(model, train, budget_gb=0.0, logits_chunk_bytes=chunk_bytes)
     plain = Teacher(model, train, budget_gb=0.0)  # one block's logits are far below LOGITS_CHUNK_BYTES
