@@ -6,9 +6,9 @@ Tiny settings (8 text blocks of 128 tokens, 2 alpha steps): the plumbing of an 1
 method's quality. The teacher's log-probs are kept out of the cache (teacher_cache_gb 0.05), so
 distillation runs the large-vocabulary path: cached final hidden states, chunked LM-head KL.
 
-The first run on a machine fetches (~25 s) and dequantizes (~150 s, peak RSS 3.4 GB) the model
+The first run on a machine fetches (~25 s) and dequantizes (46-150 s, peak RSS 3.4 GB) the model
 into the spon cache ($SPON_CACHE, else a fresh one per session); later runs reuse it and take
-~1.5 min here.
+~1.5 min here (peak RSS 4.0 GB).
 """
 
 from __future__ import annotations
