@@ -58,7 +58,8 @@ def _vanilla_view(model):
         inner = mod.linear if isinstance(mod, SparseLinear) else mod
         w = inner.weight
         if isinstance(mod, SparseLinear):
-            bias = _fused_bias_of(mod) if slot is not None else mod._original_bias()
+            # no slot: the original bias, or none (not the zeros b' - W alpha leaves after in-memory fusion)
+            bias = _fused_bias_of(mod) if slot is not None else mod._original_bias() if mod.had_bias else None
         else:
             bias = inner.bias
         if slot in flags and bias is None:

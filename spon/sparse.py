@@ -51,6 +51,7 @@ class SparseLinear(nn.Module):
     def __init__(self, linear: nn.Linear, name: str, kind: str):
         super().__init__()
         self.linear = linear
+        self.had_bias = linear.bias is not None  # fusion may give it one where the architecture has none
         self.name = name  # "layer.kind", e.g. "3.down"
         self.kind = kind
         self.register_buffer("threshold", torch.zeros((), dtype=torch.float32))

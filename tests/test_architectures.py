@@ -7,6 +7,7 @@ import json
 
 import pytest
 import torch
+from safetensors import safe_open
 from transformers import AutoModelForCausalLM
 
 from spon.calibration import sample_blocks
@@ -57,6 +58,10 @@ def test_whole_chain(arch, tiny_models, tmp_path):
     set_mode(model, "spon")
     out = save_pretrained(model, tok, tmp_path / arch)
     fuse_(model)  # the model in memory as the checkpoint holds it: b' = b + W alpha in the biases
+    # Saved again once fused in memory: the same tensors (no zero bias where the architecture has no slot).
+    again = save_pretrained(model, tok, tmp_path / f"{arch}-fused-first")
+    with safe_open(str(out / "model.safetensors"), "pt") as a, safe_open(str(again / "model.safetensors"), "pt") as b:
+        assert set(a.keys()) == set(b.keys()) and all(torch.equal(a.get_tensor(k), b.get_tensor(k)) for k in a.keys())
     ids = blocks[:2]
     with torch.no_grad():
         expected = model(ids).logits
