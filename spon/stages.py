@@ -67,8 +67,6 @@ class ModelHandle:
     """The base model of a run: `path` loaded on `device` in `dtype` at the first `get()`, then the
     same object until `release()`. Stages change it in place (wrap, thresholds, alpha, fusion)."""
 
-    loads = 0  # base-model loads in this process (what "loaded once" is tested by)
-
     def __init__(self, path: str, device: str = "cpu", dtype: str = "fp32", device_map: str | None = None):
         self.path, self.device, self.dtype, self.device_map = path, device, dtype, device_map
         self._loaded = None
@@ -77,7 +75,6 @@ class ModelHandle:
         """(model, tokenizer), loaded now if not yet. Under torchrun each rank on its own GPU."""
         if self._loaded is None:
             self._loaded = load_model(self.path, distributed.local_device(self.device), self.dtype, self.device_map)
-            ModelHandle.loads += 1
         return self._loaded
 
     def release(self) -> None:
