@@ -13,7 +13,8 @@ from lm_eval.models.huggingface import HFLM
 from tqdm import tqdm
 
 from spon.evaluation import shared_context
-from spon.sparse import counting_zeros, mode
+from spon.evaluation.paired import item_scores
+from spon.sparse import SparseLinear, counting_zeros, mode
 
 log = logging.getLogger(__name__)
 
@@ -31,7 +32,7 @@ class SponLM(HFLM):
         self.share_context = share_context
 
     def _loglikelihood_tokens(self, requests, disable_tqdm: bool = False, override_bs=None):
-        if not self.share_context or self.backend != "causal":
+        if not self.share_context or self.backend != "causal" or self._position_dependent_sparsity():
             return super()._loglikelihood_tokens(requests, disable_tqdm, override_bs)
         groups, rest = shared_context.group_by_context(requests, self.max_length)
         if not groups:
@@ -52,6 +53,13 @@ class SponLM(HFLM):
             if strings is not None and i not in rest:
                 self.cache_hook.add_partial("loglikelihood", strings, scores[i])
         return [scores[i] for i in range(len(requests))]
+
+    def _position_dependent_sparsity(self) -> bool:
+        """TEAL's last_half protocol keeps the first half of each forward's sequence dense, so a
+        context and its continuation run as two forwards would sparsify other positions than
+        HFLM's one forward over both: such models keep HFLM's path."""
+        return any(m.protocol == "last_half" and m.mode != "dense"
+                   for m in self.model.modules() if isinstance(m, SparseLinear))
 
     def tok_encode(self, string, add_special_tokens=None, left_truncate_len=None, **kwargs):
         key = (string, add_special_tokens, left_truncate_len, tuple(sorted(kwargs.items())))
@@ -78,7 +86,9 @@ def make_lm(model, tokenizer, batch_size: int = 64, max_length: int | None = Non
 
 def evaluate_tasks(lm: SponLM, model, run_mode: str, tasks: dict, limit=None, bootstrap_iters: int = 1000,
                    task_manager=None) -> dict[str, dict]:
-    """{task: {"results": metrics, "n": samples, "realized_sparsity", "wall_s"}} for one mode."""
+    """{task: {"metrics", "n", "items", "realized_sparsity", "wall_s"}} for one mode. "items" holds
+    each item's correctness by doc id (evaluation/paired.py), so variants can be compared item by
+    item."""
     from lm_eval import simple_evaluate
     from lm_eval.tasks import TaskManager
 
@@ -89,7 +99,7 @@ def evaluate_tasks(lm: SponLM, model, run_mode: str, tasks: dict, limit=None, bo
         lm.truncated_continuations = 0
         with mode(model, run_mode), counting_zeros(model) as zeros:
             res = simple_evaluate(
-                model=lm, tasks=[task], limit=limit, bootstrap_iters=bootstrap_iters, log_samples=False,
+                model=lm, tasks=[task], limit=limit, bootstrap_iters=bootstrap_iters, log_samples=True,
                 task_manager=task_manager, verbosity="WARNING",
             )
         wall = time.perf_counter() - t0
@@ -99,6 +109,7 @@ def evaluate_tasks(lm: SponLM, model, run_mode: str, tasks: dict, limit=None, bo
             out[tname] = {
                 "metrics": {k: v for k, v in metrics.items() if k != "alias" and isinstance(v, (int, float))},
                 "n": n.get(tname),
+                "items": item_scores(res.get("samples", {}).get(tname, [])),
                 "realized_sparsity": zeros["weighted"] if run_mode != "dense" else 0.0,
                 "wall_s": round(wall, 2),
                 "truncated_continuations": lm.truncated_continuations,

@@ -6,8 +6,9 @@ substituted at run time, so no YAML holds one machine's absolute path:
                       beside the repo)
   ${SPON_EVAL_CACHE}  where converted data goes (env SPON_EVAL_CACHE, default ~/.cache/spon/eval)
 An optional `spon_prepare:` block names a converter (evaluation/prepare.py) that builds the jsonl
-the task reads. Adding a task = adding a YAML (+ its data); names not found here are passed to
-lm-eval as built-in task names (those need the hub).
+the task reads; an optional `spon_headline_metric:` names the per-item accuracy that paired
+comparisons of variants use (evaluation/paired.py). Adding a task = adding a YAML (+ its data);
+names not found here are passed to lm-eval as built-in task names (those need the hub).
 """
 
 from __future__ import annotations
@@ -60,11 +61,18 @@ class TaskSpec:
     def output_type(self) -> str:
         return self.raw.get("output_type", "")
 
+    @property
+    def headline_metric(self) -> str | None:
+        """The per-item accuracy the paired comparison uses (`spon_headline_metric:` in the YAML,
+        lm-eval's metric key, e.g. "acc_norm,none"); None: the first one the task logs."""
+        return self.raw.get("spon_headline_metric")
+
     def config(self) -> dict:
         """The lm-eval config with data roots resolved and its data prepared."""
         roots = {"SPON_EVAL_DATA": str(data_root()), "SPON_EVAL_CACHE": str(cache_root())}
         cfg = substitute(self.raw, roots)
         spec = cfg.pop("spon_prepare", None)
+        cfg.pop("spon_headline_metric", None)  # ours, not lm-eval's
         if spec:
             prepare(spec)
         files = (cfg.get("dataset_kwargs") or {}).get("data_files")

@@ -78,6 +78,8 @@ def markdown(doc: dict) -> str:
             val, err = cell(r["metrics"], metric, filt) if r else (None, None)
             cells.append(fmt(val) + (f" ± {fmt(err)}" if err is not None else ""))
         out.append(f"| {task} | {label} | " + " | ".join(cells) + " |")
+    if doc.get("paired", {}).get("comparisons"):
+        out += ["", "## Paired differences (same items, 95 % paired-bootstrap interval)", "", paired_markdown(doc["paired"])]
     out += ["", "## Realized sparsity per task (fraction of sparse-linear inputs zeroed, weight-weighted)", ""]
     out.append("| task | " + " | ".join(names) + " |")
     out.append("| --- |" + " --- |" * len(names))
@@ -90,6 +92,36 @@ def markdown(doc: dict) -> str:
         for n, info in q.items():
             out.append(f"- **{n}**: `{json.dumps(info, sort_keys=True)}`")
     out += ["", "Charts: `accuracy.png`, `perplexity.png`. Numbers: `results.json`.", ""]
+    return "\n".join(out)
+
+
+def signed(x: float) -> str:
+    return f"{x:+.3f}"
+
+
+def paired_markdown(paired: dict) -> str:
+    """The paired table (evaluation/paired.compare): task, n, the headline accuracy of every
+    variant, and each comparison a - b as "difference [lo, hi]"; the last row averages the tasks
+    (its interval resamples within each task). An interval that excludes 0 is in bold."""
+    labels = paired["comparisons"]
+    names = list(next(iter(paired["tasks"].values()))["accuracy"])
+
+    def interval(d: dict) -> str:
+        text = f"{signed(d['diff'])} [{signed(d['lo'])}, {signed(d['hi'])}]"
+        return f"**{text}**" if d["lo"] > 0 or d["hi"] < 0 else text
+
+    out = ["| task | metric | n | " + " | ".join(names) + " | " + " | ".join(labels) + " |",
+           "| --- | --- | --- |" + " --- |" * (len(names) + len(labels))]
+    for task, row in paired["tasks"].items():
+        out.append(f"| {task} | {row['metric'].split(',')[0]} | {row['n']} | "
+                   + " | ".join(f"{row['accuracy'][n]:.3f}" for n in names) + " | "
+                   + " | ".join(interval(row["diff"][c]) for c in labels) + " |")
+    avg = paired["average"]
+    n_total = sum(row["n"] for row in paired["tasks"].values())
+    out.append(f"| **average ({len(avg['tasks'])} tasks)** | | {n_total} | "
+               + " | ".join(f"{avg['accuracy'][n]:.3f}" for n in names) + " | "
+               + " | ".join(interval(avg["diff"][c]) for c in labels) + " |")
+    out += ["", f"Method: {paired['method']}."]
     return "\n".join(out)
 
 

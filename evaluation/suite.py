@@ -12,10 +12,10 @@ from pathlib import Path
 
 import torch
 
-from spon.evaluation import report
+from spon.evaluation import paired, report
 from spon.evaluation.fidelity import Fidelity
 from spon.evaluation.harness import evaluate_tasks, make_lm
-from spon.evaluation.registry import DEFAULT_TASKS, build_tasks
+from spon.evaluation.registry import DEFAULT_TASKS, build_tasks, discover
 from spon.evaluation.variants import ModelPool, Variant
 from spon.assets import assets_root
 from spon.errors import SponError
@@ -185,7 +185,8 @@ def run_suite(
     # its numbers: re-fusing into the same directory, another group size or task data recomputes.
     from spon.digest import content_key, digest_dir, digest_path
 
-    common = {"model_digest": digest_dir(model_dir), "limit": limit, "batch_size": batch_size, "device": device,
+    # per_item: checkpoints made before units logged per-item scores lack them (no paired table).
+    common = {"model_digest": digest_dir(model_dir), "limit": limit, "per_item": 1, "batch_size": batch_size, "device": device,
               "bootstrap_iters": bootstrap_iters, "group_size": group_size,
               "task_dirs": [digest_path(d) for d in task_dirs if Path(d).exists()],
               "tasks_data": {u: _data_digest(t) for u, t in tasks.items()},
@@ -218,6 +219,9 @@ def run_suite(
         "limit": limit,
         "variants": entries,
         "resumed": [f"{v.name}/{u}" for v, u in units if (v, u) not in todo],
+        # SPON - TEAL, TEAL - dense (and quantized vs fp32) item by item, with bootstrap intervals.
+        "paired": paired.compare(entries, {t: s.headline_metric for t, s in discover(task_dirs).items()
+                                           if s.headline_metric}),
         "wall_s": round(time.perf_counter() - t0, 1),
         "host": f"{platform.node()}, {os.cpu_count()} cpus, {jobs} job(s) x {torch.get_num_threads()} torch thread(s), "
         f"load avg (1/5/15 min) {', '.join(f'{x:.1f}' for x in load_start)} at start, "
