@@ -22,12 +22,14 @@ from spon.stages import read_json, write_json  # noqa: F401 - re-exported for th
 
 
 def text_files(paths: list[str]) -> list[TextFile]:
+    from spon import corpora
     from spon.errors import SponError
 
     for p in paths:
-        if not Path(p).is_file():
+        if not corpora.is_corpus(p) and not Path(p).is_file():
             raise SponError(f"text file does not exist: {p}")
-    return [TextFile(path=str(Path(p).resolve()), sha256=sha256_file(p)) for p in paths]
+    return [TextFile(path=p, sha256=corpora.sha256(p)) if corpora.is_corpus(p)
+            else TextFile(path=str(Path(p).resolve()), sha256=sha256_file(p)) for p in paths]
 
 
 def stage_dir(work_dir: str | Path, stage: str, key: str) -> Path:

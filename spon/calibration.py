@@ -18,7 +18,12 @@ DOC_SEPARATOR = "<|endoftext|>"
 
 
 def read_documents(path: str | Path) -> list[str]:
-    """A text file as documents: split on <|endoftext|> when present (TinyStories), else one."""
+    """A text file as documents: split on <|endoftext|> when present (TinyStories), else one.
+    `corpus:NAME` is a built-in corpus (spon.corpora: the Python standard library's sources)."""
+    from spon import corpora
+
+    if corpora.is_corpus(path):
+        return corpora.documents(str(path))
     path = Path(path)
     if not path.is_file():
         raise SponError(f"text file does not exist: {path}")
@@ -125,12 +130,25 @@ def sample_blocks(
     return torch.cat(out)
 
 
-def build_calibration(model, tokenizer, cfg: CalibrationConfig) -> tuple[torch.Tensor, torch.Tensor]:
-    """Token blocks [N, L] from the configured source, split once into (train, heldout).
+def domain_name(file: str) -> str:
+    """A calibration file's name as a domain: the corpus name (corpus:python-stdlib ->
+    python-stdlib) or the file's name."""
+    from spon import corpora
+
+    return str(file)[len(corpora.PREFIX):] if corpora.is_corpus(file) else Path(file).name
+
+
+def build_calibration(model, tokenizer, cfg: CalibrationConfig) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
+    """Token blocks [N, L] from the configured source, split once into (train, heldout), and the
+    domain of each held-out block.
 
     The split is made here and stored with the blocks, so thresholds, distillation and the
     held-out measurements of every entry point see the same blocks. `model` must be dense.
+    Several text files are several domains: the blocks are shared out evenly between them and
+    each keeps its own held-out blocks, so alpha is selected on every domain (spon.distill).
     """
+    if cfg.source == "text" and len(cfg.files) > 1:
+        return domain_blocks(tokenizer, cfg.files, cfg.block_len, cfg.num_blocks, cfg.heldout_blocks)
     if cfg.source == "samples":
         blocks = sample_blocks(model, tokenizer, cfg.num_blocks, cfg.block_len, cfg.seed, cfg.temperature)
     elif cfg.source == "text":
@@ -140,7 +158,31 @@ def build_calibration(model, tokenizer, cfg: CalibrationConfig) -> tuple[torch.T
             raise SponError("calibration source 'dataset' needs calibration.dataset")
         blocks = dataset_blocks(tokenizer, cfg.dataset, cfg.block_len, cfg.num_blocks, cfg.dataset_config, cfg.split,
                                 cfg.text_field, cfg.data_files)
-    return split_heldout(blocks, cfg.heldout_blocks)
+    train, heldout = split_heldout(blocks, cfg.heldout_blocks)
+    return train, heldout, []
+
+
+def domain_blocks(tokenizer, files: list[str], block_len: int, num_blocks: int | None,
+                  heldout_blocks: int) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
+    """`num_blocks` shared out evenly between the files (the first ones get the remainder; a file
+    too short for its share gives what it has), each file's own last `heldout_blocks / k` held
+    out (at least one when any are): one held-out set per domain."""
+    k = len(files)
+    names = [domain_name(f) for f in files]
+    if len(set(names)) < k:
+        raise SponError(f"calibration files name the same domain twice: {', '.join(names)}")
+    trains, heldouts, labels = [], [], []
+    for i, f in enumerate(files):
+        share = None if num_blocks is None else num_blocks // k + (i < num_blocks % k)
+        if share == 0:
+            raise SponError(f"calibration.num_blocks {num_blocks} is fewer than the {k} domains (files) to share it")
+        blocks = text_blocks(tokenizer, [f], block_len, share)
+        held = heldout_blocks // k + (i < heldout_blocks % k) if heldout_blocks else 0
+        train, heldout = split_heldout(blocks, max(held, 1) if heldout_blocks else 0)
+        trains.append(train)
+        heldouts.append(heldout)
+        labels += [names[i]] * len(heldout)
+    return torch.cat(trains), torch.cat(heldouts), labels
 
 
 def split_heldout(blocks: torch.Tensor, heldout: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -154,12 +196,15 @@ def split_heldout(blocks: torch.Tensor, heldout: int) -> tuple[torch.Tensor, tor
 class Calibration:
     """Token blocks [N, L] the method calibrates on, split once into training and held-out blocks
     (thresholds and alpha train on `train`; `heldout` selects alpha and measures realized sparsity).
-    `source`: "samples" (the model's own), "text" or "dataset"; `config`: what made them."""
+    `source`: "samples" (the model's own), "text" or "dataset"; `config`: what made them;
+    `heldout_domains`: the domain of each held-out block when there are several (several text
+    files), else empty (one domain)."""
 
     train: torch.Tensor
     heldout: torch.Tensor
     source: str
     config: dict = field(default_factory=dict)
+    heldout_domains: list[str] = field(default_factory=list)
 
 
 def calibrate(model, tokenizer, data: CalibrationConfig | Sequence[str] | object | None = None) -> Calibration:
@@ -173,8 +218,8 @@ def calibrate(model, tokenizer, data: CalibrationConfig | Sequence[str] | object
         ctx = _in_float64(model) if cfg.source == "samples" and cfg.sample_precision == "fp64" else nullcontext()
         # float64 while sampling: a one-ulp logit difference between CPU kinds cannot flip a token
         with ctx, mode(model, "dense"):
-            train, heldout = build_calibration(model, tokenizer, cfg)
-        return Calibration(train, heldout, cfg.source, cfg.model_dump(mode="json"))
+            train, heldout, domains = build_calibration(model, tokenizer, cfg)
+        return Calibration(train, heldout, cfg.source, cfg.model_dump(mode="json"), domains)
     cfg = CalibrationConfig(source="text")
     if hasattr(data, "column_names"):  # a datasets.Dataset
         if cfg.text_field not in data.column_names:

@@ -15,6 +15,7 @@ import json
 from pathlib import Path
 from typing import Iterable
 
+from spon import corpora
 from spon.errors import SponError
 from spon.format import ALPHA_FILE, CHANNEL_NORMS_FILE, SIDECAR, validate_sidecar
 
@@ -31,6 +32,9 @@ def check_text_file(path: str | Path, role: str = "text", allow_empty: bool = Fa
     kind = "config file" if role == "config" else "text file"
     if path is None or not str(path).strip():
         raise SponError(f"empty {role} file name")
+    if role != "config" and corpora.is_corpus(path):
+        corpora.documents(str(path))  # an unknown or empty corpus: its one line
+        return path
     p = Path(path).expanduser()
     if not p.exists():
         raise SponError(f"{kind} does not exist: {path}")

@@ -114,8 +114,13 @@ def read_calibration(calib_dir: str | Path) -> Calibration:
     if not path.is_file():
         raise SponError(f"{calib_dir} has no {CALIBRATION_FILE}: run `spon calibrate --out {calib_dir}` first")
     t = load_file(str(path))
-    config = json.loads(_metadata(path).get("config", "{}"))
-    return Calibration(t["train"], t["heldout"], config.get("source", "text"), config)
+    meta = _metadata(path)
+    config = json.loads(meta.get("config", "{}"))
+    domains = json.loads(meta.get("heldout_domains", "[]"))
+    if domains and len(domains) != len(t["heldout"]):
+        raise SponError(f"{path} names {len(domains)} held-out domains for {len(t['heldout'])} held-out blocks: "
+                        f"recompute it (spon calibrate)")
+    return Calibration(t["train"], t["heldout"], config.get("source", "text"), config, domains)
 
 
 def calibration_blocks(calib_dir: str | Path) -> tuple[torch.Tensor, torch.Tensor]:
@@ -140,7 +145,8 @@ def calibrate(model: ModelHandle, cfg: CalibrationConfig, out: Path) -> None:
     m, tok = model.get()
     cal = calibrate_blocks(m, tok, cfg)
     save_file({"train": cal.train.contiguous(), "heldout": cal.heldout.contiguous()}, str(out / CALIBRATION_FILE),
-              metadata={"config": cfg.model_dump_json(), "model": json.dumps(model_identity(model), sort_keys=True)})
+              metadata={"config": cfg.model_dump_json(), "model": json.dumps(model_identity(model), sort_keys=True),
+                        "heldout_domains": json.dumps(cal.heldout_domains)})
 
 
 def thresholds(model: ModelHandle, calib_dir: str | Path, cfg: SparsityConfig, out: Path) -> None:
@@ -323,6 +329,8 @@ def summarize(cfg: RunConfig, source: str, calib_dir, thresholds_dir, distill_di
         "heldout_kl_by_step": d["heldout_kl_by_step"],
         "heldout_nll": {"teal": d.get("heldout_nll_before"), "by_step": d.get("heldout_nll_by_step", {})},
         "alpha_selection": {"selected_step": d["selected_step"], "selection": d["selection"]},
+        # several calibration domains: each domain's held-out (KL, NLL) for TEAL and at every checkpoint
+        "heldout_by_domain": d.get("heldout_by_domain", {}),
         "kl_history": d["kl_history"],
         "world_size": d.get("world_size", 1),  # processes that distilled alpha (spon.distributed)
         "quality_warnings": quality_warnings(ppl),

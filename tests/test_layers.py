@@ -35,7 +35,7 @@ LAYERS = {
     **dict.fromkeys(["spon.errors", "spon.format", "spon.digest", "spon.assets", "spon.model", "spon.sparse",
                      "spon.calibration", "spon.thresholds", "spon.distill", "spon.fuse", "spon.oneshot",
                      "spon.perplexity", "spon.config", "spon.presets", "spon.quantize", "spon.distributed",
-                     "spon.kernel_backend", "spon.checks", "spon.console", "spon.lock"], CORE),
+                     "spon.kernel_backend", "spon.checks", "spon.console", "spon.lock", "spon.corpora"], CORE),
     **dict.fromkeys(["spon.sources", "spon.gguf", "spon.models"], SOURCES),
     "spon.stages": CHAIN,
     **dict.fromkeys(["spon.cli", "spon.cli_args", "spon.method_cli", "spon.flows.cli", "spon.evaluation.cli"], COMMANDS),
