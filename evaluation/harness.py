@@ -20,8 +20,9 @@ log = logging.getLogger(__name__)
 
 
 class SponLM(HFLM):
-    """HFLM that runs each multiple-choice context once for all its choices (see
-    evaluation/shared_context.py) and memoises tokenization: every variant scores the same
+    """HFLM that runs each multiple-choice context once for all its choices, every other request
+    with the LM head on its continuation only (see evaluation/shared_context.py), and memoises
+    tokenization: every variant scores the same
     strings, and the slow sentencepiece tokenizer would otherwise dominate a tiny model's
     evaluation time."""
 
@@ -35,22 +36,21 @@ class SponLM(HFLM):
         if not self.share_context or self.backend != "causal" or self._position_dependent_sparsity():
             return super()._loglikelihood_tokens(requests, disable_tqdm, override_bs)
         groups, rest = shared_context.group_by_context(requests, self.max_length)
-        if not groups:
-            return super()._loglikelihood_tokens(requests, disable_tqdm, override_bs)
         scores: dict[int, tuple[float, bool]] = {}
-        if rest:
-            scores.update(zip(rest, super()._loglikelihood_tokens([requests[i] for i in rest], True, override_bs)))
         pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.eot_token_id
         # As many sequences per pass as HFLM would run (batch_size x max_length padded tokens).
         batch_size = self.batch_size if isinstance(self.batch_size, int) else 64
         budget = batch_size * self.max_length
-        with tqdm(total=sum(map(len, groups)), disable=disable_tqdm or self.rank != 0,
+        with tqdm(total=len(requests), disable=disable_tqdm or self.rank != 0,
                   desc="Running loglikelihood requests (shared contexts)") as bar:
             for batch in shared_context.batches(groups, requests, self.max_length, batch_size, budget):
                 scores.update(shared_context.score_batch(self.model, requests, batch, pad, self.max_length))
                 bar.update(sum(map(len, batch)))
+            for single in shared_context.single_batches(rest, requests, self.max_length, batch_size, budget):
+                scores.update(shared_context.score_singles(self.model, requests, single, pad, self.max_length))
+                bar.update(len(single))
         for i, (strings, _, _) in enumerate(requests):
-            if strings is not None and i not in rest:
+            if strings is not None:
                 self.cache_hook.add_partial("loglikelihood", strings, scores[i])
         return [scores[i] for i in range(len(requests))]
 

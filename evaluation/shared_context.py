@@ -12,7 +12,13 @@ own tokens on a copy of its context's cache:
 The numbers equal HFLM's up to float rounding (tests/evaluation/test_shared_context.py);
 the context tokens saved are (choices - 1) per question: about half of BoolQ, COPA and PIQA,
 three quarters of MMLU, HellaSwag and ARC. Requests that HFLM would truncate (context +
-continuation longer than the window) and contexts with a single request keep HFLM's path.
+continuation longer than the window) and contexts with a single request (LAMBADA, WinoGrande's
+one context per option) run as HFLM runs them, one sequence each with the same truncation, but
+with the LM head on the continuation's positions only (`score_singles`).
+
+Neither path computes logits it does not use: SmolLM2-135M's LM head (49,152 x 576) is a fifth of
+its multiply-adds per token, and HFLM's [batch, width, vocab] fp32 log-softmax over every context
+position is 64 x 100 x 49,152 x 4 bytes = 1.26 GB written per batch of 100-token contexts.
 """
 
 from __future__ import annotations
@@ -93,7 +99,9 @@ def score_batch(model, requests: Sequence[Request], batch: list[list[int]], pad_
         mask[r, width - len(c):] = 1
     ids, mask = ids.to(device), mask.to(device)
     positions = (mask.cumsum(1) - 1).clamp(min=0)
-    out = model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True)
+    # Only the last context position's logits are used: the LM head (a fifth of SmolLM2-135M's
+    # multiply-adds per token) and a [groups, width, vocab] logits tensor are skipped elsewhere.
+    out = model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True, logits_to_keep=1)
     first = F.log_softmax(out.logits[:, -1].float(), dim=-1)  # [groups, vocab]: p(c_1 | ctx)
 
     # Second pass: each choice's own tokens on a copy of its context's cache. Rows are taken
@@ -119,8 +127,9 @@ def score_batch(model, requests: Sequence[Request], batch: list[list[int]], pad_
         pos2 = lengths[owner][:, None] + torch.arange(tail, device=device)[None, :]
         out2 = model(input_ids=ids2.to(device), attention_mask=torch.cat([mask[owner], mask2.to(device)], dim=1),
                      position_ids=pos2, past_key_values=cache, use_cache=True)
-        logp = F.log_softmax(out2.logits.float(), dim=-1)  # [chunk, tail, vocab]
-        rest_logp.update({i: logp[r] for r, (_, i) in enumerate(chunk)})
+        targets = [requests[i][2][1:] for _, i in chunk]
+        rest_logp.update(zip((i for _, i in chunk), _token_logprobs(
+            [out2.logits[r, : len(t)] for r, t in enumerate(targets)], targets)))
 
     scores = {}
     for gi, i in rows:
@@ -128,9 +137,67 @@ def score_batch(model, requests: Sequence[Request], batch: list[list[int]], pad_
         lp = first[gi, c[0]]
         greedy = bool(first[gi].argmax() == c[0])
         if len(c) > 1:
-            target = torch.tensor(c[1:], device=device)
-            step = rest_logp[i][: len(c) - 1]
-            lp = lp + step.gather(1, target[:, None]).sum()
-            greedy = greedy and bool((step.argmax(-1) == target).all())
+            step_lp, step_greedy = rest_logp[i]
+            lp = lp + step_lp
+            greedy = greedy and step_greedy
         scores[i] = (float(lp), greedy)
     return scores
+
+
+def _token_logprobs(logits: list[torch.Tensor], targets: list[list[int]]) -> list[tuple[torch.Tensor, bool]]:
+    """(sum of log p(target_k), every target token is the argmax) per row, from each row's
+    [len(target), vocab] logits. log p = logit - logsumexp, so no second [rows, positions,
+    vocab] tensor (log_softmax's output) is written and read back."""
+    out = []
+    for row, t in zip(logits, targets):
+        row = row.float()
+        target = torch.tensor(t, device=row.device)
+        lp = (row.gather(1, target[:, None])[:, 0] - torch.logsumexp(row, dim=-1)).sum()
+        out.append((lp, bool((row.argmax(-1) == target).all())))
+    return out
+
+
+def single_batches(indices: list[int], requests: Sequence[Request], max_length: int, max_rows: int,
+                   token_budget: int, min_fill: float = 0.75):
+    """Requests scored one sequence each, longest first, cut as `batches` cuts groups: at most
+    max_rows rows and token_budget padded tokens, and never a row padded by more than 1/min_fill."""
+    def width(i):
+        return min(len(requests[i][1]) + len(requests[i][2]) - 1, max_length)
+
+    batch: list[int] = []
+    for i in sorted(indices, key=lambda i: (-width(i), i)):
+        w = width(i)
+        if batch and (len(batch) >= max_rows or (len(batch) + 1) * width(batch[0]) > token_budget
+                      or w < min_fill * width(batch[0])):
+            yield batch
+            batch = []
+        batch.append(i)
+    if batch:
+        yield batch
+
+
+@torch.no_grad()
+def score_singles(model, requests: Sequence[Request], batch: list[int], pad_id: int,
+                  max_length: int) -> dict[int, tuple[float, bool]]:
+    """HFLM's one forward per request over (context + continuation)[-(max_length + 1):][:-1]
+    (so the same left truncation), left-padded so that every continuation ends the row: the LM
+    head then runs only on the last (longest continuation) positions, not on every context
+    token, and no [rows, width, vocab] log-softmax is written. LAMBADA's one-word targets and
+    WinoGrande's one context per option take this path."""
+    device = model.device
+    seqs = [(list(requests[i][1]) + list(requests[i][2]))[-(max_length + 1):][:-1] for i in batch]
+    width = max(map(len, seqs))
+    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(seqs), width), dtype=torch.long)
+    for r, seq in enumerate(seqs):
+        ids[r, width - len(seq):] = torch.tensor(seq)
+        mask[r, width - len(seq):] = 1
+    ids, mask = ids.to(device), mask.to(device)
+    keep = max(len(requests[i][2]) for i in batch)
+    out = model(input_ids=ids, attention_mask=mask, position_ids=(mask.cumsum(1) - 1).clamp(min=0), use_cache=False,
+                logits_to_keep=keep)
+    conts = [requests[i][2] for i in batch]
+    # out.logits: [rows, keep, vocab], the last `keep` positions of every row; a continuation's
+    # logits are its row's last len(continuation) of them.
+    scored = _token_logprobs([out.logits[r, keep - len(c):] for r, c in enumerate(conts)], conts)
+    return {i: (float(lp), greedy) for i, (lp, greedy) in zip(batch, scored)}

@@ -1,4 +1,5 @@
-"""Scoring each multiple-choice context once gives HFLM's loglikelihoods and greedy flags."""
+"""Scoring each multiple-choice context once, and every other request with the LM head on its
+continuation only, gives HFLM's loglikelihoods and greedy flags."""
 
 from __future__ import annotations
 
@@ -62,3 +63,41 @@ def test_batches_cover_every_group_once_within_budgets():
         ctx_w = [len(requests[g[0]][1]) for g in batch]
         assert len(batch) <= 8
         assert len(batch) == 1 or (len(batch) * max(ctx_w) <= 200 and min(ctx_w) >= 0.75 * max(ctx_w))
+
+
+def test_single_batches_cover_every_request_once_within_budgets():
+    # one 500-token outlier, then sequences of 60..11 tokens (context + continuation - 1)
+    requests = [(None, list(range(490)), [1] * 11)] + [(None, list(range(w)), [2] * 2) for w in range(60, 10, -1)]
+    out = list(shared_context.single_batches(list(range(len(requests))), requests, max_length=512, max_rows=8,
+                                             token_budget=300))
+    assert sorted(i for b in out for i in b) == list(range(len(requests)))
+    assert out[0] == [0]  # the outlier does not set the width of short rows
+    for batch in out:
+        widths = [len(requests[i][1]) + len(requests[i][2]) - 1 for i in batch]
+        assert len(batch) <= 8
+        assert len(batch) == 1 or (len(batch) * max(widths) <= 300 and min(widths) >= 0.75 * max(widths))
+
+
+def test_last_half_models_keep_hflms_one_forward(lm, tiny_items, monkeypatch):
+    """TEAL's last_half protocol keeps the first half of each forward dense: a context and its
+    choices run as two forwards would sparsify other positions, so such a model is scored by
+    HFLM's path (and the shared path is never entered)."""
+    from spon.sparse import set_protocol
+
+    model, harness = lm
+    reqs = _requests(tiny_items)
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the shared-context path ran on a last_half model")
+
+    set_protocol(model, "last_half")
+    try:
+        with mode(model, "spon"), monkeypatch.context() as m:
+            m.setattr(shared_context, "score_batch", refuse)
+            m.setattr(shared_context, "score_singles", refuse)
+            harness.share_context = True
+            harness.loglikelihood(reqs, disable_tqdm=True)
+        with mode(model, "dense"):  # dense has no protocol: the fast path stays
+            assert not harness._position_dependent_sparsity()
+    finally:
+        set_protocol(model, "all")
