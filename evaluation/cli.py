@@ -65,20 +65,21 @@ def cmd_eval(args) -> int:
     tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
     if not tasks:
         raise SponError("no tasks given")
-    check_args(args)
+    from spon.cli_args import new_out_dir
 
-    import torch
+    with new_out_dir(args.out, check=lambda: check_args(args)):  # one writer per --out (spon.lock)
+        import torch
 
-    from spon.evaluation.suite import run_suite
+        from spon.evaluation.suite import run_suite
 
-    for name in ("lm_eval", "httpx", "datasets", "urllib3", "filelock"):
-        logging.getLogger(name).setLevel(logging.WARNING)
-    torch.set_num_threads(args.threads)
-    limit = args.limit
-    if limit is not None:
-        limit = int(limit) if limit >= 1 else limit
-    doc = run_suite(args.model_dir, variants, tasks, args.out, limit, args.task_dir, args.batch_size, args.device,
-                    args.bootstrap_iters, args.group_size, jobs=args.jobs, resume=args.resume)
+        for name in ("lm_eval", "httpx", "datasets", "urllib3", "filelock"):
+            logging.getLogger(name).setLevel(logging.WARNING)
+        torch.set_num_threads(args.threads)
+        limit = args.limit
+        if limit is not None:
+            limit = int(limit) if limit >= 1 else limit
+        doc = run_suite(args.model_dir, variants, tasks, args.out, limit, args.task_dir, args.batch_size, args.device,
+                        args.bootstrap_iters, args.group_size, jobs=args.jobs, resume=args.resume)
     print(f"evaluated {len(doc['variants'])} variant(s) x {len(doc['tasks'])} task(s) in {doc['wall_s']:.0f}s")
     for k, path in doc["outputs"].items():
         print(f"{k}: {path}")

@@ -15,7 +15,7 @@ import subprocess
 import sys
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 from urllib.parse import urlsplit
 
 from spon.cli_args import add_config_args, config_from_args
@@ -122,11 +122,15 @@ def check_inputs(cfg, settings=None, config_path: str | None = None) -> None:
 
 
 def _prepare(args):
+    """(config, settings, the command's checks): `writers` runs the checks once it holds the locks."""
     cfg = config_from_args(args)
     settings = settings_from_args(args)
-    check_inputs(cfg, settings, args.config)
-    check_pipeline_settings(settings, cfg.out)
-    return cfg, settings
+
+    def check() -> None:
+        check_inputs(cfg, settings, args.config)
+        check_pipeline_settings(settings, cfg.out)
+
+    return cfg, settings, check
 
 
 TRACKING_SCHEMES = ("sqlite", "http", "https", "file", "postgresql", "mysql", "mssql", "databricks")
@@ -162,15 +166,11 @@ def check_pipeline_settings(settings, out) -> None:
         try:
             socket.create_connection((u.hostname, u.port or (443 if scheme == "https" else 80)), timeout=10).close()
         except (OSError, ValueError) as e:
-            # The stages still run and keep their results (`spon publish` tracks them later), but
-            # MLflow's own retry loop is bounded, so tracking then fails in seconds, not minutes.
-            for k, v in (("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "1"), ("MLFLOW_HTTP_REQUEST_TIMEOUT", "10"),
-                         ("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "1")):
-                os.environ.setdefault(k, v)
-            from spon.console import say
-
-            say(f"spon: warning: cannot reach the MLflow tracking server at {uri} ({e.strerror or e}): the stages run "
-                f"and keep their results; tracking will fail after one retry, and `spon publish {out}` finishes it")
+            # Refused before the first stage, nothing written. A server that answers now and goes
+            # away mid-run is another case: the stages keep their results and `spon publish OUT`
+            # tracks them later (tasks/track.py).
+            raise SponError(f"cannot reach the MLflow tracking server at {uri} ({getattr(e, 'strerror', None) or e}): "
+                            "start it, or choose another --tracking-uri (e.g. sqlite:///out/mlflow.db)") from None
     store = settings.resolved_store()
     if store.startswith("s3://"):
         bucket, _, prefix = store[len("s3://"):].partition("/")
@@ -205,19 +205,36 @@ def _check_task_names(names: list[str]) -> None:
 
 
 @contextmanager
-def writers(cfg, settings) -> Iterator[None]:
+def writers(cfg, settings, check: Callable[[], None] | None = None) -> Iterator[None]:
     """The writer locks of a pipeline command (spon.lock): its --out and its --work-dir, so a second
-    command on either is refused in one line instead of mixing its results with this one's."""
+    command on either is refused in one line instead of mixing its results with this one's. `check`
+    (the command's checks, which import torch and transformers) runs once both are held, before
+    Prefect and MLflow are imported: a second writer is refused in about a second, and a refused
+    check leaves nothing behind (the empty parents made for the locks are removed)."""
     from contextlib import ExitStack
 
+    from spon.cli_args import check_out_dir, first_missing, remove_made_dirs
     from spon.lock import writer_lock
 
-    with ExitStack() as stack:
-        stack.enter_context(writer_lock(cfg.out, "--out"))
-        work = Path(settings.resolved_work_dir(cfg.out)).expanduser().resolve()
-        out = Path(cfg.out).expanduser().resolve()
-        if work != out and out not in work.parents:
-            stack.enter_context(writer_lock(work, "--work-dir"))
+    out = Path(cfg.out).expanduser().resolve()
+    work = Path(settings.resolved_work_dir(cfg.out)).expanduser().resolve()
+    dirs = [(out, "--out")] + ([(work, "--work-dir")] if work != out and out not in work.parents else [])
+    for d, flag in dirs:
+        check_out_dir(d, (), flag)  # each lock lives in its directory's parent
+    made = [first_missing(d) for d, _ in dirs]
+    stack = ExitStack()
+    try:
+        for d, flag in dirs:
+            stack.enter_context(writer_lock(d, flag))
+        if check is not None:
+            check()
+    except BaseException as e:
+        stack.close()
+        if isinstance(e, SponError):
+            for (d, _), m in zip(dirs, made):
+                remove_made_dirs(m, d.parent)
+        raise
+    with stack:
         yield
 
 
@@ -226,11 +243,12 @@ def cmd_run(args) -> int:
         from spon.method_cli import cmd_run_in_process
 
         return cmd_run_in_process(args)
-    cfg, settings = _prepare(args)
-    from spon.flows.pipeline import spon_pipeline
+    cfg, settings, check = _prepare(args)
+    with writers(cfg, settings, check):  # the checks and Prefect's import once the locks are held
+        from spon.flows.pipeline import spon_pipeline
 
-    with writers(cfg, settings), embedded_env(settings.resolved_work_dir(cfg.out), args.refresh, args.verbose):
-        summary = spon_pipeline(cfg, settings)
+        with embedded_env(settings.resolved_work_dir(cfg.out), args.refresh, args.verbose):
+            summary = spon_pipeline(cfg, settings)
     from spon.console import result_lines
 
     print("\n".join(result_lines(summary)))
@@ -257,12 +275,17 @@ def cmd_sweep(args) -> int:
     if args.out is None:
         args.out = "out/sweep"
     levels = check_sparsities(args.sparsities)  # every level, before any level runs
-    cfg, settings = _prepare(args)
-    check_dask_address(settings.resolved_dask_address())
-    from spon.flows.sweep import sparsity_sweep
+    cfg, settings, check = _prepare(args)
 
-    with writers(cfg, settings), embedded_env(settings.resolved_work_dir(cfg.out), args.refresh, args.verbose):
-        summaries = sparsity_sweep(levels, cfg, settings)
+    def check_sweep() -> None:
+        check()
+        check_dask_address(settings.resolved_dask_address())
+
+    with writers(cfg, settings, check_sweep):
+        from spon.flows.sweep import sparsity_sweep
+
+        with embedded_env(settings.resolved_work_dir(cfg.out), args.refresh, args.verbose):
+            summaries = sparsity_sweep(levels, cfg, settings)
     for s in summaries:
         print(json.dumps({k: s[k] for k in ("sparsity", "perplexity", "version", "store_uri") if k in s}))
     print(f"plot:         {Path(cfg.out) / 'perplexity_vs_sparsity.png'}\n{where_to_look(settings)}")

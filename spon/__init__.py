@@ -12,12 +12,30 @@ loads a fused checkpoint back. The pipeline (spon.tasks, spon.flows, spon.runtim
 (spon.evaluation) and the kernels (spon.kernels) are subpackages, imported only when used.
 """
 
-from spon.config import CalibrationConfig, DistillConfig, Recipe, SparsityConfig
 from spon.errors import SponError
-from spon.fuse import load_sparse_model, save_pretrained
-from spon.oneshot import Calibration, calibrate, distill_, fuse_, oneshot, sparsify_
-from spon.sparse import SparseLinear, mode, set_mode
 
+# The verbs and classes below are imported on first use (PEP 562): `import spon` -- and so every
+# `spon` command -- starts without torch and transformers, and a command refused by its checks
+# or by another writer's lock (spon.lock) answers in well under a second of imports.
+_LAZY = {"CalibrationConfig": "spon.config", "DistillConfig": "spon.config", "Recipe": "spon.config",
+         "SparsityConfig": "spon.config", "load_sparse_model": "spon.fuse", "save_pretrained": "spon.fuse",
+         "Calibration": "spon.oneshot", "calibrate": "spon.oneshot", "distill_": "spon.oneshot", "fuse_": "spon.oneshot",
+         "oneshot": "spon.oneshot", "sparsify_": "spon.oneshot", "SparseLinear": "spon.sparse", "mode": "spon.sparse",
+         "set_mode": "spon.sparse"}
+
+
+def __getattr__(name: str):
+    if name not in _LAZY:
+        raise AttributeError(f"module 'spon' has no attribute {name!r}")
+    import importlib
+
+    value = getattr(importlib.import_module(_LAZY[name]), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *_LAZY})
 
 def load_model(name_or_path: str | None = None, device: str = "cpu", dtype: str = "fp32", device_map: str | None = None):
     """(model, tokenizer) from a hub id, local directory, `.gguf` file or named model (`spon models`)."""

@@ -14,8 +14,9 @@ import os
 import shutil
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterable, Iterator
+from typing import Callable, Iterable, Iterator
 
+from spon import corpora
 from spon.checks import check_device, check_json_file, check_safetensors, check_text_file, check_window
 from spon.errors import SponError
 from spon.format import CALIBRATION_FILE, DISTILL_FILE, THRESHOLDS_FILE
@@ -146,22 +147,35 @@ def check_out_dir(out: str | Path | None, inputs: Inputs = (), flag: str = "--ou
 
 
 @contextmanager
-def new_out_dir(out: str | Path, flag: str = "--out") -> Iterator[Path]:
+def new_out_dir(out: str | Path, flag: str = "--out", check: Callable[[], object] | None = None) -> Iterator[Path]:
     """Create `out` (and missing parents) for a command and hold its writer lock (spon.lock: a
     second command writing the same directory is refused in one line naming this one); if the
     command then fails with a SponError, remove what this created, so a refused command leaves no
     half-made out dir. A directory that already existed is never removed (it may hold checkpoints
-    to resume), and neither is anything on an interrupt or a crash."""
+    to resume), and neither is anything on an interrupt or a crash. `check` (the command's input
+    checks, which may import torch and transformers) runs once the lock is held and before `out`
+    is made: a second writer is refused before those imports, and a refused check writes nothing."""
     from spon.lock import writer_lock
 
+    check_out_dir(out, (), flag)  # the lock lives in out's parent: that must be creatable
     p = Path(out).expanduser().resolve()
-    created = next((a for a in reversed((p, *p.parents)) if not a.exists()), None)
+    created = first_missing(p)
     try:
         lock = writer_lock(p, flag)
         lock.__enter__()
     except SponError:
-        _remove_empty(created, p.parent)  # the parents made for the lock, nothing else
+        remove_made_dirs(created, p.parent)  # the parents made for the lock, nothing else
         raise
+    if check is not None:
+        try:
+            check()
+        except SponError:
+            lock.__exit__(None, None, None)  # its file first: it lives in the parent removed next
+            remove_made_dirs(created, p.parent)
+            raise
+        except BaseException:
+            lock.__exit__(None, None, None)
+            raise
     try:
         if p.exists():  # made by a writer that finished between our look and our lock: not ours
             created = None
@@ -176,7 +190,12 @@ def new_out_dir(out: str | Path, flag: str = "--out") -> Iterator[Path]:
         lock.__exit__(None, None, None)
 
 
-def _remove_empty(created: Path | None, deepest: Path) -> None:
+def first_missing(p: Path) -> Path | None:
+    """The outermost directory of `p` (itself or a parent) that does not exist yet."""
+    return next((a for a in reversed((p, *p.parents)) if not a.exists()), None)
+
+
+def remove_made_dirs(created: Path | None, deepest: Path) -> None:
     """Remove the directories from `deepest` up to `created` that this command made, if empty."""
     if created is None:
         return
@@ -198,6 +217,7 @@ def check_calibration(c) -> list[Path]:
         if not c.files:
             raise SponError("calibration source 'text' needs at least one file (--calib-files)")
         files = [check_text_file(f, "calibration data") for f in c.files]
+        files = [f for f in files if not corpora.is_corpus(f)]  # built-in text: not a file of the user's
     elif c.source == "dataset":
         if not c.dataset:
             raise SponError("calibration source 'dataset' needs calibration.dataset (--calib-dataset)")
@@ -239,7 +259,7 @@ def check_run(cfg, config_path: str | None = None, pipeline: bool = False, work_
     """Everything `spon run` / `spon sweep` take, checked before the first stage runs."""
     check_device(cfg.device)
     calib_files = check_calibration(cfg.calibration)
-    eval_files = [check_text_file(f, "eval text") for f in cfg.eval.files]
+    eval_files = [f for f in (check_text_file(f, "eval text") for f in cfg.eval.files) if not corpora.is_corpus(f)]
     window = None
     if cfg.eval.files or "window" in cfg.eval.model_fields_set:  # the window is used (or was asked for)
         check_window(cfg.eval.window, cfg.eval.stride)

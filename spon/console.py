@@ -6,6 +6,7 @@ unless -v asks for it."""
 from __future__ import annotations
 
 import logging
+import os
 import sys
 import warnings
 
@@ -27,13 +28,17 @@ def configure(verbose: bool = False, quiet: bool = False) -> None:
     warnings.filterwarnings("ignore", category=DeprecationWarning)
     warnings.filterwarnings("ignore", category=FutureWarning)
     warnings.filterwarnings("ignore", message=".*is an Enum subclass.*")
-    try:  # weight-loading and shard-writing bars of transformers: one per stage, none of them long
-        from transformers.utils import logging as hf_logging
+    # Weight-loading and shard-writing bars of transformers: one per stage, none of them long. Not
+    # imported yet, transformers reads the same settings from the environment when it is: a command
+    # refused before it loads a model (its checks, another writer's lock) never imports it.
+    if "transformers" not in sys.modules:
+        os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+        os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+        return
+    from transformers.utils import logging as hf_logging
 
-        hf_logging.disable_progress_bar()
-        hf_logging.set_verbosity_error()
-    except ImportError:
-        pass
+    hf_logging.disable_progress_bar()
+    hf_logging.set_verbosity_error()
 
 
 def stage_line(name: str, seconds: float, cached: bool = False, detail: str = "") -> str:

@@ -7,6 +7,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -19,15 +20,21 @@ from spon.format import ALPHA_STAGE_FILE, DISTILL_FILE, SIDECAR, THRESHOLDS_FILE
 
 def cmd_run_in_process(args) -> int:
     """`spon run --in-process`: the method's chain (spon.stages.run) without Prefect, MLflow or a store."""
-    from spon import distributed
-    from spon.console import result_lines, say, stage_line
-    from spon.stages import run
-
     cfg = config_from_args(args)
-    check_run(cfg, args.config)  # every input, before the first stage writes anything
-    distributed.init(cfg.device)  # under torchrun: distill on every rank, the other stages on rank 0
-    with _main_rank_out_dir(cfg.out):
-        summary = run(cfg, progress=not args.quiet, on_stage=lambda name, s: say(stage_line(name, s)))
+    # Every input is checked before the first stage writes anything. Started on its own, the run
+    # takes its out dir's lock before that (the checks import torch and transformers), so a second
+    # writer is refused in about a second; under torchrun only rank 0 takes it, once the group is joined.
+    launched = int(os.environ.get("WORLD_SIZE", "1") or 1) > 1  # = spon.distributed.launched() (imports torch)
+    if launched:
+        check_run(cfg, args.config)
+    with contextlib.nullcontext() if launched else new_out_dir(cfg.out, check=lambda: check_run(cfg, args.config)):
+        from spon import distributed
+        from spon.console import result_lines, say, stage_line
+        from spon.stages import run
+
+        distributed.init(cfg.device)  # under torchrun: distill on every rank, the other stages on rank 0
+        with _main_rank_out_dir(cfg.out) if launched else contextlib.nullcontext():
+            summary = run(cfg, progress=not args.quiet, on_stage=lambda name, s: say(stage_line(name, s)))
     if not distributed.is_main():
         return 0
     print("\n".join(result_lines(summary)))

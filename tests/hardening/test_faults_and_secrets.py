@@ -6,6 +6,8 @@ None of the secret values may appear in MLflow params/tags, summary.json or the 
 from __future__ import annotations
 
 import json
+import socket
+import threading
 import time
 
 from cli_helpers import TINY, cli_env, spon
@@ -60,12 +62,25 @@ def test_store_down_then_publish_and_no_secret_leaks(tmp_path, sample_txt):
     finally:
         server.stop()
 
-    # MLflow server down: every stage comes from the cache, tracking fails, the local result stays.
-    dead_mlflow, out2 = f"http://127.0.0.1:{free_port()}", tmp_path / "out2"
+    # MLflow server gone mid-run: it answers the run's connect check before the first stage (a server
+    # down from the start is refused then: test_pipeline_fail_fast.py), then the port closes; every
+    # stage comes from the cache, tracking fails, the local result stays for `spon publish`.
+    gone = socket.create_server(("127.0.0.1", 0))
+    dead_mlflow, out2 = f"http://127.0.0.1:{gone.getsockname()[1]}", tmp_path / "out2"
+    answered = threading.Event()
+
+    def answer_once_then_go() -> None:
+        conn, _ = gone.accept()
+        conn.close()
+        gone.close()
+        answered.set()
+
+    threading.Thread(target=answer_once_then_go, daemon=True).start()
     env.update(MLFLOW_HTTP_REQUEST_MAX_RETRIES="1", MLFLOW_HTTP_REQUEST_TIMEOUT="5", MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR="1")
     m = spon(["-q", "run", "--config", str(tmp_path / "tiny.json"), "--eval-text", str(sample_txt), "--out", str(out2),
               "--tracking-uri", dead_mlflow, "--store", str(tmp_path / "store"), "--work-dir", str(tmp_path / "work")], env)
     logs += m.stdout + m.stderr
+    assert answered.is_set(), (m.stdout + m.stderr)[-3000:]  # reachable when the run started
     errors = [ln for ln in m.stderr.splitlines() if ln.startswith("spon: error:")]
     assert m.returncode == 2 and len(errors) == 1, (m.stdout + m.stderr)[-3000:]
     assert dead_mlflow in errors[0] and f"spon publish {out2}" in errors[0], errors[0]
