@@ -24,7 +24,7 @@ from spon.errors import SponError
 from spon.format import (ALPHA_FILE, CHANNEL_NORMS_FILE, DIGEST_KEY, PROJECTIONS, SIDECAR, format_for, sidecar_digest,
                          validate_sidecar)
 from spon.model import bias_slot, find_projections, load_pretrained
-from spon.remote_code import install as install_remote_code, write_model_card
+from spon.remote_code import check_installed, install as install_remote_code, write_model_card
 from spon.sparse import (SparseLinear, SparseState, apply_sparse_state_, channel_norms, fuse_alpha, fused_bias,
                          provenance, set_mode, sparse_linears, weight_times_alpha)
 
@@ -235,6 +235,7 @@ def load_sparse_model(model_dir: str | Path, device: str = "cpu", dtype: str = "
     Returns (model, tokenizer, sidecar metadata).
     """
     meta = read_sidecar(model_dir)
+    check_installed(model_dir)  # config.json still names the checkpoint's own modeling code
     model, tokenizer = load_pretrained(str(model_dir), device=device, dtype=dtype, device_map=device_map)
     alpha, norms = read_alpha(Path(model_dir) / ALPHA_FILE), read_channel_norms(model_dir, meta)
     check_checkpoint(model_dir, meta, model, alpha, norms)

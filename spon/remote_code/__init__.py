@@ -38,8 +38,42 @@ def install(model_dir: str | Path) -> None:
     # No AutoConfig entry: the vanilla config class is the right one, and transformers (5.x) then
     # loads the remote model without registering it for that config class process-wide (a later
     # plain from_pretrained of any Llama in the same process still gets LlamaForCausalLM).
-    config["auto_map"] = {"AutoModelForCausalLM": f"{Path(MODELING_FILE).stem}.{cls.__name__}"}
+    config["auto_map"] = {"AutoModelForCausalLM": _class_ref(cls)}
     config_path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")  # transformers' own layout
+
+
+def _class_ref(cls) -> str:
+    return f"{Path(MODELING_FILE).stem}.{cls.__name__}"
+
+
+def check_installed(model_dir: str | Path) -> None:
+    """Refuse a fused checkpoint whose config.json no longer names its modeling code (what `install`
+    wrote). transformers cannot notice: with no `auto_map`, `from_pretrained(dir,
+    trust_remote_code=True)` takes the vanilla path and returns the dense model with the fused
+    biases (neither dense nor sparse), without a word. A hub copy's "REPO--modeling_spon.Class" counts."""
+    from spon.errors import SponError
+    from spon.remote_code import modeling_spon
+
+    d = Path(model_dir)
+    try:
+        config = json.loads((d / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        raise SponError(f"{d / 'config.json'}: cannot read it ({e})") from None
+    cls = modeling_spon.SPARSE_CLASSES.get(config.get("model_type")) if isinstance(config, dict) else None
+    if cls is None:
+        return  # an architecture without remote code: the input checks name it
+    want = _class_ref(cls)
+    auto_map = config.get("auto_map")
+    ref = auto_map.get("AutoModelForCausalLM") if isinstance(auto_map, dict) else None
+    if not isinstance(ref, str) or ref.rsplit("--", 1)[-1] != want:
+        why = "no auto_map for AutoModelForCausalLM" if ref is None else f"its auto_map names {ref!r}, not {want!r}"
+    elif not (d / MODELING_FILE).is_file():
+        why = f"no {MODELING_FILE}"
+    else:
+        return
+    raise SponError(f"{d} is a spon checkpoint whose config.json does not load its sparse model ({why}): "
+                    "transformers' trust_remote_code load would silently give the dense model with the fused "
+                    "biases; fuse it again (`spon fuse`), or restore its auto_map")
 
 
 def _base_model(source: str) -> str | None:

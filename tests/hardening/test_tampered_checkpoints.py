@@ -165,3 +165,42 @@ def test_the_remote_code_validates_with_spons_own_functions():
     for name in ("FORMATS", "CRITERIA", "PROTOCOLS", "PROJECTIONS", "FORMAT_BY_CRITERION", "DIGEST_KEY", "ALPHA_DTYPES",
                  "SIDECAR", "ALPHA_FILE", "CHANNEL_NORMS_FILE"):
         assert getattr(remote, name) == getattr(fmt, name), name
+
+
+@pytest.mark.parametrize("cid,tamper,expected", [
+    ("auto-map-removed", lambda c: c.pop("auto_map"), "(no auto_map for AutoModelForCausalLM)"),
+    ("auto-map-other-class", lambda c: c.__setitem__("auto_map", {"AutoModelForCausalLM": "modeling_spon.Other"}),
+     "its auto_map names 'modeling_spon.Other', not 'modeling_spon.SponLlamaForCausalLM'"),
+    ("modeling-file-removed", None, "(no modeling_spon.py)"),
+])
+def test_a_checkpoint_whose_config_no_longer_loads_its_sparse_model_is_refused_by_spon(fused_dir, tmp_path, cid,
+                                                                                        tamper, expected):
+    """transformers cannot notice an `auto_map` removed from config.json: `from_pretrained(dir,
+    trust_remote_code=True)` then takes the vanilla path (the documented plain load) and returns
+    the dense model with the fused biases, no warning. spon's loader refuses such a checkpoint."""
+    from transformers import LlamaForCausalLM
+
+    d = tmp_path / cid
+    shutil.copytree(fused_dir, d)
+    if tamper is None:
+        (d / "modeling_spon.py").unlink()
+    else:
+        c = json.loads((d / "config.json").read_text())
+        tamper(c)
+        (d / "config.json").write_text(json.dumps(c))
+    with pytest.raises(SponError) as e:
+        load_sparse_model(d)
+    msg = str(e.value)
+    assert "\n" not in msg and expected in msg and "trust_remote_code load would silently give the dense model" in msg, msg
+    if cid == "auto-map-removed":  # the limitation, as it stands: transformers loads the vanilla class, silently
+        assert type(_remote(d)) is LlamaForCausalLM
+
+
+def test_a_hub_copys_auto_map_still_loads(fused_dir, tmp_path):
+    """A copy pushed to the hub may name its code as "REPO--modeling_spon.Class": still spon's."""
+    d = tmp_path / "hub"
+    shutil.copytree(fused_dir, d)
+    c = json.loads((d / "config.json").read_text())
+    c["auto_map"] = {"AutoModelForCausalLM": "someone/repo--" + c["auto_map"]["AutoModelForCausalLM"]}
+    (d / "config.json").write_text(json.dumps(c))
+    load_sparse_model(d)
