@@ -41,6 +41,11 @@ QUANT_FILE = "quantize.json"
 SUMMARY_FILE = "summary.json"
 MANIFEST_FILE = "manifest.json"  # a model-store copy
 
+# ----------------------------------------------------------------------------- base models (transformers' own)
+# The weight files of a model directory (model.safetensors, its shards, pytorch_model.bin): what a
+# stage file's provenance fingerprints besides the config and tokenizer (spon.sources.weights_digest).
+WEIGHT_SUFFIXES = (".safetensors", ".bin")
+
 
 def format_for(criterion: str) -> str:
     """The sidecar format a checkpoint of `criterion` is written in."""

@@ -121,6 +121,38 @@ def _pipeline_only(s: Source) -> SponError:
                      f"(`spon run` without --in-process), or `spon pull` it to a directory first")
 
 
+def weights_digest(loaded_from: str | Path) -> str | None:
+    """sha256 (16 hex digits) of the weight files of what transformers loaded (`config._name_or_path`:
+    a local directory, or a hub id found in the local hub cache): their names and bytes, so two
+    models with the same config and tokenizer and other weights differ (a stage refuses the other's
+    files: spon.stages.check_made_by). The files, not the tensors: the same for every --dtype and
+    device. None when there are no files to read (nothing to compare)."""
+    from spon.digest import sha256_file
+    from spon.format import ALPHA_FILE, CHANNEL_NORMS_FILE, WEIGHT_SUFFIXES
+
+    d = Path(loaded_from).expanduser()
+    if not d.is_dir():
+        try:
+            from huggingface_hub import try_to_load_from_cache
+
+            found = try_to_load_from_cache(str(loaded_from), "config.json")
+        except Exception:  # not a hub id either: nothing to fingerprint
+            return None
+        if not isinstance(found, str):
+            return None
+        d = Path(found).parent
+    files = sorted(f for f in d.iterdir() if f.name.endswith(WEIGHT_SUFFIXES) and f.is_file()
+                   and f.name not in (ALPHA_FILE, CHANNEL_NORMS_FILE))
+    if not files:
+        return None
+    import hashlib
+
+    h = hashlib.sha256()
+    for f in files:
+        h.update(f.name.encode() + b"\0" + sha256_file(f).encode() + b"\n")
+    return h.hexdigest()[:16]
+
+
 def load_model(name_or_path: str | None = None, device: str = "cpu", dtype: str = "fp32",
                device_map: str | None = None):
     """Load any causal LM by hub id, local directory, `.gguf` file (or ORG/REPO:FILE.gguf) or

@@ -43,7 +43,7 @@ from spon.format import (ALPHA_STAGE_FILE, CALIBRATION_FILE, DISTILL_FILE, EVAL_
 from spon.fuse import fuse_, load_sparse_model, read_alpha, save_pretrained
 from spon.perplexity import perplexities
 from spon.remote_code import write_model_card
-from spon.sources import default_model_path, load_model
+from spon.sources import default_model_path, load_model, weights_digest
 from spon.sparse import SparseState, apply_sparse_state_, provenance
 from spon.thresholds import sparsify_
 
@@ -70,6 +70,7 @@ class ModelHandle:
     def __init__(self, path: str, device: str = "cpu", dtype: str = "fp32", device_map: str | None = None):
         self.path, self.device, self.dtype, self.device_map = path, device, dtype, device_map
         self._loaded = None
+        self._weights: tuple[str | None] | None = None
 
     def get(self):
         """(model, tokenizer), loaded now if not yet. Under torchrun each rank on its own GPU."""
@@ -77,9 +78,18 @@ class ModelHandle:
             self._loaded = load_model(self.path, distributed.local_device(self.device), self.dtype, self.device_map)
         return self._loaded
 
+    def weights(self) -> str | None:
+        """The digest of the weight files the model was loaded from (spon.sources.weights_digest),
+        computed once per load."""
+        if self._weights is None:
+            m, _ = self.get()
+            self._weights = (weights_digest(getattr(m.config, "_name_or_path", "") or self.path),)
+        return self._weights[0]
+
     def release(self) -> None:
         """Forget the model (after fusion it is no longer the base model)."""
         self._loaded = None
+        self._weights = None
 
 
 _SHARED: ContextVar[dict | None] = ContextVar("spon_shared_models", default=None)
@@ -259,9 +269,9 @@ def _metadata(path: Path) -> dict:
 
 
 # ----------------------------------------------------------------------------- provenance
-# Every stage file records the model that made it (its source and a fingerprint of its config and
-# tokenizer); a stage given another model's files refuses them in one line. Files written before
-# the record existed are read as before.
+# Every stage file records the model that made it (its source, a fingerprint of its config and
+# tokenizer, and a digest of its weight files); a stage given another model's files refuses them in
+# one line. Files written before the record (or its weights digest) existed are read as before.
 _FINGERPRINT_KEYS = ("model_type", "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
                      "num_attention_heads", "num_key_value_heads", "head_dim")
 
@@ -274,7 +284,7 @@ def model_identity(model: ModelHandle) -> dict:
     config = {k: getattr(m.config, k, None) for k in _FINGERPRINT_KEYS}
     config["tokenizer_size"] = len(tok) if tok is not None else None
     fp = hashlib.sha256(json.dumps(config, sort_keys=True, default=str).encode()).hexdigest()[:16]
-    return {"source": str(model.path), "fingerprint": fp, "config": config}
+    return {"source": str(model.path), "fingerprint": fp, "config": config, "weights": model.weights()}
 
 
 def check_made_by(record, model: ModelHandle, path: str | Path) -> None:
@@ -283,6 +293,11 @@ def check_made_by(record, model: ModelHandle, path: str | Path) -> None:
         return  # written before provenance was recorded
     mine = model_identity(model)
     if record["fingerprint"] == mine["fingerprint"]:
+        theirs = record.get("weights")  # absent in files written before weights were fingerprinted
+        if theirs and mine["weights"] and theirs != mine["weights"]:
+            raise SponError(f"{path} was made with other weights than {mine['source']} (the same config and tokenizer; "
+                            f"weight files {theirs} vs {mine['weights']}): recompute it with this model, or pass "
+                            f"--model {record.get('source')} if that is the model meant")
         return
     diff = ", ".join(f"{k} {record.get('config', {}).get(k)} vs {v}" for k, v in mine["config"].items()
                      if record.get("config", {}).get(k) != v)

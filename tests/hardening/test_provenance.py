@@ -66,3 +66,41 @@ def test_stage_files_record_their_model_and_another_models_files_are_refused(two
                       "--out", str(root / "refused3"))
     assert rc == 2 and len(errors) == 1 and "does not fit the thresholds" in errors[0], errors
     assert not (root / "refused3").exists()
+
+
+def test_a_model_with_the_same_config_and_other_weights_is_refused(tmp_path, capsys, stories_path):
+    """The record fingerprints the weight files too: stories260K with one weight changed (config and
+    tokenizer the same) refuses stories260K's calibration in one line; an identical copy elsewhere
+    (other path, same files) accepts it."""
+    import shutil
+
+    import torch
+
+    same, other = tmp_path / "same", tmp_path / "other"
+    for d in (same, other):
+        shutil.copytree(stories_path, d)
+        for f in d.iterdir():
+            f.chmod(0o644)  # the assets are read-only
+    weights = load_file(str(other / "model.safetensors"))
+    name = sorted(weights)[0]
+    flat = weights[name].view(-1)
+    flat[0] = flat[0] + 1.0
+    save_file(weights, str(other / "model.safetensors"), metadata={"format": "pt"})
+    assert not torch.equal(load_file(str(stories_path / "model.safetensors"))[name], weights[name])
+
+    small = [a for a in SMALL if a != "-q"]
+    assert main(["-q", "calibrate", "--model", str(stories_path), *small[:4], "--out", str(tmp_path / "cal")]) == 0
+    rec = json.loads(_metadata(tmp_path / "cal" / CALIBRATION_FILE)["model"])
+    assert isinstance(rec["weights"], str) and len(rec["weights"]) == 16
+    assert json.loads((tmp_path / "cal" / THRESHOLDS_FILE).read_text())["model"]["weights"] == rec["weights"]
+
+    rc, errors = _run(capsys, "distill", "--model", str(other), *small, "--calib", str(tmp_path / "cal"),
+                      "--out", str(tmp_path / "refused"))
+    assert rc == 2 and len(errors) == 1, errors
+    assert f"was made with other weights than {other} (the same config and tokenizer" in errors[0], errors[0]
+    assert rec["weights"] in errors[0] and f"--model {stories_path}" in errors[0], errors[0]
+    assert not (tmp_path / "refused").exists()
+
+    assert main(["-q", "distill", "--model", str(same), *small, "--calib", str(tmp_path / "cal"),
+                 "--out", str(tmp_path / "alpha")]) == 0
+    assert json.loads((tmp_path / "alpha" / DISTILL_FILE).read_text())["model"]["weights"] == rec["weights"]
