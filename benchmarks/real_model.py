@@ -8,8 +8,10 @@
 
 Model: `--model` (default the named SmolLM2-135M-Instruct, fetched and dequantized by spon itself)
 with its preset recipe (spon/presets.py) under every row. Perplexity: the first `--eval-tokens`
-tokens of wikitext-2-raw test (window 512, no overlap, BOS first: the same text for every row)
-and the TinyStories sample (another domain than the calibration text). Rows:
+tokens of wikitext-2-raw test (window 512, no overlap, BOS first: the same text for every row),
+the TinyStories sample and the first `--eval-tokens` tokens of the held-out Python standard-library
+modules (corpus:python-stdlib-heldout; spon.corpora): three domains, none of them calibration text.
+The per-domain table marks every level where SPON is above TEAL. Rows:
 
     uniform-25/40/50/60   all seven projections sparse, alpha on all seven
     greedy-50             TEAL's block-wise greedy allocation
@@ -44,6 +46,8 @@ from spon.console import configure
 DATA = assets_root() / "data"
 WIKITEXT_TEST = DATA / "wikitext-2-raw" / "test.txt"
 TINYSTORIES = DATA / "tinystories" / "sample.txt"
+PYTHON_CODE = "corpus:python-stdlib-heldout"  # standard-library modules no calibration sees (spon.corpora)
+DOMAINS = {"wikitext-2 test": str(WIKITEXT_TEST), "TinyStories": str(TINYSTORIES), "Python code (held out)": PYTHON_CODE}
 ZEROSHOT = ("arc_easy", "arc_challenge", "piqa", "hellaswag", "winogrande", "boolq", "openbookqa", "lambada")
 SAMPLES_CALIBRATION = {"calibration.source": "samples", "calibration.files": []}
 
@@ -84,7 +88,7 @@ def peak_rss_gb() -> float:
 def row_config(name: str, args):
     return load_config(args.config, {"model": args.model, "out": str(Path(args.out) / name),
                                      "eval.max_tokens": args.eval_tokens,
-                                     "eval.files": [str(WIKITEXT_TEST), str(TINYSTORIES)], **ROWS[name]})
+                                     "eval.files": list(DOMAINS.values()), **ROWS[name]})
 
 
 def what_it_is(cfg) -> dict:
@@ -151,7 +155,7 @@ def row_record(name: str, cfg, s: dict, dirs: dict, walls: dict) -> dict:
     return portable({
         "row": name, "overrides": ROWS[name], "wall_s": walls, "wall_s_total": round(sum(walls.values()), 1),
         "peak_rss_gb": s.get("peak_rss_gb"), "fused": str(dirs["fused"]),
-        **{k: s[k] for k in ("sparsity", "allocation", "protocol", "perplexity_by_file", "realized_sparsity_by_file",
+        **{k: s.get(k) for k in ("sparsity", "allocation", "protocol", "perplexity_by_file", "realized_sparsity_by_file", "tokens_by_file",
                              "heldout_kl", "alpha_selection", "gap_closed", "quality_warnings", "preset")},
         "alpha_targets": cfg.distill.targets or cfg.sparsity.targets, "calibration_source": cfg.calibration.source,
         "eval": cfg.eval.model_dump(mode="json"), "config": what_it_is(cfg),
@@ -194,6 +198,24 @@ def perplexity_table(rows: list[dict]) -> str:
             f"| {r['heldout_kl']['teal']:.4f} -> {r['heldout_kl']['spon']:.4f} "
             f"| {'zeros' if sel is None else f'step {sel}'} | {r['wall_s_total']:.0f} "
             f"| {r.get('method_code', 'earlier')[:8]} / {(r.get('host') or {}).get('cpu', '?')} |")
+    return "\n".join(lines)
+
+
+def domain_table(rows: list[dict]) -> str:
+    """Per row and evaluation domain: dense / TEAL / SPON perplexity, realized sparsity, gap closed;
+    **worse** where SPON is above TEAL (the transfer target: never, on any domain, at any level)."""
+    lines = ["| row | domain | tokens | realized | dense | TEAL | SPON | gap closed |", "|---" * 8 + "|"]
+    for r in rows:
+        for name, f in DOMAINS.items():
+            p = r["perplexity_by_file"].get(portable(f))
+            if p is None:
+                lines.append(f"| {r['row']} | {name} | - | - | - | - | - | not evaluated |")
+                continue
+            worse = p["spon"] > p["teal"]
+            lines.append(f"| {r['row']} | {name} | {(r.get('tokens_by_file') or {}).get(portable(f), '-')} "
+                         f"| {r['realized_sparsity_by_file'][portable(f)]:.3f} | {p['dense']:.2f} | {p['teal']:.2f} "
+                         f"| {'**' if worse else ''}{p['spon']:.2f}{'** worse' if worse else ''} "
+                         f"| {100 * gap(p['teal'], p['spon'], p['dense']):.1f}% |")
     return "\n".join(lines)
 
 
@@ -306,6 +328,7 @@ def main() -> None:
         dump()  # a long run that dies keeps every finished step
     if result["rows"]:
         print("\n" + perplexity_table(result["rows"]))
+        print("\n" + domain_table(result["rows"]))
     result["wall_s"] = round(time.perf_counter() - t0, 1)
     result["peak_rss_gb"] = round(peak_rss_gb(), 2)
     dump()

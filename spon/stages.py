@@ -336,6 +336,7 @@ def summarize(cfg: RunConfig, source: str, calib_dir, thresholds_dir, distill_di
         "perplexity": {m: first[m]["perplexity"] for m in ("dense", "teal", "spon")} if first else {},
         "perplexity_by_file": {f: {m: r["perplexity"] for m, r in by_mode.items()} for f, by_mode in ppl.items()},
         "realized_sparsity_by_file": {f: by_mode["teal"]["realized_sparsity"] for f, by_mode in ppl.items()},
+        "tokens_by_file": {f: by_mode["teal"]["tokens"] for f, by_mode in ppl.items()},
         # spon_init is measured before the first step only: a run resumed from a checkpoint has none (null, not NaN)
         "heldout_kl": {"teal": d["heldout_kl_before"],
                        "spon_init": d["heldout_kl_init"] if math.isfinite(d["heldout_kl_init"]) else None,
