@@ -92,6 +92,12 @@ def _license(source: str) -> str | None:
     return found.group(1) if found else None
 
 
+def _versus(p: dict) -> str:
+    if p.get("spon") is None or p.get("teal") is None:
+        return "–"
+    return "better" if p["spon"] < p["teal"] else "equal" if p["spon"] == p["teal"] else "**worse**"
+
+
 def _fmt(x, spec: str = ".4g") -> str:
     return "–" if x is None else format(x, spec)
 
@@ -132,6 +138,11 @@ def write_model_card(model_dir: str | Path, summary: dict | None = None) -> Path
         rows.append((f"realized sparsity, `{Path(f).name}`", _fmt(s, ".4f")))
     if kl:
         rows.append(("held-out KL(dense ‖ ·), TEAL → SPON", f"{_fmt(kl.get('teal'))} → {_fmt(kl.get('spon'))}"))
+    chosen = selection.get("selected_step")  # None: alpha = 0, which is TEAL
+    for dom, rec in (summary or {}).get("heldout_by_domain", {}).items():
+        teal = (rec.get("teal") or [None, None])[1]
+        spon = teal if chosen is None else (rec.get("by_step", {}).get(str(chosen)) or [None, None])[1]
+        rows.append((f"held-out `{dom}` NLL, TEAL → SPON", f"{_fmt(teal)} → {_fmt(spon)}"))
     if selection:
         step = selection.get("selected_step")
         rows.append(("alpha", (f"step {step}: " if step is not None else "") + str(selection.get("selection", ""))))
@@ -140,9 +151,9 @@ def write_model_card(model_dir: str | Path, summary: dict | None = None) -> Path
                      f"{model_type}): added at load by modeling_spon.py and by spon"))
     ppl = summary.get("perplexity_by_file", {})
     if ppl:
-        ppl_lines = ["| text | dense | TEAL | SPON |", "| --- | --- | --- | --- |",
+        ppl_lines = ["| text | dense | TEAL | SPON | SPON vs TEAL |", "| --- | --- | --- | --- | --- |",
                      *(f"| `{Path(f).name}` | {_fmt(p.get('dense'), '.4f')} | {_fmt(p.get('teal'), '.4f')} | "
-                       f"{_fmt(p.get('spon'), '.4f')} |" for f, p in ppl.items())]
+                       f"{_fmt(p.get('spon'), '.4f')} | {_versus(p)} |" for f, p in ppl.items())]
         if summary.get("gap_closed") is not None:
             ppl_lines.append(f"\nSPON closes {summary['gap_closed']:.1%} of the TEAL-dense gap on the first text.")
     else:
