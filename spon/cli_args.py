@@ -196,8 +196,9 @@ def first_missing(p: Path) -> Path | None:
 
 
 def remove_made_dirs(created: Path | None, deepest: Path) -> None:
-    """Remove the directories from `deepest` up to `created` that this command made, if empty."""
-    if created is None:
+    """Remove the directories from `deepest` up to `created` that this command made, if empty
+    (none when `created` is not `deepest` or one of its parents: nothing above it was made)."""
+    if created is None or (created != deepest and created not in deepest.parents):
         return
     for d in (deepest, *deepest.parents):
         try:

@@ -230,15 +230,16 @@ def check_checkpoint(model_dir: str | Path, meta: dict, model, alpha: dict, norm
 def load_sparse_model(model_dir: str | Path, device: str = "cpu", dtype: str = "fp32", device_map: str | None = None):
     """Load a fused spon checkpoint as a sparse model in spon mode, ready to generate. The sidecar,
     alpha and channel norms are checked against the format, the loaded model and the sidecar's
-    digest first (check_checkpoint): a tampered or mismatched checkpoint is refused in one line.
+    digest first (check_checkpoint), and config.json must still name the checkpoint's own modeling
+    code (check_installed): a tampered or mismatched checkpoint is refused in one line.
 
     Returns (model, tokenizer, sidecar metadata).
     """
     meta = read_sidecar(model_dir)
-    check_installed(model_dir)  # config.json still names the checkpoint's own modeling code
     model, tokenizer = load_pretrained(str(model_dir), device=device, dtype=dtype, device_map=device_map)
     alpha, norms = read_alpha(Path(model_dir) / ALPHA_FILE), read_channel_norms(model_dir, meta)
     check_checkpoint(model_dir, meta, model, alpha, norms)
+    check_installed(model_dir)  # config.json still names the checkpoint's own modeling code
     apply_sparse_state_(model, SparseState.from_sidecar(meta, alpha, norms))
     return model, tokenizer, meta
 
