@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Callable, Iterator
 from urllib.parse import urlsplit
 
-from spon.cli_args import add_config_args, config_from_args
+from spon.cli_args import add_config_args, check_run_out_dirs, config_from_args
 from spon.errors import SponError
 
 RESULTS_SUBDIR = "prefect-results"  # = spon.tasks.policies.RESULTS_SUBDIR (not imported: it would load prefect)
@@ -125,6 +125,7 @@ def _prepare(args):
     """(config, settings, the command's checks): `writers` runs the checks once it holds the locks."""
     cfg = config_from_args(args)
     settings = settings_from_args(args)
+    check_run_out_dirs(cfg, args.config, settings.resolved_work_dir(cfg.out))  # before the locks: no lock beside an input
 
     def check() -> None:
         check_inputs(cfg, settings, args.config)

@@ -256,6 +256,26 @@ def check_alpha(alpha: str | Path) -> Path:
     return p
 
 
+def check_run_out_dirs(cfg, config_path: str | None = None, work_dir: str | Path | None = None) -> None:
+    """The out (and work) dir against the run's local inputs as named (check_run validates them
+    later), with neither torch nor transformers: run before the out dir's lock is taken, so an out
+    dir that is, holds or lies inside an input is refused as such, and no lock goes beside an input."""
+    from spon.sources import classify
+
+    try:
+        model = classify(cfg.model).path
+    except SponError:
+        model = None  # check_run names what is wrong with it
+    c = cfg.calibration
+    calib = (c.files or []) if c.source == "text" else [f for f in c.data_files or [] if "://" not in f]
+    inputs = [(model_label(model), model), ("the config file", config_path),
+              *(("the calibration file", f) for f in calib if not corpora.is_corpus(f)),
+              *(("the eval text file", f) for f in cfg.eval.files if not corpora.is_corpus(f))]
+    check_out_dir(cfg.out, inputs)
+    if work_dir is not None:
+        check_out_dir(work_dir, inputs, "--work-dir")
+
+
 def check_run(cfg, config_path: str | None = None, pipeline: bool = False, work_dir: str | Path | None = None) -> None:
     """Everything `spon run` / `spon sweep` take, checked before the first stage runs."""
     check_device(cfg.device)

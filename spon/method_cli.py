@@ -13,7 +13,7 @@ from pathlib import Path
 
 from spon import checks, sources
 from spon.cli_args import (add_config_args, check_alpha, check_calib_dir, check_calibration, check_out_dir,
-                           check_run, config_from_args, new_out_dir)
+                           check_run, check_run_out_dirs, config_from_args, new_out_dir)
 from spon.errors import SponError
 from spon.format import ALPHA_STAGE_FILE, DISTILL_FILE, SIDECAR, THRESHOLDS_FILE
 
@@ -25,6 +25,7 @@ def cmd_run_in_process(args) -> int:
     # takes its out dir's lock before that (the checks import torch and transformers), so a second
     # writer is refused in about a second; under torchrun only rank 0 takes it, once the group is joined.
     launched = int(os.environ.get("WORLD_SIZE", "1") or 1) > 1  # = spon.distributed.launched() (imports torch)
+    check_run_out_dirs(cfg, args.config)
     if launched:
         check_run(cfg, args.config)
     with contextlib.nullcontext() if launched else new_out_dir(cfg.out, check=lambda: check_run(cfg, args.config)):
