@@ -95,14 +95,14 @@ def evaluate_tasks(lm: SponLM, model, run_mode: str, tasks: dict, limit=None, bo
     task_manager = task_manager or TaskManager(include_defaults=False)  # see suite.run_suite
     out = {}
     for name, task in tasks.items():
-        t0 = time.perf_counter()
+        t0, cpu0 = time.perf_counter(), time.process_time()
         lm.truncated_continuations = 0
         with mode(model, run_mode), counting_zeros(model) as zeros:
             res = simple_evaluate(
                 model=lm, tasks=[task], limit=limit, bootstrap_iters=bootstrap_iters, log_samples=True,
                 task_manager=task_manager, verbosity="WARNING",
             )
-        wall = time.perf_counter() - t0
+        wall, cpu = time.perf_counter() - t0, time.process_time() - cpu0
         task_results = {k: v for k, v in res["results"].items()}
         n = {k: v.get("effective", v.get("original")) for k, v in res.get("n-samples", {}).items()}
         for tname, metrics in task_results.items():
@@ -112,6 +112,8 @@ def evaluate_tasks(lm: SponLM, model, run_mode: str, tasks: dict, limit=None, bo
                 "items": item_scores(res.get("samples", {}).get(tname, [])),
                 "realized_sparsity": zeros["weighted"] if run_mode != "dense" else 0.0,
                 "wall_s": round(wall, 2),
+                # CPU time of this process: on a shared machine, wall time also counts other jobs
+                "cpu_s": round(cpu, 2),
                 "truncated_continuations": lm.truncated_continuations,
             }
         log.info("%-8s %-16s sparsity %.3f  %.1fs  %s", run_mode, name, out[name]["realized_sparsity"] if name in out else -1,

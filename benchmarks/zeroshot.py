@@ -1,0 +1,122 @@
+"""Zero-shot accuracy of dense / TEAL / SPON of one fused checkpoint, compared item by item.
+
+    .venv/bin/python benchmarks/zeroshot.py out/run/fused --limit 1000 --jobs 2
+
+dense, TEAL and SPON are three modes of the one fused checkpoint (evaluation/variants.py), each
+scored on the same first `--limit` items of every task (the whole set when smaller) by `spon
+eval`'s suite (evaluation/suite.py: one model load per worker, batched, shared contexts). Prints
+and writes the paired table: per task and on average, SPON - TEAL and TEAL - dense with 95 %
+paired-bootstrap intervals over items (evaluation/paired.py). Also the measured items/s of every
+(variant, task) and, from them, the time the same suite takes at `--plan-limit` items a task.
+
+Finished (variant, task) units are kept under --work and reused by a rerun with the same model
+and options (the suite's --resume), so a stopped run continues where it stopped.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import time
+from pathlib import Path
+
+ZEROSHOT = ("arc_easy", "arc_challenge", "piqa", "hellaswag", "winogrande", "boolq", "openbookqa", "lambada")
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def task_sizes(tasks: list[str]) -> dict[str, int]:
+    from spon.evaluation.registry import build_tasks
+
+    return {name: len(task.eval_docs) for name, task in build_tasks(tasks).items()}
+
+
+def throughput(doc: dict, sizes: dict[str, int], plan_limit: int, jobs: int) -> dict:
+    """items/s of every (variant, task) as measured (items over the unit's scoring CPU time in
+    one single-threaded process: on a shared machine the wall time also counts other jobs), and
+    the time `plan_limit` items a task would take at those rates."""
+    rates = {v: {t: r["n"] / r["cpu_s"] for t, r in e["tasks"].items() if r.get("cpu_s")}
+             for v, e in doc["variants"].items()}
+    wall_rates = {v: {t: r["n"] / r["wall_s"] for t, r in e["tasks"].items() if r.get("wall_s")}
+                  for v, e in doc["variants"].items()}
+    unit_s = {v: {t: min(plan_limit, sizes[t]) / rate for t, rate in per.items()} for v, per in rates.items()}
+    total = sum(s for per in unit_s.values() for s in per.values())
+    return {"items_per_s": rates, "items_per_wall_s": wall_rates, "plan_limit": plan_limit,
+            "plan_items": {t: min(plan_limit, sizes[t]) for t in sizes},
+            "plan_unit_s": unit_s, "plan_process_s": total, "plan_wall_s_estimate": total / jobs, "jobs": jobs}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("model_dir", help="fused checkpoint directory (DIR/fused of `spon run`)")
+    ap.add_argument("--limit", type=int, default=1000, help="items per task (the first N; whole set when smaller)")
+    ap.add_argument("--tasks", default=",".join(ZEROSHOT))
+    ap.add_argument("--variants", default="dense,teal,spon")
+    ap.add_argument("--jobs", type=int, default=2, help="worker processes, one per core")
+    ap.add_argument("--batch-size", type=int, default=64)
+    ap.add_argument("--plan-limit", type=int, default=1000, help="items per task of the extrapolated full plan")
+    ap.add_argument("--work", default=None, help="the suite's directory (default out/zeroshot/NAME_LIMIT)")
+    ap.add_argument("--out", default=None, help="JSON (default benchmarks/results/zeroshot_NAME_LIMIT.json)")
+    args = ap.parse_args()
+
+    import torch
+
+    from spon.evaluation import report
+    from spon.evaluation.suite import run_suite
+    from spon.evaluation.variants import parse_variants
+    from spon.fuse import read_sidecar
+
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    for name in ("lm_eval", "httpx", "datasets", "urllib3", "filelock"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+    torch.set_num_threads(1)  # one single-threaded process per core is fastest for a model this small
+    meta = read_sidecar(args.model_dir)
+    name = f"{(meta.get('provenance') or {}).get('source_model') or Path(args.model_dir).parent.name}_s{meta.get('sparsity')}"
+    tag = f"{name}_{meta.get('protocol')}_limit{args.limit}"
+    work = Path(args.work or f"out/zeroshot/{tag}")
+    out = Path(args.out or RESULTS / f"zeroshot_{tag}.json")
+    tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
+
+    t0 = time.perf_counter()
+    doc = run_suite(args.model_dir, parse_variants(args.variants), tasks, work, args.limit, batch_size=args.batch_size,
+                    jobs=args.jobs, resume=True)
+    sizes = task_sizes(tasks)
+    speed = throughput(doc, sizes, args.plan_limit, args.jobs)
+    result = {
+        "model_dir": str(args.model_dir), "source_model": (meta.get("provenance") or {}).get("source_model"),
+        "sparsity": meta.get("sparsity"), "protocol": meta.get("protocol"), "limit": args.limit,
+        "items": "the first N items of each task file (lm-eval --limit), the same for every variant",
+        "task_sizes": sizes,
+        "accuracy": {v: {t: {"n": r["n"], "metrics": r["metrics"], "realized_sparsity": r["realized_sparsity"]}
+                         for t, r in e["tasks"].items()} for v, e in doc["variants"].items()},
+        "paired": doc["paired"],
+        # the headline metric of every item, so the intervals can be recomputed from this file alone
+        "per_item": {v: {t: {"doc_id": r["items"]["doc_id"], "items_digest": r["items"]["items_digest"],
+                             "correct": "".join(map(str, r["items"]["metrics"][doc["paired"]["tasks"][t]["metric"]]))}
+                         for t, r in e["tasks"].items() if t in doc["paired"]["tasks"]}
+                     for v, e in doc["variants"].items()},
+        "speed": speed,
+        "wall_s": round(time.perf_counter() - t0, 1), "suite_wall_s": doc["wall_s"], "resumed": doc["resumed"],
+        "host": doc["host"], "suite_results": str(work / "results.json"),
+    }
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2))
+
+    print(f"\n{name}, protocol {meta.get('protocol')}, first {args.limit} items per task "
+          f"(whole set when smaller), same items for every variant\n")
+    print(report.paired_markdown(doc["paired"]))
+    print("\nitems per CPU-second (one single-threaded process):\n")
+    variants = list(speed["items_per_s"])
+    print("| task | plan items | " + " | ".join(variants) + " |\n| --- | --- |" + " --- |" * len(variants))
+    for t in tasks:
+        print(f"| {t} | {speed['plan_items'][t]} | "
+              + " | ".join(f"{speed['items_per_s'][v].get(t, float('nan')):.2f}" for v in variants) + " |")
+    print(f"\nplan ({args.plan_limit} items a task, {len(variants)} variants): {speed['plan_process_s'] / 60:.0f} min of "
+          f"single-process time, ~{speed['plan_wall_s_estimate'] / 60:.0f} min wall with --jobs {args.jobs}"
+          f" ({os.cpu_count()} cpus here)")
+    print(f"\nJSON: {out}\nsuite report: {work / 'report.md'}")
+
+
+if __name__ == "__main__":
+    main()
