@@ -12,6 +12,9 @@ loads a fused checkpoint back. The pipeline (spon.tasks, spon.flows, spon.runtim
 (spon.evaluation) and the kernels (spon.kernels) are subpackages, imported only when used.
 """
 
+import sys as _sys
+import types as _types
+
 from spon.errors import SponError
 
 # The verbs and classes below are imported on first use (PEP 562): `import spon` -- and so every
@@ -22,6 +25,19 @@ _LAZY = {"CalibrationConfig": "spon.config", "DistillConfig": "spon.config", "Re
          "Calibration": "spon.oneshot", "calibrate": "spon.oneshot", "distill_": "spon.oneshot", "fuse_": "spon.oneshot",
          "oneshot": "spon.oneshot", "sparsify_": "spon.oneshot", "SparseLinear": "spon.sparse", "mode": "spon.sparse",
          "set_mode": "spon.sparse"}
+
+
+class _Package(_types.ModuleType):
+    """The package object. A verb named like its submodule (`spon.oneshot`) stays the verb when the
+    submodule is first imported (the import system sets the submodule as an attribute afterwards)."""
+
+    def __setattr__(self, name, value):
+        if name in _LAZY and isinstance(value, _types.ModuleType):
+            value = getattr(value, name)
+        super().__setattr__(name, value)
+
+
+_sys.modules[__name__].__class__ = _Package
 
 
 def __getattr__(name: str):
