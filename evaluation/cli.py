@@ -81,6 +81,10 @@ def cmd_eval(args) -> int:
         doc = run_suite(args.model_dir, variants, tasks, args.out, limit, args.task_dir, args.batch_size, args.device,
                         args.bootstrap_iters, args.group_size, jobs=args.jobs, resume=args.resume)
     print(f"evaluated {len(doc['variants'])} variant(s) x {len(doc['tasks'])} task(s) in {doc['wall_s']:.0f}s")
+    if doc["paired"]["comparisons"]:
+        from spon.evaluation.report import paired_markdown
+
+        print(f"\npaired differences (same items, 95 % paired-bootstrap interval):\n\n{paired_markdown(doc['paired'])}\n")
     for k, path in doc["outputs"].items():
         print(f"{k}: {path}")
     return 0
