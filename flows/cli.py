@@ -128,8 +128,8 @@ def _prepare(args):
     check_run_out_dirs(cfg, args.config, settings.resolved_work_dir(cfg.out))  # before the locks: no lock beside an input
 
     def check() -> None:
+        check_pipeline_settings(settings, cfg.out)  # first: it needs neither torch nor transformers
         check_inputs(cfg, settings, args.config)
-        check_pipeline_settings(settings, cfg.out)
 
     return cfg, settings, check
 

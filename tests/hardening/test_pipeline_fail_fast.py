@@ -32,8 +32,8 @@ def test_an_unreachable_tracking_server_is_refused_before_anything_runs(tmp_path
 
 
 def test_spon_run_with_nothing_listening_on_the_tracking_port_exits_2_and_writes_nothing(tmp_path):
-    """The real command line, port 1 (nothing listens there): one error line, exit 2, in seconds
-    (imports included), and neither --out, --work-dir, the store nor their parents exist after."""
+    """The real command line, port 1 (nothing listens there): one error line, exit 2, at once, and
+    neither --out, --work-dir, the store nor their parents exist after."""
     root = tmp_path / "new"
     env = cli_env(HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", OMP_NUM_THREADS="1")
     for k in RETRY_ENV:
@@ -47,7 +47,9 @@ def test_spon_run_with_nothing_listening_on_the_tracking_port_exits_2_and_writes
     assert "cannot reach the MLflow tracking server at http://127.0.0.1:1 " in errors[0], errors[0]
     assert "--tracking-uri" in errors[0], errors[0]
     assert not root.exists()
-    assert took < 60, took  # a bounded connect, not MLflow's retry loop (minutes)
+    # Checked first, before the input checks import torch: 0.25 s on an idle-ish box; not MLflow's
+    # retry loop (minutes). Slack for a loaded machine.
+    assert took < 15, took
 
 
 @pytest.mark.parametrize("settings,expected", [
