@@ -22,9 +22,8 @@ log = logging.getLogger(__name__)
 class SponLM(HFLM):
     """HFLM that runs each multiple-choice context once for all its choices, every other request
     with the LM head on its continuation only (see evaluation/shared_context.py), and memoises
-    tokenization: every variant scores the same
-    strings, and the slow sentencepiece tokenizer would otherwise dominate a tiny model's
-    evaluation time."""
+    tokenization: every variant scores the same strings, and the slow sentencepiece tokenizer
+    would otherwise dominate a tiny model's evaluation time."""
 
     def __init__(self, *args, share_context: bool = True, **kwargs):
         super().__init__(*args, **kwargs)
@@ -46,7 +45,10 @@ class SponLM(HFLM):
             for batch in shared_context.batches(groups, requests, self.max_length, batch_size, budget):
                 scores.update(shared_context.score_batch(self.model, requests, batch, pad, self.max_length))
                 bar.update(sum(map(len, batch)))
-            for single in shared_context.single_batches(rest, requests, self.max_length, batch_size, budget):
+            # ~1 GB of fp32 logits at most per pass of single requests
+            scored_budget = max(1, 2**28 // getattr(self.model.config, "vocab_size", 2**15))
+            for single in shared_context.single_batches(rest, requests, self.max_length, batch_size, budget,
+                                                        scored_budget=scored_budget):
                 scores.update(shared_context.score_singles(self.model, requests, single, pad, self.max_length))
                 bar.update(len(single))
         for i, (strings, _, _) in enumerate(requests):

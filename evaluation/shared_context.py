@@ -158,20 +158,26 @@ def _token_logprobs(logits: list[torch.Tensor], targets: list[list[int]]) -> lis
 
 
 def single_batches(indices: list[int], requests: Sequence[Request], max_length: int, max_rows: int,
-                   token_budget: int, min_fill: float = 0.75):
+                   token_budget: int, min_fill: float = 0.75, scored_budget: int | None = None):
     """Requests scored one sequence each, longest first, cut as `batches` cuts groups: at most
-    max_rows rows and token_budget padded tokens, and never a row padded by more than 1/min_fill."""
+    max_rows rows and token_budget padded tokens, and never a row padded by more than 1/min_fill;
+    also at most scored_budget rows x longest continuation (the logits kept: rolling perplexity
+    windows are continuations of up to max_length tokens, and 64 of them x 8,192 positions x a
+    49,152-token vocabulary would be 100 GB)."""
     def width(i):
         return min(len(requests[i][1]) + len(requests[i][2]) - 1, max_length)
 
     batch: list[int] = []
+    scored = 0
     for i in sorted(indices, key=lambda i: (-width(i), i)):
         w = width(i)
+        scored_if_added = (len(batch) + 1) * max(scored, len(requests[i][2]))
         if batch and (len(batch) >= max_rows or (len(batch) + 1) * width(batch[0]) > token_budget
-                      or w < min_fill * width(batch[0])):
+                      or w < min_fill * width(batch[0]) or (scored_budget and scored_if_added > scored_budget)):
             yield batch
-            batch = []
+            batch, scored = [], 0
         batch.append(i)
+        scored = max(scored, len(requests[i][2]))
     if batch:
         yield batch
 

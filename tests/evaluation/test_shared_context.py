@@ -76,6 +76,12 @@ def test_single_batches_cover_every_request_once_within_budgets():
         widths = [len(requests[i][1]) + len(requests[i][2]) - 1 for i in batch]
         assert len(batch) <= 8
         assert len(batch) == 1 or (len(batch) * max(widths) <= 300 and min(widths) >= 0.75 * max(widths))
+    # rows x longest continuation (the logits kept) within scored_budget
+    capped = list(shared_context.single_batches(list(range(len(requests))), requests, max_length=512, max_rows=8,
+                                                token_budget=300, scored_budget=5))
+    assert sorted(i for b in capped for i in b) == list(range(len(requests)))
+    assert all(len(b) * max(len(requests[i][2]) for i in b) <= 5 for b in capped if len(b) > 1)
+    assert max(map(len, capped)) == 2  # two 2-token continuations fit in 5, three do not
 
 
 def test_last_half_models_keep_hflms_one_forward(lm, tiny_items, monkeypatch):
