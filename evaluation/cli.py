@@ -65,9 +65,10 @@ def cmd_eval(args) -> int:
     tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
     if not tasks:
         raise SponError("no tasks given")
+    check_args(args)
     from spon.cli_args import new_out_dir
 
-    with new_out_dir(args.out, check=lambda: check_args(args)):  # one writer per --out (spon.lock)
+    with new_out_dir(args.out):  # one writer per --out (spon.lock)
         import torch
 
         from spon.evaluation.suite import run_suite
