@@ -57,8 +57,8 @@ def result_lines(s: dict) -> list[str]:
 
     p, kl, sel = s.get("perplexity", {}), s.get("heldout_kl", {}), s.get("alpha_selection", {})
     fmt = lambda x, spec=".3f": "-" if x is None else format(x, spec)  # noqa: E731
-    lines = [f"{Path(str(s.get('model'))).name}: sparsity {s['sparsity']:.2f} (realized {fmt(s.get('realized_sparsity'))} "
-             f"on the eval text), {s.get('allocation', 'uniform')}, {s.get('criterion', 'magnitude')} criterion, "
+    lines = [f"{Path(str(s.get('model'))).name}: sparsity {s['sparsity']:.2f} (realized TEAL {fmt(s.get('realized_sparsity'))}, "
+             f"SPON {fmt(s.get('realized_sparsity_spon'))} on the eval text), {s.get('allocation', 'uniform')}, {s.get('criterion', 'magnitude')} criterion, "
              f"protocol {s.get('protocol')}"
              + (f", preset {s['preset']}" if s.get("preset", "none") != "none" else "")]
     if p:
@@ -66,7 +66,7 @@ def result_lines(s: dict) -> list[str]:
                      f"   gap closed {fmt(s.get('gap_closed'), '.1%')}")
     lines.append(f"  held-out KL  TEAL {fmt(kl.get('teal'), '.4f')} -> SPON {fmt(kl.get('spon'), '.4f')}"
                  f"   alpha: {sel.get('selection', '-')}")
-    lines += [f"  WARNING      {w}" for w in s.get("quality_warnings", [])]
+    lines += [f"  WARNING      {w}" for w in s.get("quality_warnings", []) + s.get("sparsity_warnings", [])]
     if "registered_model" in s:
         refused = (s.get("gate") or {}).get("refused")
         lines.append(f"  registered   {s['registered_model']} v{s['version']} (candidate"

@@ -198,6 +198,7 @@ def test_spon_run_writes_the_perplexities_into_the_card(stories_path, sample_txt
     card = (Path(summary["fused_model_dir"]) / CARD_FILE).read_text()
     ppl = summary["perplexity"]
     assert f"| `{sample_txt.name}` | {ppl['dense']:.4f} | {ppl['teal']:.4f} | {ppl['spon']:.4f} |" in card
-    assert f"| realized sparsity, `{sample_txt.name}` | {summary['realized_sparsity']:.4f} |" in card
+    assert (f"| realized sparsity, `{sample_txt.name}` | TEAL {summary['realized_sparsity']:.4f}, "
+            f"SPON {summary['realized_sparsity_spon']:.4f} |") in card
     assert f"| source model | `{stories_path}` |" in card and "Not measured yet" not in card
     assert "| protocol | all " in card and "## Made with" in card

@@ -74,3 +74,14 @@ def test_a_run_reports_each_domain_and_the_card_marks_spon_against_teal(sample_t
     assert "held-out `python-stdlib` NLL, TEAL → SPON" in card
     worse = [f for f, p in ppl.items() if p["spon"] > p["teal"]]  # each said once, naming its text
     assert sorted(next(f for f in worse if f in w) for w in s["quality_warnings"]) == sorted(worse)
+
+
+def test_a_mode_realizing_more_than_two_points_below_the_target_is_said():
+    from spon.stages import sparsity_warnings
+
+    ppl = {"a.txt": {"teal": {"realized_sparsity": 0.497}, "spon": {"realized_sparsity": 0.465}},
+           "b.txt": {"teal": {"realized_sparsity": 0.475}, "spon": {"realized_sparsity": 0.485}}}
+    assert sparsity_warnings(0.5, ppl) == [
+        "SPON realizes sparsity 0.465 on a.txt, 3.5 points below the target 0.50",
+        "TEAL realizes sparsity 0.475 on b.txt, 2.5 points below the target 0.50"]
+    assert sparsity_warnings(0.4, ppl) == []  # above the target is not a shortfall

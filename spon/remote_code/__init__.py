@@ -134,8 +134,9 @@ def write_model_card(model_dir: str | Path, summary: dict | None = None) -> Path
     if meta.get("realized_sparsity_heldout") is not None:
         rows.append(("realized sparsity, held-out calibration blocks", _fmt(meta["realized_sparsity_heldout"], ".4f")))
     summary = summary or {}
+    spon_sparsity = summary.get("realized_sparsity_spon_by_file", {})
     for f, s in summary.get("realized_sparsity_by_file", {}).items():
-        rows.append((f"realized sparsity, `{Path(f).name}`", _fmt(s, ".4f")))
+        rows.append((f"realized sparsity, `{Path(f).name}`", f"TEAL {_fmt(s, '.4f')}, SPON {_fmt(spon_sparsity.get(f), '.4f')}"))
     if kl:
         rows.append(("held-out KL(dense ‖ ·), TEAL → SPON", f"{_fmt(kl.get('teal'))} → {_fmt(kl.get('spon'))}"))
     chosen = selection.get("selected_step")  # None: alpha = 0, which is TEAL
