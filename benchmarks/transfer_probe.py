@@ -1,0 +1,111 @@
+"""Where does α help and where does it hurt? One level, four evaluation domains, every checkpoint.
+
+    OMP_NUM_THREADS=1 .venv/bin/python benchmarks/transfer_probe.py --steps 200 --evals 50,100,150,200 \
+        --out benchmarks/results/transfer_probe_smollm2_wikitext.json
+    OMP_NUM_THREADS=1 .venv/bin/python benchmarks/transfer_probe.py --steps 200 --evals 50,100,150,200 \
+        --calib-files +corpus:python-stdlib --heldout 16 --out benchmarks/results/transfer_probe_smollm2_mixed.json
+
+SmolLM2-135M with its preset recipe (spon/presets.py) except `--steps`, `--lr`, `--init` and the
+calibration files (`+NAME` adds a domain to the preset's wikitext-2 validation text). Perplexity
+(window 512, no overlap, the first `--tokens` tokens of each) on wikitext-2 test, the TinyStories
+sample, the held-out Python standard-library modules and CPython's C headers, none of them
+calibration text: dense, TEAL, the closed-form initial α, α after every step in `--evals` (the
+same run: the cosine schedule spans `--steps`), the selected α, and the selected α without each
+projection kind's α (which projections carry the transfer, which the harm). Realized sparsity is
+measured in each mode. JSON -> --out, written after every measurement.
+
+A probe, not the product path: the product's numbers come from benchmarks/real_model.py.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+
+import torch
+
+import spon
+from spon import presets
+from spon.assets import assets_root
+from spon.calibration import read_documents
+from spon.config import CalibrationConfig, DistillConfig, SparsityConfig
+from spon.distill import closed_form_alpha
+from spon.perplexity import perplexity
+from spon.sparse import alphas, load_alphas, mode
+
+DATA = assets_root() / "data"
+DOMAINS = {"wikitext": str(DATA / "wikitext-2-raw" / "test.txt"), "tinystories": str(DATA / "tinystories" / "sample.txt"),
+           "python": "corpus:python-stdlib-heldout", "c": "corpus:c-headers"}
+KINDS = ("q", "k", "v", "o", "gate", "up", "down")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", default="smollm2-135m")
+    ap.add_argument("--sparsity", type=float, default=0.5)
+    ap.add_argument("--steps", type=int, default=200)
+    ap.add_argument("--lr", type=float, default=None, help="default: the preset's")
+    ap.add_argument("--init", default=None, help="zeros | closed_form (default: the preset's)")
+    ap.add_argument("--calib-files", default="", help="comma list; +NAME adds to the preset's files")
+    ap.add_argument("--heldout", type=int, default=None, help="held-out calibration blocks (default: the preset's)")
+    ap.add_argument("--evals", default="50,100,150,200", help="steps after which to score every domain")
+    ap.add_argument("--tokens", type=int, default=4096, help="tokens scored per domain")
+    ap.add_argument("--skip-baselines", action="store_true", help="no dense / TEAL / init rows (known from a run "
+                    "with the same calibration)")
+    ap.add_argument("--save-alpha", default=None, help="the selected α as safetensors")
+    ap.add_argument("--out", required=True)
+    args = ap.parse_args()
+
+    torch.manual_seed(0)
+    model, tok = spon.load_model(args.model)
+    recipe = presets.preset(args.model)
+    cal_cfg = dict(recipe["calibration"])
+    for f in filter(None, args.calib_files.split(",")):
+        cal_cfg["files"] = cal_cfg["files"] + [f[1:]] if f.startswith("+") else [f]
+    if args.heldout:
+        cal_cfg["heldout_blocks"] = args.heldout
+    cal = spon.calibrate(model, tok, CalibrationConfig(**cal_cfg))
+    spon.sparsify_(model, SparsityConfig(sparsity=args.sparsity), cal)
+    docs = {k: read_documents(v) for k, v in DOMAINS.items()}
+    result: dict = {"args": vars(args), "calibration": cal_cfg, "evals": {}}
+
+    def score(tag: str, run_mode: str = "spon") -> None:
+        t0 = time.time()
+        with torch.no_grad(), mode(model, run_mode):
+            r = {k: perplexity(model, tok, d, 512, 512, args.tokens) for k, d in docs.items()}
+        result["evals"][tag] = r
+        print(tag, {k: (round(v["perplexity"], 3), round(v.get("realized_sparsity", 0.0), 3)) for k, v in r.items()},
+              f"{time.time() - t0:.0f}s", flush=True)
+        with open(args.out, "w") as fh:
+            json.dump(result, fh, indent=1)
+
+    if not args.skip_baselines:
+        score("dense", "dense")
+        score("teal", "teal")
+    load_alphas(model, closed_form_alpha(model, cal.train))
+    if not args.skip_baselines:
+        score("init")
+    evals = {int(x) for x in args.evals.split(",")}
+    overrides = {"steps": args.steps, "checkpoint_every": 50, **({"lr": args.lr} if args.lr else {}),
+                 **({"init": args.init} if args.init else {})}
+    r = spon.distill_(model, cal, DistillConfig(**{**recipe["distill"], **overrides}),
+                      on_step=lambda step, loss: score(f"step{step + 1}") if step + 1 in evals else None)
+    result.update({"selection": r.selection, "selected_step": r.selected_step, "heldout_kl_before": r.heldout_kl_before,
+                   "heldout_nll_before": r.heldout_nll_before, "heldout_kl_by_step": r.heldout_kl_by_step,
+                   "heldout_nll_by_step": r.heldout_nll_by_step, "heldout_by_domain": r.heldout_by_domain,
+                   "refused_by_domain": r.refused_by_domain})
+    if args.save_alpha:
+        from safetensors.torch import save_file
+
+        save_file({k: v.contiguous() for k, v in alphas(model).items()}, args.save_alpha)
+    score("selected")
+    selected = alphas(model)
+    for kind in KINDS:  # the selected α without one projection kind's
+        load_alphas(model, {n: torch.zeros_like(t) if n.split(".")[-1] == kind else t for n, t in selected.items()})
+        score(f"selected_minus_{kind}")
+    load_alphas(model, selected)
+
+
+if __name__ == "__main__":
+    main()
