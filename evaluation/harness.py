@@ -33,7 +33,7 @@ class SponLM(HFLM):
 
     def _loglikelihood_tokens(self, requests, disable_tqdm: bool = False, override_bs=None):
         if not self.share_context or self.backend != "causal" or self._position_dependent_sparsity():
-            return super()._loglikelihood_tokens(requests, disable_tqdm, override_bs)
+            return self._hflm_bounded(requests, disable_tqdm, override_bs)
         groups, rest = shared_context.group_by_context(requests, self.max_length)
         scores: dict[int, tuple[float, bool]] = {}
         pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.eot_token_id
@@ -55,6 +55,20 @@ class SponLM(HFLM):
             if strings is not None:
                 self.cache_hook.add_partial("loglikelihood", strings, scores[i])
         return [scores[i] for i in range(len(requests))]
+
+    def _hflm_bounded(self, requests, disable_tqdm: bool = False, override_bs=None):
+        """HFLM's own path with no more rows a batch than keep its [rows, width, vocab] fp32 logits
+        near 1 GB (it also writes their log-softmax): 64 BoolQ passages of 500 tokens x SmolLM2's
+        49,152-token vocabulary were 2 x 6.3 GB, and two such workers were killed for memory."""
+        saved = self.batch_size_per_gpu
+        if isinstance(saved, int) and requests:
+            longest = max(min(len(ctx) + len(cont), self.max_length + 1) for _, ctx, cont in requests)
+            vocab = getattr(self.model.config, "vocab_size", 2**15)
+            self.batch_size_per_gpu = max(1, min(saved, 2**28 // (vocab * longest)))
+        try:
+            return super()._loglikelihood_tokens(requests, disable_tqdm, override_bs)
+        finally:
+            self.batch_size_per_gpu = saved
 
     def _position_dependent_sparsity(self) -> bool:
         """TEAL's last_half protocol keeps the first half of each forward's sequence dense, so a
