@@ -4,6 +4,8 @@
         --out benchmarks/results/transfer_probe_smollm2_wikitext.json
     OMP_NUM_THREADS=1 .venv/bin/python benchmarks/transfer_probe.py --steps 200 --evals 50,100,150,200 \
         --calib-files +corpus:python-stdlib --heldout 16 --out benchmarks/results/transfer_probe_smollm2_mixed.json
+    OMP_NUM_THREADS=1 .venv/bin/python benchmarks/transfer_probe.py --teal-at 0.47,0.46 \
+        --out benchmarks/results/transfer_probe_smollm2_teal_matched.json   # TEAL at the sparsity SPON realizes
 
 SmolLM2-135M with its preset recipe (spon/presets.py) except `--steps`, `--lr`, `--init` and the
 calibration files (`+NAME` adds a domain to the preset's wikitext-2 validation text). Perplexity
@@ -40,6 +42,18 @@ DOMAINS = {"wikitext": str(DATA / "wikitext-2-raw" / "test.txt"), "tinystories":
 KINDS = ("q", "k", "v", "o", "gate", "up", "down")
 
 
+def score_modes(model, tok, docs: dict, args, result: dict, tag: str, run_mode: str) -> None:
+    """Perplexity and realized sparsity on every domain in `run_mode` -> result["evals"][tag], saved."""
+    t0 = time.time()
+    with torch.no_grad(), mode(model, run_mode):
+        r = {k: perplexity(model, tok, d, 512, 512, args.tokens) for k, d in docs.items()}
+    result["evals"][tag] = r
+    print(tag, {k: (round(v["perplexity"], 3), round(v.get("realized_sparsity", 0.0), 3)) for k, v in r.items()},
+          f"{time.time() - t0:.0f}s", flush=True)
+    with open(args.out, "w") as fh:
+        json.dump(result, fh, indent=1)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default="smollm2-135m")
@@ -54,6 +68,8 @@ def main() -> None:
     ap.add_argument("--skip-baselines", action="store_true", help="no dense / TEAL / init rows (known from a run "
                     "with the same calibration)")
     ap.add_argument("--save-alpha", default=None, help="the selected α as safetensors")
+    ap.add_argument("--teal-at", default=None, help="comma list of levels: only TEAL at each (thresholds for that "
+                    "target on the same calibration), no α: the baseline at the sparsity SPON realizes")
     ap.add_argument("--out", required=True)
     args = ap.parse_args()
 
@@ -66,19 +82,17 @@ def main() -> None:
     if args.heldout:
         cal_cfg["heldout_blocks"] = args.heldout
     cal = spon.calibrate(model, tok, CalibrationConfig(**cal_cfg))
-    spon.sparsify_(model, SparsityConfig(sparsity=args.sparsity), cal)
     docs = {k: read_documents(v) for k, v in DOMAINS.items()}
     result: dict = {"args": vars(args), "calibration": cal_cfg, "evals": {}}
+    if args.teal_at:
+        for level in args.teal_at.split(","):
+            spon.sparsify_(model, SparsityConfig(sparsity=float(level)), cal)
+            score_modes(model, tok, docs, args, result, f"teal@{level}", "teal")
+        return
+    spon.sparsify_(model, SparsityConfig(sparsity=args.sparsity), cal)
 
     def score(tag: str, run_mode: str = "spon") -> None:
-        t0 = time.time()
-        with torch.no_grad(), mode(model, run_mode):
-            r = {k: perplexity(model, tok, d, 512, 512, args.tokens) for k, d in docs.items()}
-        result["evals"][tag] = r
-        print(tag, {k: (round(v["perplexity"], 3), round(v.get("realized_sparsity", 0.0), 3)) for k, v in r.items()},
-              f"{time.time() - t0:.0f}s", flush=True)
-        with open(args.out, "w") as fh:
-            json.dump(result, fh, indent=1)
+        score_modes(model, tok, docs, args, result, tag, run_mode)
 
     if not args.skip_baselines:
         score("dense", "dense")
