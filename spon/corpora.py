@@ -9,13 +9,12 @@ besides prose, with no hub.
 - corpus:c-headers            CPython's C headers (the `include` dir): a second code language,
                               never used for calibration
 
-Each module or header is one document. The text depends on the interpreter's version; the summary
-records it (`corpus_versions`).
+Each module or header is one document. The text depends on the interpreter's version; a stage
+cache keys on its content (sha256).
 """
 
 from __future__ import annotations
 
-import platform
 import sysconfig
 import zlib
 from pathlib import Path
@@ -63,11 +62,6 @@ def documents(path: str) -> list[str]:
                         f"{sysconfig.get_paths()['stdlib' if name.startswith('python') else 'include']})")
     docs = [f.read_text(encoding="utf-8", errors="replace").strip() for f in files]
     return [d for d in docs if d]
-
-
-def version(path: str) -> str:
-    """What the corpus's text depends on: the interpreter that ships it."""
-    return f"CPython {platform.python_version()}"
 
 
 def sha256(path: str) -> str:

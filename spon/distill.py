@@ -41,7 +41,7 @@ class DistillResult:
     heldout_nll_by_step: dict[int, float] = field(default_factory=dict)  # the same, at every checkpoint
     # several held-out domains: {domain: {"teal": [kl, nll], "by_step": {step: [kl, nll]}}} (step 0: the init)
     heldout_by_domain: dict[str, dict] = field(default_factory=dict)
-    # checkpoints refused only because a domain's held-out NLL rose above its TEAL's: {step: [domains]}
+    # checkpoints on which the domains disagreed (some helped, these above their TEAL's NLL): {step: [domains]}
     refused_by_domain: dict[int, list[str]] = field(default_factory=dict)
     selected_step: int | None = None  # None: alpha = 0 (no step beat TEAL); 0: the initialisation
     selection: str = ""
