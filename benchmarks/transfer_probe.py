@@ -70,6 +70,10 @@ def main() -> None:
     ap.add_argument("--save-alpha", default=None, help="the selected α as safetensors")
     ap.add_argument("--teal-at", default=None, help="comma list of levels: only TEAL at each (thresholds for that "
                     "target on the same calibration), no α: the baseline at the sparsity SPON realizes")
+    ap.add_argument("--retarget", action="store_true", help="re-take tau in SPON mode (alpha in place) before the "
+                    "first step and at every 50th, so SPON realizes the target; TEAL keeps its own tau")
+    ap.add_argument("--alpha-targets", default=None, help="comma list of projection kinds that train alpha")
+    ap.add_argument("--no-ablation", action="store_true", help="skip the selected-minus-kind rows")
     ap.add_argument("--out", required=True)
     args = ap.parse_args()
 
@@ -102,9 +106,19 @@ def main() -> None:
         score("init")
     evals = {int(x) for x in args.evals.split(",")}
     overrides = {"steps": args.steps, "checkpoint_every": 50, **({"lr": args.lr} if args.lr else {}),
-                 **({"init": args.init} if args.init else {})}
-    r = spon.distill_(model, cal, DistillConfig(**{**recipe["distill"], **overrides}),
-                      on_step=lambda step, loss: score(f"step{step + 1}") if step + 1 in evals else None)
+                 **({"init": args.init} if args.init else {}),
+                 **({"targets": args.alpha_targets.split(",")} if args.alpha_targets else {})}
+    from spon.sparse import by_name
+    from spon.thresholds import sparse_upstream_thresholds
+    levels = {n: args.sparsity for n in by_name(model)}
+
+    def on_step(step, loss):
+        if args.retarget and (step == 0 or (step + 1) % 50 == 0):
+            sparse_upstream_thresholds(model, cal.train, levels, run_mode="spon")
+        if step + 1 in evals:
+            score(f"step{step + 1}")
+
+    r = spon.distill_(model, cal, DistillConfig(**{**recipe["distill"], **overrides}), on_step=on_step)
     result.update({"selection": r.selection, "selected_step": r.selected_step, "heldout_kl_before": r.heldout_kl_before,
                    "heldout_nll_before": r.heldout_nll_before, "heldout_kl_by_step": r.heldout_kl_by_step,
                    "heldout_nll_by_step": r.heldout_nll_by_step, "heldout_by_domain": r.heldout_by_domain,
@@ -115,7 +129,7 @@ def main() -> None:
         save_file({k: v.contiguous() for k, v in alphas(model).items()}, args.save_alpha)
     score("selected")
     selected = alphas(model)
-    for kind in KINDS:  # the selected α without one projection kind's
+    for kind in () if args.no_ablation else KINDS:  # the selected α without one projection kind's
         load_alphas(model, {n: torch.zeros_like(t) if n.split(".")[-1] == kind else t for n, t in selected.items()})
         score(f"selected_minus_{kind}")
     load_alphas(model, selected)

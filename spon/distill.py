@@ -22,7 +22,8 @@ import torch.nn.functional as F
 from spon import distributed
 from spon.config import DistillConfig
 from spon.errors import SponError
-from spon.sparse import alphas, load_alphas, mode, provenance, set_mode, sparse_linears, sparsified_positions
+from spon.sparse import (alphas, load_alphas, mode, provenance, set_mode, set_thresholds, sparse_linears,
+                         sparsified_positions, thresholds_of)
 
 if TYPE_CHECKING:
     from spon.calibration import Calibration
@@ -47,6 +48,9 @@ class DistillResult:
     selection: str = ""
     resumed_from: int = 0
     world_size: int = 1  # processes that trained it (spon.distributed)
+    # SPON's own tau with the selected alpha in place (config.retake_thresholds), TEAL keeping its
+    # own; None: SPON runs TEAL's tau
+    thresholds: dict[str, float] | None = None
 
     def record(self) -> dict:
         """Everything but the tensors, as JSON (distill.json, the summary, the sidecar)."""
@@ -59,7 +63,7 @@ class DistillResult:
                 "heldout_by_domain": self.heldout_by_domain,
                 "refused_by_domain": {str(k): v for k, v in self.refused_by_domain.items()},
                 "selected_step": self.selected_step, "selection": self.selection, "resumed_from": self.resumed_from,
-                "world_size": self.world_size}
+                "world_size": self.world_size, "thresholds": self.thresholds}
 
 
 @torch.no_grad()
@@ -365,6 +369,7 @@ def distill(
     for p in params:
         p.requires_grad_(True)
     result = DistillResult(alphas={})
+    teal_taus = thresholds_of(model, "teal")  # TEAL's tau: its baseline throughout, SPON's start
     zeros = {m.name: torch.zeros_like(m.alpha) for m in sparse_linears(model)}  # TEAL: alpha = 0 everywhere
     train = Teacher(model, train_blocks, cfg.teacher_cache_gb)
     # Held-out selection across ranks: each scores its shard and the sums are all-reduced, so every
@@ -423,20 +428,41 @@ def distill(
         for d, rec in state.get("heldout_by_domain", {}).items():  # the TEAL numbers: measured above
             result.heldout_by_domain.setdefault(d, {"teal": None, "by_step": {}})["by_step"] = rec["by_step"]
         result.refused_by_domain = {int(k): v for k, v in state.get("refused_by_domain", {}).items()}
-        best = (state["best"]["kl"], state["best"]["step"], state["best"]["alphas"])
+        best = (state["best"]["kl"], state["best"]["step"], state["best"]["alphas"],
+                state["best"].get("thresholds") or teal_taus)
+        set_thresholds(model, state.get("thresholds") or teal_taus, teal=teal_taus)
         start = result.resumed_from = int(state["step"])
     else:
         load_alphas(model, zeros)
         if cfg.init == "closed_form":
             init = closed_form_alpha(model, train_blocks)
             load_alphas(model, {m.name: init[m.name] for m in mods})
-        best = (result.heldout_kl_before, None, zeros)  # alpha = 0 is TEAL: what every step must beat
+        best = (result.heldout_kl_before, None, zeros, teal_taus)  # alpha = 0 is TEAL: what every step must beat
     if result.world_size > 1:  # every rank continues the same run from the same alpha
         distributed.agree(start, "the checkpoint step to resume from")
         distributed.broadcast_(params)
 
+    teal_realized: dict[str, float] = {}
+
+    def retake() -> None:
+        """SPON's tau for the alpha in place (cfg.retake_thresholds): before the first step and at
+        every checkpoint, so each checkpoint is scored, and the steps after it train, at the
+        sparsity TEAL realizes. Rank 0's taus on every rank (one mask everywhere)."""
+        if not cfg.retake_thresholds:
+            return
+        from spon.thresholds import realized_by_projection, retake_thresholds_
+
+        if not teal_realized:  # once: what SPON's tau must realize on the training blocks
+            teal_realized.update(realized_by_projection(model, train_blocks, "teal"))
+        taus = retake_thresholds_(model, train_blocks, teal_realized)
+        if result.world_size > 1:
+            flat = [torch.tensor([taus[n] for n in taus], dtype=torch.float64)]
+            distributed.broadcast_(flat)
+            set_thresholds(model, dict(zip(taus, flat[0].tolist())), teal=teal_taus)
+
     with mode(model, "spon"):
         if start == 0:
+            retake()
             result.heldout_kl_init, nll, by_domain = score(0)
             best = better(best, result.heldout_kl_init, nll, by_domain, 0)
         bar = _progress(range(start, cfg.steps), cfg.steps, start, progress and distributed.is_main())
@@ -466,6 +492,7 @@ def distill(
                 on_step(step, loss_sum)
             done = step + 1
             if done % cfg.checkpoint_every == 0 or done == cfg.steps:
+                retake()
                 kl, nll, by_domain = score(done)
                 result.heldout_kl_by_step[done], result.heldout_nll_by_step[done] = kl, nll
                 best = better(best, kl, nll, by_domain, done)
@@ -475,9 +502,9 @@ def distill(
 
     for p in params:
         p.requires_grad_(False)
-    result.heldout_kl_after, result.selected_step, chosen = best
+    result.heldout_kl_after, result.selected_step, chosen, chosen_taus = best
     if len(heldout_blocks) == 0:  # nothing to select on: the last alpha, and the summary says so
-        result.selected_step, chosen = cfg.steps, alphas(model)
+        result.selected_step, chosen, chosen_taus = cfg.steps, alphas(model), thresholds_of(model)
         result.selection = "last step (no held-out blocks to select on)"
     elif result.selected_step is None:
         result.selection = "zeros: no checkpoint beat TEAL on the held-out blocks" + (
@@ -490,7 +517,9 @@ def distill(
         result.selection += (f"; held-out domains disagree: step(s) {', '.join(map(str, sorted(result.refused_by_domain)))} "
                              f"refused for a held-out NLL above TEAL's on {', '.join(worst)}")
     load_alphas(model, chosen)
+    set_thresholds(model, chosen_taus, teal=teal_taus)  # alpha = 0 (TEAL) takes TEAL's tau back
     result.alphas = alphas(model)
+    result.thresholds = thresholds_of(model) if cfg.retake_thresholds else None
     return result
 
 
@@ -504,12 +533,12 @@ def _student_precision(compute_dtype: str, device: torch.device):
 
 
 def _better(best, kl: float, nll: float, nll_limit: float, step: int, model):
-    """Keep (kl, step, alphas) of the lowest held-out KL among checkpoints whose held-out NLL is
+    """Keep (kl, step, alphas, SPON's thresholds) of the lowest held-out KL among checkpoints whose held-out NLL is
     not above TEAL's (`nll_limit`); ties keep the earlier (simpler) one."""
     if not math.isfinite(kl) or (math.isfinite(nll_limit) and not nll <= nll_limit):
         return best
     if not math.isfinite(best[0]) or kl < best[0]:
-        return (kl, step, alphas(model))
+        return (kl, step, alphas(model), thresholds_of(model))
     return best
 
 
@@ -548,7 +577,8 @@ def _save_checkpoint(directory, step, model, opt, sched, result: DistillResult, 
                 "heldout_nll_by_step": {str(k): v for k, v in result.heldout_nll_by_step.items()},
                 "heldout_by_domain": result.heldout_by_domain,
                 "refused_by_domain": {str(k): v for k, v in result.refused_by_domain.items()},
-                "best": {"kl": best[0], "step": best[1], "alphas": best[2]}}, tmp)
+                "thresholds": thresholds_of(model),
+                "best": {"kl": best[0], "step": best[1], "alphas": best[2], "thresholds": best[3]}}, tmp)
     tmp.replace(directory / f"alpha_step{step:07d}.pt")  # atomic: a kill never leaves half a checkpoint
 
 

@@ -26,7 +26,7 @@ from spon.format import (ALPHA_FILE, CHANNEL_NORMS_FILE, DIGEST_KEY, PROJECTIONS
 from spon.model import bias_slot, find_projections, load_pretrained
 from spon.remote_code import check_installed, install as install_remote_code, write_model_card
 from spon.sparse import (SparseLinear, SparseState, apply_sparse_state_, channel_norms, fuse_alpha, fused_bias,
-                         provenance, set_mode, sparse_linears, weight_times_alpha)
+                         provenance, set_mode, sparse_linears, thresholds_of, weight_times_alpha)
 
 log = logging.getLogger(__name__)
 
@@ -138,7 +138,7 @@ def sidecar(model, source_model: str | None = None, smoke: dict | None = None) -
     meta = {
         "format": format_for(criterion),
         "criterion": criterion,
-        "thresholds": {m.name: float(m.threshold) for m in mods},
+        "thresholds": thresholds_of(model, "spon"),
         "targets": sorted({m.kind for m in mods}, key=PROJECTIONS.index),
         "fused_in_checkpoint": {m.name: fusable(model, m.kind) for m in mods},
         "unfusable_projections": sorted({m.kind for m in mods if not fusable(model, m.kind)}, key=PROJECTIONS.index),
@@ -155,6 +155,8 @@ def sidecar(model, source_model: str | None = None, smoke: dict | None = None) -
             "heldout_kl": prov.get("heldout_kl"),
         },
     }
+    if any(m.teal_threshold is not None for m in mods):  # TEAL's own tau: the baseline an evaluation compares with
+        meta["teal_thresholds"] = thresholds_of(model, "teal")
     if "alpha_selection" in prov:
         meta["alpha_selection"] = prov["alpha_selection"]
     if smoke is not None:
@@ -223,6 +225,10 @@ def check_checkpoint(model_dir: str | Path, meta: dict, model, alpha: dict, norm
         validate_sidecar(meta, projections=projection_info(model), alpha=tensor_info(alpha),
                          channel_norms=tensor_info(norms), alpha_sha256=file_sha256(d / ALPHA_FILE),
                          norms_sha256=file_sha256(d / CHANNEL_NORMS_FILE) if norms is not None else None)
+        teal = meta.get("teal_thresholds")  # the baseline's own tau: spon's loader alone reads it
+        if teal is not None and (not isinstance(teal, dict) or set(teal) != set(meta["thresholds"]) or any(
+                isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 <= v < float("inf") for v in teal.values())):
+            raise ValueError("teal_thresholds must give a finite number >= 0 for exactly the projections thresholds names")
     except ValueError as e:
         raise SponError(f"{d}: {e}") from None
 

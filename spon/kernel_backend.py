@@ -74,10 +74,10 @@ class KernelGroup:
     def _constants(self, mode: str):
         """Per-projection thresholds (floats) and the concatenated bias of `mode`, recomputed only
         when a threshold or bias tensor was written since (fusion, set_thresholds)."""
-        key = (mode, *((_version(m.threshold), _version(m.channel_norm), _version(m.linear.bias),
-                        _version(m.fused_delta)) for m in self.members))
+        key = (mode, *((_version(m.threshold), _version(m.teal_threshold), _version(m.channel_norm),
+                        _version(m.linear.bias), _version(m.fused_delta)) for m in self.members))
         if key != self._consts_key:
-            self._taus = [float(m.threshold) for m in self.members]
+            self._taus = [float(m.tau()) for m in self.members]
             # Weighted criterion: one row of per-input-channel thresholds tau / c per member (a
             # magnitude member in the same group gets its tau in every channel).
             self._channel_taus = None

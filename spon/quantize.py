@@ -26,7 +26,7 @@ from torch import nn
 
 from spon.errors import SponError
 from spon.format import ALPHA_FILE, CHANNEL_NORMS_FILE, SIDECAR
-from spon.sparse import SparseLinear, sparse_linears
+from spon.sparse import SparseLinear, set_thresholds, sparse_linears, thresholds_of
 
 log = logging.getLogger(__name__)
 SCHEMES = ("int8", "int4", "nf4")
@@ -245,5 +245,7 @@ def load_quantized(model_dir: str | Path, device: str = "cpu"):
         raise SponError(f"{d}: state mismatch, missing {sorted(set(missing) - tied)[:5]}, unexpected {unexpected[:5]}")
     if tied:
         model.tie_weights()
+    if meta.get("teal_thresholds"):  # the state dict holds SPON's tau; TEAL (the baseline) runs its own
+        set_thresholds(model, thresholds_of(model), teal=meta["teal_thresholds"])
     model.to(device).eval().requires_grad_(False)
     return model, AutoTokenizer.from_pretrained(d), meta

@@ -55,6 +55,9 @@ class SparseLinear(nn.Module):
         self.name = name  # "layer.kind", e.g. "3.down"
         self.kind = kind
         self.register_buffer("threshold", torch.zeros((), dtype=torch.float32))
+        # TEAL's own tau when SPON's differs (thresholds re-taken with alpha in place, so that SPON
+        # realizes the target sparsity): the baseline that teal mode runs. None: one tau for both.
+        self.register_buffer("teal_threshold", None, persistent=False)
         # WINA's c_i = ||W[:, i]||_2 (criterion "weighted"); None: TEAL's magnitude criterion.
         self.register_buffer("channel_norm", None, persistent=False)
         # alpha lives in the linear's input space; fp32 even for a bf16 model so small updates survive.
@@ -80,7 +83,7 @@ class SparseLinear(nn.Module):
         return "magnitude" if self.channel_norm is None else "weighted"
 
     def extra_repr(self) -> str:
-        return (f"name={self.name}, mode={self.mode}, criterion={self.criterion}, tau={self.threshold.item():.4g}, "
+        return (f"name={self.name}, mode={self.mode}, criterion={self.criterion}, tau={self.tau().item():.4g}, "
                 f"fused={self.fused}")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -126,10 +129,15 @@ class SparseLinear(nn.Module):
         self.zeros += keep.numel() - int(keep.sum())
         self.seen += keep.numel()
 
+    def tau(self) -> torch.Tensor:
+        """The threshold of the current mode: TEAL's own in teal mode, the model's otherwise."""
+        return self.teal_threshold if self.mode == "teal" and self.teal_threshold is not None else self.threshold
+
     def cutoff(self) -> torch.Tensor:
         """What |x| is compared with: tau (magnitude), or tau_i = tau / c_i per input channel
         (weighted; fp32, so every path that reads it compares against the same numbers)."""
-        return self.threshold if self.channel_norm is None else self.threshold / self.channel_norm
+        tau = self.tau()
+        return tau if self.channel_norm is None else tau / self.channel_norm
 
     def score(self, x: torch.Tensor) -> torch.Tensor:
         """The criterion's importance of each activation, whose quantile calibrates tau:
@@ -155,6 +163,8 @@ class SparseState:
     thresholds in the first place is the verb `spon.sparsify_` (spon.oneshot).
 
     thresholds: tau per "layer.kind" (None: leave them as they are).
+    teal_thresholds: TEAL's own tau where SPON's were re-taken with alpha in place (what teal mode,
+        the baseline, runs); None: TEAL runs `thresholds`.
     alpha: the spontaneous-neuron vectors (None: leave them; zeros for a freshly wrapped model).
     alpha_in_bias: names whose checkpoint bias already holds b + W alpha (a fused checkpoint);
         with fuse=True every other alpha is fused into its bias now (b' = b + W alpha).
@@ -165,6 +175,7 @@ class SparseState:
 
     targets: list[str] = field(default_factory=lambda: list(PROJECTIONS))
     thresholds: dict[str, float] | None = None
+    teal_thresholds: dict[str, float] | None = None
     criterion: str = "magnitude"
     channel_norms: dict[str, torch.Tensor] | None = None
     protocol: str = "all"
@@ -179,6 +190,7 @@ class SparseState:
         """A fused checkpoint: thresholds and alpha from its sidecar; alpha already in the biases
         where the architecture has a slot, fused at load time elsewhere."""
         return cls(targets=list(meta["targets"]), thresholds=meta["thresholds"], protocol=meta.get("protocol", "all"),
+                   teal_thresholds=meta.get("teal_thresholds"),
                    criterion=meta.get("criterion", "magnitude"), channel_norms=channel_norms,
                    alpha=alpha, alpha_in_bias=meta["fused_in_checkpoint"], fuse=True, mode="spon")
 
@@ -189,7 +201,7 @@ def apply_sparse_state_(model, state: SparseState) -> list[SparseLinear]:
     set_protocol(model, state.protocol)
     set_criterion(model, state.criterion, state.channel_norms)
     if state.thresholds is not None:
-        set_thresholds(model, state.thresholds)
+        set_thresholds(model, state.thresholds, teal=state.teal_thresholds)
     if state.alpha is not None:
         load_alphas(model, state.alpha)
     if state.alpha_in_bias or state.fuse:
@@ -309,13 +321,27 @@ def channel_norms(model) -> dict[str, torch.Tensor]:
             if m.channel_norm is not None}
 
 
-def set_thresholds(model, thresholds: dict[str, float]) -> None:
+def set_thresholds(model, thresholds: dict[str, float], teal: dict[str, float] | None = None) -> None:
+    """tau per projection, for TEAL and SPON alike; with `teal`, SPON runs `thresholds` and TEAL
+    its own `teal` (thresholds re-taken with alpha in place: spon.thresholds.retake_thresholds_)."""
     mods = by_name(model)
-    missing = set(thresholds) - set(mods)
-    if missing:
-        raise SponError(f"thresholds name projections the model does not have: {sorted(missing)[:5]}")
+    for what, taus in (("thresholds", thresholds), ("TEAL thresholds", teal or {})):
+        missing = set(taus) - set(mods)
+        if missing:
+            raise SponError(f"{what} name projections the model does not have: {sorted(missing)[:5]}")
     for name, tau in thresholds.items():
         mods[name].threshold.fill_(float(tau))
+        mods[name].teal_threshold = None
+    for name, tau in (teal or {}).items():
+        m = mods[name]
+        m.teal_threshold = None if float(tau) == float(m.threshold) else torch.tensor(float(tau), device=m.threshold.device)
+
+
+def thresholds_of(model, which: str = "spon") -> dict[str, float]:
+    """tau per projection: "spon" (what the model runs in spon mode, and what a checkpoint ships)
+    or "teal" (the baseline's own; the same unless SPON's were re-taken)."""
+    return {m.name: float(m.teal_threshold if which == "teal" and m.teal_threshold is not None else m.threshold)
+            for m in sparse_linears(model)}
 
 
 def alphas(model) -> dict[str, torch.Tensor]:

@@ -44,7 +44,7 @@ from spon.fuse import fuse_, load_sparse_model, read_alpha, save_pretrained
 from spon.perplexity import perplexities
 from spon.remote_code import write_model_card
 from spon.sources import default_model_path, load_model, weights_digest
-from spon.sparse import SparseState, apply_sparse_state_, provenance
+from spon.sparse import SparseState, apply_sparse_state_, provenance, set_thresholds
 from spon.thresholds import sparsify_
 
 log = logging.getLogger(__name__)
@@ -202,7 +202,10 @@ def fuse(model: ModelHandle, calib_dir: str | Path, thresholds_dir: str | Path, 
     check_made_by(d.get("model"), model, Path(distill_dir) / DISTILL_FILE)
     alpha = read_alpha(Path(distill_dir) / ALPHA_STAGE_FILE)
     _check_alpha_fits(alpha, m, thresholds_dir, Path(distill_dir) / ALPHA_STAGE_FILE)
-    apply_thresholds(m, thresholds_dir, alpha=alpha)
+    t = apply_thresholds(m, thresholds_dir, alpha=alpha)
+    if d.get("thresholds"):  # SPON's own tau, re-taken with alpha in place; TEAL keeps thresholds.json's
+        _check_spon_thresholds(d["thresholds"], t["thresholds"], Path(distill_dir) / DISTILL_FILE)
+        set_thresholds(m, d["thresholds"], teal=t["thresholds"])
     provenance(m)["calibration"] = read_calibration(calib_dir).config
     record_distillation(m, DistillConfig.model_validate(d["config"]), DistillResult(
         alphas={}, heldout_kl_before=d["heldout_kl_before"], heldout_kl_after=d["heldout_kl_after"],
@@ -232,6 +235,15 @@ def _check_inputs_made_by(model: ModelHandle, calib_dir, thresholds_dir) -> None
     check_made_by(_calibration_model(calib_dir), model, Path(calib_dir) / CALIBRATION_FILE)
     check_made_by(read_json(Path(thresholds_dir) / THRESHOLDS_FILE).get("model"), model,
                   Path(thresholds_dir) / THRESHOLDS_FILE)
+
+
+def _check_spon_thresholds(taus, teal: dict, path: Path) -> None:
+    """SPON's re-taken tau: a finite number >= 0 for exactly the projections TEAL's name."""
+    if not isinstance(taus, dict) or set(taus) != set(teal):
+        raise SponError(f"{path}: its thresholds do not name the projections of thresholds.json (another calibration?)")
+    bad = [n for n, v in taus.items() if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 <= v < float("inf")]
+    if bad:
+        raise SponError(f"{path}: threshold {bad[0]} is {taus[bad[0]]!r}: a threshold is a finite number >= 0")
 
 
 def _check_alpha_fits(alpha: dict, m, thresholds_dir, path: Path) -> None:

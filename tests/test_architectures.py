@@ -12,14 +12,14 @@ from transformers import AutoModelForCausalLM
 
 from spon.calibration import sample_blocks
 from spon.config import DistillConfig, SparsityConfig
-from spon.distill import distill
+from spon.distill import closed_form_alpha, distill
 from spon.errors import SponError
 from spon.format import ALPHA_FILE, SIDECAR
 from spon.fuse import load_sparse_model, save_pretrained
 from spon.oneshot import fuse_
 from spon.model import find_projections
 from spon.sources import load_model
-from spon.sparse import by_name, set_mode, wrap_projections
+from spon.sparse import by_name, load_alphas, set_mode, wrap_projections
 from spon.thresholds import compute_thresholds
 
 # Which projections each architecture can carry a bias for in a vanilla checkpoint.
@@ -44,16 +44,16 @@ def test_whole_chain(arch, tiny_models, tmp_path):
     cfg = DistillConfig(steps=16, lr=5e-3, warmup=2, batch_size=8, init="closed_form")
     # The blocks are the model's own samples: selection on KL alone, as the pipeline does for them.
     r = distill(model, blocks[:16], blocks[16:], cfg, progress=False, nll_guard=False)
-    assert r.heldout_kl_after < r.heldout_kl_before
-    if arch.startswith("gemma"):
-        # Measured: the tiny random Gemmas' training KL falls (gemma3_text 0.133 -> 0.129 over the
-        # first/last 4 steps) but 16 self-sampled blocks do not generalise past the closed-form init
-        # (held-out 0.1268 at init, 0.133-0.135 after): selection keeps the init, as it must.
-        assert sum(r.kl_history[-4:]) < sum(r.kl_history[:4])
-        assert r.selected_step is not None
-        assert r.heldout_kl_after == min(r.heldout_kl_init, *r.heldout_kl_by_step.values())
-    else:
-        assert r.selected_step is not None and r.heldout_kl_after == min(r.heldout_kl_by_step.values())
+    # Training lowers the training KL on every architecture; what is kept is the lowest held-out KL
+    # of TEAL, the init and the checkpoints, each at its own thresholds (SPON's re-taken with alpha
+    # in place). Measured: on the tiny random Gemma-3 no alpha beats TEAL at equal sparsity
+    # (held-out 0.1283 TEAL, 0.1293 init, 0.131-0.134 after), so TEAL is kept, as it must be.
+    assert sum(r.kl_history[-4:]) < sum(r.kl_history[:4])
+    assert r.heldout_kl_after == min(r.heldout_kl_before, r.heldout_kl_init, *r.heldout_kl_by_step.values())
+    if arch != "gemma3_text":
+        assert r.selected_step is not None and r.heldout_kl_after < r.heldout_kl_before
+    if r.selected_step is None:  # the chain below needs a non-zero alpha: the closed-form one
+        load_alphas(model, closed_form_alpha(model, blocks[:16]))
 
     set_mode(model, "spon")
     out = save_pretrained(model, tok, tmp_path / arch)

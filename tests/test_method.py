@@ -382,3 +382,38 @@ def test_selection_never_takes_a_checkpoint_worse_than_teal_on_any_heldout_domai
     thresholds(alone, train, 0.5)
     r1 = distill(alone, train, stories, cfg, progress=False)
     assert r1.selected_step in r.refused_by_domain  # what one domain's selection would have shipped
+
+
+def test_spon_realizes_teals_sparsity_with_its_own_thresholds_and_teal_keeps_its_own(stories_path, calib, tmp_path):
+    """alpha moves what reaches downstream projections, so with TEAL's tau SPON zeroes another
+    fraction of its inputs than TEAL does. With thresholds re-taken (the default) every projection
+    of SPON realizes TEAL's sparsity on the training blocks, TEAL still runs its own tau (the
+    baseline is unchanged), and a fused checkpoint carries both: its TEAL mode is the TEAL that
+    distillation compared against."""
+    from spon.thresholds import realized_by_projection
+    from spon.sparse import thresholds_of
+
+    train, held = calib[:40], calib[40:]
+    cfg = DistillConfig(steps=12, lr=1e-2, batch_size=8, warmup=2, init="zeros", seed=1, checkpoint_every=3)
+    gaps = {}
+    for retake in (False, True):
+        model, tok = fresh(stories_path)
+        taus, _ = thresholds(model, train, 0.5)
+        teal = realized_by_projection(model, train, "teal")
+        r = distill(model, train, held, cfg.model_copy(update={"retake_thresholds": retake}), progress=False)
+        assert r.selected_step is not None
+        spon = realized_by_projection(model, train, "spon")
+        gaps[retake] = max(abs(spon[n] - teal[n]) for n in teal)
+        assert realized_by_projection(model, train, "teal") == teal  # TEAL's own tau, untouched
+        assert thresholds_of(model, "teal") == pytest.approx(taus, rel=1e-6)
+    assert gaps[False] > 0.01, gaps  # the same tau: SPON's sparsity drifts from TEAL's on some projection
+    assert gaps[True] < 0.002, gaps  # its own tau: every projection at TEAL's sparsity (histogram resolution)
+    assert r.thresholds == thresholds_of(model, "spon") != thresholds_of(model, "teal")
+
+    set_mode(model, "spon")
+    save_pretrained(model, tok, tmp_path / "fused")
+    loaded, _, meta = load_sparse_model(tmp_path / "fused")
+    assert meta["thresholds"] == pytest.approx(r.thresholds) and meta["teal_thresholds"] == pytest.approx(taus, rel=1e-6)
+    for run_mode in ("teal", "spon"):
+        with torch.no_grad(), mode(model, run_mode), mode(loaded, run_mode):
+            torch.testing.assert_close(loaded(held).logits, model(held).logits, rtol=1e-4, atol=1e-4)
