@@ -155,7 +155,8 @@ def row_record(name: str, cfg, s: dict, dirs: dict, walls: dict) -> dict:
     return portable({
         "row": name, "overrides": ROWS[name], "wall_s": walls, "wall_s_total": round(sum(walls.values()), 1),
         "peak_rss_gb": s.get("peak_rss_gb"), "fused": str(dirs["fused"]),
-        **{k: s.get(k) for k in ("sparsity", "allocation", "protocol", "perplexity_by_file", "realized_sparsity_by_file", "tokens_by_file",
+        **{k: s.get(k) for k in ("sparsity", "allocation", "protocol", "perplexity_by_file", "realized_sparsity_by_file",
+                             "realized_sparsity_spon_by_file", "tokens_by_file",
                              "heldout_kl", "alpha_selection", "gap_closed", "quality_warnings", "preset")},
         "alpha_targets": cfg.distill.targets or cfg.sparsity.targets, "calibration_source": cfg.calibration.source,
         "eval": cfg.eval.model_dump(mode="json"), "config": what_it_is(cfg),
@@ -201,10 +202,15 @@ def perplexity_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def spon_realized(row: dict, f: str) -> str:
+    v = (row.get("realized_sparsity_spon_by_file") or {}).get(portable(f))
+    return "-" if v is None else f"{v:.3f}"  # rows measured before SPON's was reported
+
+
 def domain_table(rows: list[dict]) -> str:
     """Per row and evaluation domain: dense / TEAL / SPON perplexity, realized sparsity, gap closed;
     **worse** where SPON is above TEAL (the transfer target: never, on any domain, at any level)."""
-    lines = ["| row | domain | tokens | realized | dense | TEAL | SPON | gap closed |", "|---" * 8 + "|"]
+    lines = ["| row | domain | tokens | realized TEAL / SPON | dense | TEAL | SPON | gap closed |", "|---" * 8 + "|"]
     for r in rows:
         for name, f in DOMAINS.items():
             p = r["perplexity_by_file"].get(portable(f))
@@ -213,8 +219,8 @@ def domain_table(rows: list[dict]) -> str:
                 continue
             worse = p["spon"] > p["teal"]
             lines.append(f"| {r['row']} | {name} | {(r.get('tokens_by_file') or {}).get(portable(f), '-')} "
-                         f"| {r['realized_sparsity_by_file'][portable(f)]:.3f} | {p['dense']:.2f} | {p['teal']:.2f} "
-                         f"| {'**' if worse else ''}{p['spon']:.2f}{'** worse' if worse else ''} "
+                         f"| {r['realized_sparsity_by_file'][portable(f)]:.3f} / {spon_realized(r, f)} "
+                         f"| {p['dense']:.2f} | {p['teal']:.2f} | {'**' if worse else ''}{p['spon']:.2f}{'** worse' if worse else ''} "
                          f"| {100 * gap(p['teal'], p['spon'], p['dense']):.1f}% |")
     return "\n".join(lines)
 

@@ -1,9 +1,12 @@
 """Where does α help and where does it hurt? One level, four evaluation domains, every checkpoint.
 
     OMP_NUM_THREADS=1 .venv/bin/python benchmarks/transfer_probe.py --steps 200 --evals 50,100,150,200 \
-        --out benchmarks/results/transfer_probe_smollm2_wikitext.json
+        --same-tau --out benchmarks/results/transfer_probe_smollm2_wikitext.json
     OMP_NUM_THREADS=1 .venv/bin/python benchmarks/transfer_probe.py --steps 200 --evals 50,100,150,200 \
-        --calib-files +corpus:python-stdlib --heldout 16 --out benchmarks/results/transfer_probe_smollm2_mixed.json
+        --same-tau --calib-files +corpus:python-stdlib --heldout 16 --out benchmarks/results/transfer_probe_smollm2_mixed.json
+    OMP_NUM_THREADS=1 .venv/bin/python benchmarks/transfer_probe.py --steps 200 --evals 100,200 --no-ablation \
+        --skip-baselines --calib-files +corpus:python-stdlib --heldout 16 \
+        --out benchmarks/results/transfer_probe_smollm2_mixed_own_tau.json   # SPON at its own tau
     OMP_NUM_THREADS=1 .venv/bin/python benchmarks/transfer_probe.py --teal-at 0.47,0.46 \
         --out benchmarks/results/transfer_probe_smollm2_teal_matched.json   # TEAL at the sparsity SPON realizes
 
@@ -13,8 +16,9 @@ calibration files (`+NAME` adds a domain to the preset's wikitext-2 validation t
 sample, the held-out Python standard-library modules and CPython's C headers, none of them
 calibration text: dense, TEAL, the closed-form initial α, α after every step in `--evals` (the
 same run: the cosine schedule spans `--steps`), the selected α, and the selected α without each
-projection kind's α (which projections carry the transfer, which the harm). Realized sparsity is
-measured in each mode. JSON -> --out, written after every measurement.
+projection kind's α (which projections carry the transfer, which the harm). SPON runs its own tau,
+re-taken with α in place at every checkpoint (the product's default) unless `--same-tau`; TEAL
+runs its own. Realized sparsity is measured in each mode. JSON -> --out, written after every measurement.
 
 A probe, not the product path: the product's numbers come from benchmarks/real_model.py.
 """
@@ -35,6 +39,7 @@ from spon.config import CalibrationConfig, DistillConfig, SparsityConfig
 from spon.distill import closed_form_alpha
 from spon.perplexity import perplexity
 from spon.sparse import alphas, load_alphas, mode
+from spon.thresholds import retake_thresholds_
 
 DATA = assets_root() / "data"
 DOMAINS = {"wikitext": str(DATA / "wikitext-2-raw" / "test.txt"), "tinystories": str(DATA / "tinystories" / "sample.txt"),
@@ -70,8 +75,8 @@ def main() -> None:
     ap.add_argument("--save-alpha", default=None, help="the selected α as safetensors")
     ap.add_argument("--teal-at", default=None, help="comma list of levels: only TEAL at each (thresholds for that "
                     "target on the same calibration), no α: the baseline at the sparsity SPON realizes")
-    ap.add_argument("--retarget", action="store_true", help="re-take tau in SPON mode (alpha in place) before the "
-                    "first step and at every 50th, so SPON realizes the target; TEAL keeps its own tau")
+    ap.add_argument("--same-tau", action="store_true", help="SPON runs TEAL's tau (distill.retake_thresholds "
+                    "off: the recipe before SPON's thresholds were re-taken with alpha in place)")
     ap.add_argument("--alpha-targets", default=None, help="comma list of projection kinds that train alpha")
     ap.add_argument("--no-ablation", action="store_true", help="skip the selected-minus-kind rows")
     ap.add_argument("--out", required=True)
@@ -103,19 +108,19 @@ def main() -> None:
         score("teal", "teal")
     load_alphas(model, closed_form_alpha(model, cal.train))
     if not args.skip_baselines:
+        if not args.same_tau:
+            retake_thresholds_(model, cal.train)
         score("init")
     evals = {int(x) for x in args.evals.split(",")}
     overrides = {"steps": args.steps, "checkpoint_every": 50, **({"lr": args.lr} if args.lr else {}),
                  **({"init": args.init} if args.init else {}),
-                 **({"targets": args.alpha_targets.split(",")} if args.alpha_targets else {})}
-    from spon.sparse import by_name
-    from spon.thresholds import sparse_upstream_thresholds
-    levels = {n: args.sparsity for n in by_name(model)}
+                 **({"targets": args.alpha_targets.split(",")} if args.alpha_targets else {}),
+                 "retake_thresholds": not args.same_tau}
 
-    def on_step(step, loss):
-        if args.retarget and (step == 0 or (step + 1) % 50 == 0):
-            sparse_upstream_thresholds(model, cal.train, levels, run_mode="spon")
+    def on_step(step: int, loss: float) -> None:
         if step + 1 in evals:
+            if not args.same_tau:  # what distill does next at a checkpoint: SPON's tau for this alpha
+                retake_thresholds_(model, cal.train)
             score(f"step{step + 1}")
 
     r = spon.distill_(model, cal, DistillConfig(**{**recipe["distill"], **overrides}), on_step=on_step)

@@ -63,11 +63,10 @@ def _check_stage(cfg, args, *inputs_, calib_len: int | None = None) -> None:
 
 def cmd_calibrate(args) -> int:
     """spon.stages.calibrate + spon.stages.thresholds -> DIR/calibration.safetensors, DIR/thresholds.json."""
-    from spon import stages
-
     cfg = config_from_args(args)
     files = check_calibration(cfg.calibration)
     _check_stage(cfg, args, *(("the calibration file", f) for f in files), calib_len=cfg.calibration.block_len)
+    from spon import stages  # torch and transformers: after the checks, so bad input is refused at once
     out = Path(cfg.out)
     model = stages.base_model(_model(cfg), cfg.device, cfg.dtype)  # one load for both stages
     with new_out_dir(out):
@@ -80,12 +79,11 @@ def cmd_calibrate(args) -> int:
 
 def cmd_distill(args) -> int:
     """spon.stages.distill on a calibrated directory -> DIR/alpha.safetensors, DIR/distill.json."""
-    from spon import distributed, stages
-
     cfg = config_from_args(args)
     _check_stage(cfg, args, ("the --calib directory", check_calib_dir(args.calib)))
     _check_protocol(cfg, args.calib)
     _check_alpha_targets(cfg, args.calib)
+    from spon import distributed, stages
     distributed.init(cfg.device)  # under torchrun: data-parallel over the ranks (spon.distributed)
     out = Path(cfg.out)
     with _main_rank_out_dir(out):
@@ -101,13 +99,12 @@ def cmd_distill(args) -> int:
 
 def cmd_fuse(args) -> int:
     """spon.stages.fuse -> a fused checkpoint directory."""
-    from spon import stages
-
     cfg = config_from_args(args)
     calib = check_calib_dir(args.calib)
     alpha = check_alpha(args.alpha)
     _check_stage(cfg, args, ("the --calib directory", calib), ("the alpha directory", alpha.parent))
     _check_protocol(cfg, args.calib)
+    from spon import stages
     out = Path(cfg.out)
     with new_out_dir(out):
         stages.fuse(stages.base_model(_model(cfg), cfg.device, cfg.dtype), args.calib, args.calib, alpha.parent, out,
