@@ -4,6 +4,7 @@ model, a cached teacher, alpha on a subset of projections, a fixed number of sco
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -37,10 +38,12 @@ def test_a_named_model_brings_its_preset_under_file_and_flags(tmp_path):
     cfg = load_config(None, {"model": "smollm2-135m"})
     assert cfg.preset == "smollm2-135m"
     assert (cfg.calibration.source, cfg.calibration.num_blocks, cfg.calibration.block_len,
-            cfg.calibration.heldout_blocks) == ("text", 72, 256, 8)
+            cfg.calibration.heldout_blocks) == ("text", 72, 256, 16)
+    # two calibration domains: wikitext-2 validation (the local copy) and the standard library's calibration half
+    assert [Path(f).name for f in cfg.calibration.files] == ["valid.txt", "corpus:python-stdlib"]
     assert (cfg.distill.steps, cfg.distill.lr, cfg.distill.batch_size, cfg.distill.init, cfg.distill.warmup,
-            cfg.distill.checkpoint_every, cfg.distill.compute_dtype, cfg.distill.teacher_cache_gb) == \
-        (400, 1e-3, 2, "closed_form", 10, 50, "bf16", 4.0)
+            cfg.distill.checkpoint_every, cfg.distill.compute_dtype, cfg.distill.teacher_cache_gb,
+            cfg.distill.retake_thresholds) == (200, 1e-3, 2, "closed_form", 10, 50, "bf16", 4.0, True)
     assert (cfg.eval.window, cfg.eval.stride, cfg.eval.max_tokens) == (512, 512, 25600)
     f = tmp_path / "c.json"
     f.write_text(json.dumps({"model": "smollm2-135m", "distill": {"lr": 5e-4}}))
