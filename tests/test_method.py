@@ -417,3 +417,14 @@ def test_spon_realizes_teals_sparsity_with_its_own_thresholds_and_teal_keeps_its
     for run_mode in ("teal", "spon"):
         with torch.no_grad(), mode(model, run_mode), mode(loaded, run_mode):
             torch.testing.assert_close(loaded(held).logits, model(held).logits, rtol=1e-4, atol=1e-4)
+
+    import json
+
+    from spon.errors import SponError
+    from spon.format import SIDECAR
+
+    sidecar = tmp_path / "fused" / SIDECAR
+    for bad in ({**meta["teal_thresholds"], "0.q": -1.0}, {"0.q": 0.1}):  # a negative tau; projections missing
+        sidecar.write_text(json.dumps({**meta, "teal_thresholds": bad}))
+        with pytest.raises(SponError, match="teal_thresholds must give a finite number >= 0 for exactly"):
+            load_sparse_model(tmp_path / "fused")
