@@ -1,17 +1,19 @@
 """Where does α help and where does it hurt? One level, four evaluation domains, every checkpoint.
 
+    W=../shared/assets/data/wikitext-2/valid.txt
     OMP_NUM_THREADS=1 .venv/bin/python benchmarks/transfer_probe.py --steps 200 --evals 50,100,150,200 \
-        --same-tau --out benchmarks/results/transfer_probe_smollm2_wikitext.json
+        --same-tau --calib-files $W --heldout 8 --out benchmarks/results/transfer_probe_smollm2_wikitext.json
     OMP_NUM_THREADS=1 .venv/bin/python benchmarks/transfer_probe.py --steps 200 --evals 50,100,150,200 \
-        --same-tau --calib-files +corpus:python-stdlib --heldout 16 --out benchmarks/results/transfer_probe_smollm2_mixed.json
+        --same-tau --out benchmarks/results/transfer_probe_smollm2_mixed.json
     OMP_NUM_THREADS=1 .venv/bin/python benchmarks/transfer_probe.py --steps 200 --evals 100,200 --no-ablation \
-        --skip-baselines --calib-files +corpus:python-stdlib --heldout 16 \
-        --out benchmarks/results/transfer_probe_smollm2_mixed_own_tau.json   # SPON at its own tau
-    OMP_NUM_THREADS=1 .venv/bin/python benchmarks/transfer_probe.py --teal-at 0.47,0.46 \
+        --skip-baselines --out benchmarks/results/transfer_probe_smollm2_mixed_own_tau.json   # SPON at its own tau
+    OMP_NUM_THREADS=1 .venv/bin/python benchmarks/transfer_probe.py --teal-at 0.47,0.46 --calib-files $W --heldout 8 \
         --out benchmarks/results/transfer_probe_smollm2_teal_matched.json   # TEAL at the sparsity SPON realizes
 
-SmolLM2-135M with its preset recipe (spon/presets.py) except `--steps`, `--lr`, `--init` and the
-calibration files (`+NAME` adds a domain to the preset's wikitext-2 validation text). Perplexity
+SmolLM2-135M with its preset recipe (spon/presets.py: wikitext-2 validation and the standard
+library's calibration half as two domains) except `--steps`, `--lr`, `--init` and the calibration
+files (`--calib-files A,B` replaces them, `+NAME` adds a domain). The JSON files above were made
+before the preset took the second domain, with the then equivalent flags. Perplexity
 (window 512, no overlap, the first `--tokens` tokens of each) on wikitext-2 test, the TinyStories
 sample, the held-out Python standard-library modules and CPython's C headers, none of them
 calibration text: dense, TEAL, the closed-form initial α, α after every step in `--evals` (the
