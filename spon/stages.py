@@ -226,8 +226,19 @@ def evaluate(fused_dir: str | Path, cfg: EvalConfig, device: str, dtype: str, ou
 
 @torch.no_grad()
 def greedy(model, tokenizer, prompt: str = SMOKE_PROMPT, new_tokens: int = 24) -> str:
+    """The greedy text a pulled copy must reproduce, on the decode path `spon generate` and the
+    served model take (the sparse kernels): the kernels sum in another order than F.linear, so an
+    activation within rounding of tau can be kept by one path and dropped by the other, and one
+    such flip can change a greedy token (SmolLM2-135M, 2 distillation steps: |x| 4.5e-8 from tau
+    in layer 1's o_proj turned "the world was" into "there was")."""
+    from spon.kernel_backend import use_kernels
+
     ids = tokenizer(prompt, return_tensors="pt").input_ids.to(next(model.parameters()).device)
-    out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens, do_sample=False)
+    use_kernels(model, True)
+    try:
+        out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens, do_sample=False)
+    finally:
+        use_kernels(model, False)
     return tokenizer.decode(out[0], skip_special_tokens=True)
 
 
