@@ -30,6 +30,8 @@ PRESETS: dict[str, dict] = {
     # wikitext-2 validation alone and 200 steps put SPON above TEAL on both code domains at equal
     # sparsity; with the standard library as a second domain SPON is below its TEAL on the first
     # three (41.10 / 15.28 / 14.89 vs 48.69 / 16.89 / 16.74) and 2 % above it on C (8.89 vs 8.72).
+    # Through the product (benchmarks/real_model.py, uniform-50) the same recipe found no checkpoint
+    # better than TEAL on held-out KL and shipped TEAL (README "Measured results"): not settled.
     "smollm2-135m": {
         "calibration": {"source": "text", "files": TWO_DOMAINS, "num_blocks": 72, "block_len": 256,
                         "heldout_blocks": 16},
