@@ -13,7 +13,7 @@ import spon
 from spon import format as fmt
 from spon.config import CalibrationConfig, DistillConfig, EvalConfig, RunConfig, SparsityConfig
 from spon.perplexity import perplexities
-from spon.sparse import alphas, by_name
+from spon.sparse import alphas, by_name, thresholds_of
 
 TINY = dict(calibration=CalibrationConfig(num_blocks=32, block_len=48),
             sparsity=SparsityConfig(sparsity=0.5),
@@ -43,7 +43,11 @@ def test_the_readme_example_gives_the_runs_thresholds_alpha_and_perplexities(in_
 
     run_taus = json.loads((out / "thresholds" / fmt.THRESHOLDS_FILE).read_text())["thresholds"]
     assert report.thresholds == run_taus
-    assert all(m.threshold == torch.tensor(run_taus[m.name], dtype=torch.float32) for m in by_name(model).values())
+    # TEAL's tau are the run's thresholds.json; SPON's, re-taken with alpha in place, its distill.json's
+    run_spon = json.loads((out / "distill" / fmt.DISTILL_FILE).read_text())["thresholds"]
+    f32 = lambda taus: {n: float(torch.tensor(t, dtype=torch.float32)) for n, t in taus.items()}  # noqa: E731
+    assert thresholds_of(model, "teal") == f32(run_taus) and thresholds_of(model, "spon") == f32(run_spon)
+    assert run_spon != run_taus
     run_alpha = load_file(str(out / "distill" / fmt.ALPHA_STAGE_FILE))
     mine = alphas(model)
     assert mine.keys() == run_alpha.keys() and all(torch.equal(mine[k], run_alpha[k]) for k in mine)
