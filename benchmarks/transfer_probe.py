@@ -35,7 +35,7 @@ import torch
 
 import spon
 from spon import presets
-from spon.assets import assets_root
+from spon.assets import assets_root, portable
 from spon.calibration import read_documents
 from spon.config import CalibrationConfig, DistillConfig, SparsityConfig
 from spon.distill import closed_form_alpha
@@ -94,7 +94,7 @@ def main() -> None:
         cal_cfg["heldout_blocks"] = args.heldout
     cal = spon.calibrate(model, tok, CalibrationConfig(**cal_cfg))
     docs = {k: read_documents(v) for k, v in DOMAINS.items()}
-    result: dict = {"args": vars(args), "calibration": cal_cfg, "evals": {}}
+    result: dict = {"args": vars(args), "calibration": portable(cal_cfg), "evals": {}}
     if args.teal_at:
         for level in args.teal_at.split(","):
             spon.sparsify_(model, SparsityConfig(sparsity=float(level)), cal)
