@@ -450,9 +450,6 @@ def distill(
         sparsity TEAL realizes. Rank 0's taus on every rank (one mask everywhere)."""
         if not cfg.retake_thresholds:
             return
-        if all(not bool(m.alpha.any()) for m in sparse_linears(model)):  # alpha = 0 is TEAL: TEAL's own tau
-            set_thresholds(model, teal_taus)
-            return
         from spon.thresholds import realized_by_projection, retake_thresholds_
 
         if not teal_realized:  # once: what SPON's tau must realize on the training blocks

@@ -26,7 +26,8 @@ from spon.format import (ALPHA_FILE, CHANNEL_NORMS_FILE, DIGEST_KEY, PROJECTIONS
 from spon.model import bias_slot, find_projections, load_pretrained
 from spon.remote_code import check_installed, install as install_remote_code, write_model_card
 from spon.sparse import (SparseLinear, SparseState, apply_sparse_state_, channel_norms, fuse_alpha, fused_bias,
-                         provenance, set_mode, sparse_linears, thresholds_of, weight_times_alpha)
+                         invalid_threshold, provenance, set_mode, sparse_linears, thresholds_of,
+                         weight_times_alpha)
 
 log = logging.getLogger(__name__)
 
@@ -226,8 +227,8 @@ def check_checkpoint(model_dir: str | Path, meta: dict, model, alpha: dict, norm
                          channel_norms=tensor_info(norms), alpha_sha256=file_sha256(d / ALPHA_FILE),
                          norms_sha256=file_sha256(d / CHANNEL_NORMS_FILE) if norms is not None else None)
         teal = meta.get("teal_thresholds")  # the baseline's own tau: spon's loader alone reads it
-        if teal is not None and (not isinstance(teal, dict) or set(teal) != set(meta["thresholds"]) or any(
-                isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 <= v < float("inf") for v in teal.values())):
+        if teal is not None and (not isinstance(teal, dict) or set(teal) != set(meta["thresholds"])
+                                 or invalid_threshold(teal) is not None):
             raise ValueError("teal_thresholds must give a finite number >= 0 for exactly the projections thresholds names")
     except ValueError as e:
         raise SponError(f"{d}: {e}") from None

@@ -337,6 +337,12 @@ def set_thresholds(model, thresholds: dict[str, float], teal: dict[str, float] |
         m.teal_threshold = None if float(tau) == float(m.threshold) else torch.tensor(float(tau), device=m.threshold.device)
 
 
+def invalid_threshold(taus: dict) -> str | None:
+    """The first name in `taus` whose tau is not a finite number >= 0 (None: all are)."""
+    return next((n for n, v in taus.items()
+                 if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 <= v < float("inf")), None)
+
+
 def thresholds_of(model, which: str = "spon") -> dict[str, float]:
     """tau per projection: "spon" (what the model runs in spon mode, and what a checkpoint ships)
     or "teal" (the baseline's own; the same unless SPON's were re-taken)."""

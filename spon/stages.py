@@ -44,7 +44,7 @@ from spon.fuse import fuse_, load_sparse_model, read_alpha, save_pretrained
 from spon.perplexity import perplexities
 from spon.remote_code import write_model_card
 from spon.sources import default_model_path, load_model, weights_digest
-from spon.sparse import SparseState, apply_sparse_state_, provenance, set_thresholds
+from spon.sparse import SparseState, apply_sparse_state_, invalid_threshold, provenance, set_thresholds
 from spon.thresholds import sparsify_
 
 log = logging.getLogger(__name__)
@@ -252,9 +252,9 @@ def _check_spon_thresholds(taus, teal: dict, path: Path) -> None:
     """SPON's re-taken tau: a finite number >= 0 for exactly the projections TEAL's name."""
     if not isinstance(taus, dict) or set(taus) != set(teal):
         raise SponError(f"{path}: its thresholds do not name the projections of thresholds.json (another calibration?)")
-    bad = [n for n, v in taus.items() if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 <= v < float("inf")]
-    if bad:
-        raise SponError(f"{path}: threshold {bad[0]} is {taus[bad[0]]!r}: a threshold is a finite number >= 0")
+    bad = invalid_threshold(taus)
+    if bad is not None:
+        raise SponError(f"{path}: threshold {bad} is {taus[bad]!r}: a threshold is a finite number >= 0")
 
 
 def _check_alpha_fits(alpha: dict, m, thresholds_dir, path: Path) -> None:

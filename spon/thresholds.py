@@ -250,6 +250,9 @@ def retake_thresholds_(model, blocks: torch.Tensor, sparsities: dict[str, float]
     projection's own alpha is added after S, so its input is upstream alpha's doing only: one
     sparse-upstream pass sets every tau."""
     teal = thresholds_of(model, "teal")
+    if all(not bool(m.alpha.any()) for m in sparse_linears(model)):  # alpha = 0 is TEAL: TEAL's own tau, exactly
+        set_thresholds(model, teal)
+        return teal
     if sparsities is None:
         sparsities = realized_by_projection(model, blocks, "teal")
     full = [n for n, v in sparsities.items() if not 0 <= v < 1]
