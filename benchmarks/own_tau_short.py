@@ -33,15 +33,19 @@ def main() -> None:
     ap.add_argument("variant", choices=("product", "probe", "same"))
     ap.add_argument("--steps", type=int, default=30)
     ap.add_argument("--every", type=int, default=10)
+    ap.add_argument("--lr", type=float, default=None, help="default: the preset's")
+    ap.add_argument("--blocks", type=int, default=24, help="calibration blocks (a sixth of them held out)")
     args = ap.parse_args()
 
     torch.manual_seed(0)
     model, tok = spon.load_model("smollm2-135m")
     recipe = presets.preset("smollm2-135m")
-    cal = spon.calibrate(model, tok, CalibrationConfig(**{**recipe["calibration"], "num_blocks": 24, "heldout_blocks": 4}))
+    cal = spon.calibrate(model, tok, CalibrationConfig(**{**recipe["calibration"], "num_blocks": args.blocks,
+                                                         "heldout_blocks": max(args.blocks // 6, 2)}))
     spon.sparsify_(model, SparsityConfig(sparsity=0.5), cal)
     cfg = {**recipe["distill"], "steps": args.steps, "checkpoint_every": args.every, "teacher_cache_gb": 2.0,
-           "retake_thresholds": args.variant == "product"}
+           "retake_thresholds": args.variant == "product",
+           **({"lr": args.lr} if args.lr else {})}
 
     def probe_retake(step: int, loss: float) -> None:
         if step == 0 or (step + 1) % args.every == 0:
@@ -49,7 +53,7 @@ def main() -> None:
 
     r = spon.distill_(model, cal, DistillConfig(**cfg), on_step=probe_retake if args.variant == "probe" else None)
     k = r.kl_history
-    print(args.variant, "training KL", [round(statistics.mean(k[i : i + 5]), 3) for i in range(0, len(k), 5)])
+    print(args.variant, f"lr {cfg['lr']}", "training KL", [round(statistics.mean(k[i : i + 5]), 3) for i in range(0, len(k), 5)])
     print(args.variant, "held-out KL: TEAL", round(r.heldout_kl_before, 4), "init", round(r.heldout_kl_init, 4),
           "by step", {s: round(v, 4) for s, v in r.heldout_kl_by_step.items()}, "selected", r.selected_step)
 

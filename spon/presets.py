@@ -30,13 +30,16 @@ PRESETS: dict[str, dict] = {
     # wikitext-2 validation alone and 200 steps put SPON above TEAL on both code domains at equal
     # sparsity; with the standard library as a second domain SPON is below its TEAL on the first
     # three (41.10 / 15.28 / 14.89 vs 48.69 / 16.89 / 16.74) and 2 % above it on C (8.89 vs 8.72).
-    # Through the product (benchmarks/real_model.py, uniform-50) the same recipe found no checkpoint
-    # better than TEAL on held-out KL and shipped TEAL (README "Measured results"): not settled.
+    # lr 3e-4, 100 steps, a checkpoint (and SPON's tau re-taken) every 25: at lr 1e-3 for 200 steps
+    # the product's training KL climbed 0.44 -> 0.68 over steps 20-60 at full lr (SPON's own tau)
+    # and no checkpoint beat TEAL. 60 steps, a checkpoint every 20, 72 blocks, SPON's own tau
+    # (benchmarks/own_tau_short.py product --steps 60 --every 20 --blocks 72 --lr L): held-out KL
+    # at steps 20/40/60 0.462/0.411/0.402 (lr 1e-3) and 0.426/0.389/0.387 (lr 3e-4); TEAL 0.521.
     "smollm2-135m": {
         "calibration": {"source": "text", "files": TWO_DOMAINS, "num_blocks": 72, "block_len": 256,
                         "heldout_blocks": 16},
-        "distill": {"steps": 200, "lr": 1e-3, "batch_size": 2, "init": "closed_form", "warmup": 10,
-                    "checkpoint_every": 50, "compute_dtype": "bf16", "teacher_cache_gb": 4.0},
+        "distill": {"steps": 100, "lr": 3e-4, "batch_size": 2, "init": "closed_form", "warmup": 10,
+                    "checkpoint_every": 25, "compute_dtype": "bf16", "teacher_cache_gb": 4.0},
         "eval": {"window": 512, "stride": 512, "max_tokens": 25600},
     },
     # Gemma-3-270M (base) on a 2-core CPU: PROPOSED from short measurements, not yet run end to end
@@ -44,13 +47,13 @@ PRESETS: dict[str, dict] = {
     # step, the teacher's final hidden states cached and the 262,144-entry LM head's KL in 128-token
     # chunks): 6.5 s a step with the student in bf16 autocast, 8.5 s in fp32 (8.3 s for the plain
     # KL with the teacher recomputed, at 5.5 GB peak RSS instead of 4.0-4.3 GB); under load ~9 the
-    # same step took 25-30 s. 150 steps ~16 min quiet. Calibration as for SmolLM2 (two domains): sampling
+    # same step took 25-30 s. 100 steps ~11 min quiet; lr and steps as SmolLM2's (what held there). Calibration as for SmolLM2 (two domains): sampling
     # the model's own text at this vocabulary costs more than it is worth. Blocks of 256 tokens stay
     # inside the 512-token sliding window; the evaluation window is the sliding window.
     "gemma3-270m": {
         "calibration": {"source": "text", "files": TWO_DOMAINS, "num_blocks": 40, "block_len": 256,
                         "heldout_blocks": 8},
-        "distill": {"steps": 150, "lr": 1e-3, "batch_size": 2, "init": "closed_form", "warmup": 10,
+        "distill": {"steps": 100, "lr": 3e-4, "batch_size": 2, "init": "closed_form", "warmup": 10,
                     "checkpoint_every": 25, "compute_dtype": "bf16", "teacher_cache_gb": 2.0},
         "eval": {"window": 512, "stride": 512, "max_tokens": 12800},
     },

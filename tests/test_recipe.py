@@ -43,7 +43,7 @@ def test_a_named_model_brings_its_preset_under_file_and_flags(tmp_path):
     assert [Path(f).name for f in cfg.calibration.files] == ["valid.txt", "corpus:python-stdlib"]
     assert (cfg.distill.steps, cfg.distill.lr, cfg.distill.batch_size, cfg.distill.init, cfg.distill.warmup,
             cfg.distill.checkpoint_every, cfg.distill.compute_dtype, cfg.distill.teacher_cache_gb,
-            cfg.distill.retake_thresholds) == (200, 1e-3, 2, "closed_form", 10, 50, "bf16", 4.0, True)
+            cfg.distill.retake_thresholds) == (100, 3e-4, 2, "closed_form", 10, 25, "bf16", 4.0, True)
     assert (cfg.eval.window, cfg.eval.stride, cfg.eval.max_tokens) == (512, 512, 25600)
     f = tmp_path / "c.json"
     f.write_text(json.dumps({"model": "smollm2-135m", "distill": {"lr": 5e-4}}))
@@ -57,7 +57,7 @@ def test_no_preset_for_other_models_or_when_switched_off():
     off = load_config(None, {"model": "smollm2-135m", "preset": "none"})
     assert off.preset == "none" and off.distill.lr == default.distill.lr
     forced = load_config(None, {"preset": "smollm2-135m"})  # a local copy of the same model, say
-    assert forced.preset == "smollm2-135m" and forced.distill.lr == 1e-3 and forced.model is None
+    assert forced.preset == "smollm2-135m" and forced.distill.lr == 3e-4 and forced.model is None
     with pytest.raises(SponError, match="unknown preset 'nope'"):
         load_config(None, {"preset": "nope"})
 
