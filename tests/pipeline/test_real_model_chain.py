@@ -59,7 +59,7 @@ def run(prefect_harness, settings, tmp_path_factory, sample_txt, smol_gguf, file
 def test_the_preset_applies_under_the_flags(run):
     cfg, summary = run
     assert summary["preset"] == "smollm2-135m" == cfg.preset
-    assert summary["config"]["distill"]["lr"] == 1e-3 and summary["config"]["distill"]["steps"] == 2
+    assert summary["config"]["distill"]["lr"] == 3e-4 and summary["config"]["distill"]["steps"] == 2
     assert summary["config"]["calibration"]["num_blocks"] == 6
 
 
