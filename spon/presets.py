@@ -47,8 +47,9 @@ PRESETS: dict[str, dict] = {
     # step, the teacher's final hidden states cached and the 262,144-entry LM head's KL in 128-token
     # chunks): 6.5 s a step with the student in bf16 autocast, 8.5 s in fp32 (8.3 s for the plain
     # KL with the teacher recomputed, at 5.5 GB peak RSS instead of 4.0-4.3 GB); under load ~9 the
-    # same step took 25-30 s. 100 steps ~11 min quiet; lr and steps as SmolLM2's (what held there). Calibration as for SmolLM2 (two domains): sampling
-    # the model's own text at this vocabulary costs more than it is worth. Blocks of 256 tokens stay
+    # same step took 25-30 s. 100 steps ~11 min quiet; lr and steps as SmolLM2's (what held there,
+    # unmeasured here). Calibration as for SmolLM2 (two domains): sampling the model's own text at
+    # this vocabulary costs more than it is worth. Blocks of 256 tokens stay
     # inside the 512-token sliding window; the evaluation window is the sliding window.
     "gemma3-270m": {
         "calibration": {"source": "text", "files": TWO_DOMAINS, "num_blocks": 40, "block_len": 256,
