@@ -85,6 +85,24 @@ def peak_rss_gb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6  # KiB on Linux
 
 
+def reset_stage_peak() -> bool:
+    """Start a stage's own peak RSS: Linux resets the process's high-water mark (VmHWM) on "5"
+    written to clear_refs. False where that is not possible (then no per-stage peak is recorded)."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+        return True
+    except OSError:
+        return False
+
+
+def stage_peak_gb() -> float:
+    """The high-water mark of RSS since the last reset_stage_peak()."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1e6  # kB
+    raise OSError("no VmHWM in /proc/self/status")
+
+
 def row_config(name: str, args):
     return load_config(args.config, {"model": args.model, "out": str(Path(args.out) / name),
                                      "eval.max_tokens": args.eval_tokens,
@@ -120,12 +138,17 @@ def run_row(name: str, args, calibrations: dict, prior: dict) -> dict:
     for d in dirs.values():
         d.mkdir(parents=True, exist_ok=True)
     walls: dict[str, float] = {}
+    stage_rss: dict[str, float] = {}
 
     def timed(stage, fn, *a, **kw):
+        own_peak = reset_stage_peak()
         t0 = time.perf_counter()
         fn(*a, **kw)
         walls[stage] = round(time.perf_counter() - t0, 1)
-        print(f"  {name}: {stage} {walls[stage]:.0f}s", flush=True)
+        if own_peak:
+            stage_rss[stage] = round(stage_peak_gb(), 2)
+        print(f"  {name}: {stage} {walls[stage]:.0f}s" + (f", peak RSS {stage_rss[stage]:.2f} GB" if own_peak else ""),
+              flush=True)
 
     calib_key = cfg.calibration.model_dump_json()
     calib = Path(args.out) / f"calibration-{cfg.calibration.source}"
@@ -146,6 +169,7 @@ def run_row(name: str, args, calibrations: dict, prior: dict) -> dict:
     timed("evaluate", stages.evaluate, dirs["fused"], cfg.eval, *rt, dirs["eval"])
     s = stages.summarize(cfg, cfg.model, calib, dirs["thresholds"], dirs["distill"], dirs["fused"], dirs["eval"], walls)
     s["peak_rss_gb"] = round(peak_rss_gb(), 2)
+    s["peak_rss_gb_by_stage"] = stage_rss  # each stage's own (the model loaded once per row is in all)
     s["method_code"] = method_code()
     stages.write_json(done, s)
     return row_record(name, cfg, s, dirs, walls)
@@ -154,13 +178,39 @@ def run_row(name: str, args, calibrations: dict, prior: dict) -> dict:
 def row_record(name: str, cfg, s: dict, dirs: dict, walls: dict) -> dict:
     return portable({
         "row": name, "overrides": ROWS[name], "wall_s": walls, "wall_s_total": round(sum(walls.values()), 1),
-        "peak_rss_gb": s.get("peak_rss_gb"), "fused": str(dirs["fused"]),
+        "peak_rss_gb": s.get("peak_rss_gb"), "peak_rss_gb_by_stage": s.get("peak_rss_gb_by_stage"), "fused": str(dirs["fused"]),
         **{k: s.get(k) for k in ("sparsity", "allocation", "protocol", "perplexity_by_file", "realized_sparsity_by_file",
                              "realized_sparsity_spon_by_file", "tokens_by_file",
                              "heldout_kl", "alpha_selection", "gap_closed", "quality_warnings", "preset")},
         "alpha_targets": cfg.distill.targets or cfg.sparsity.targets, "calibration_source": cfg.calibration.source,
         "eval": cfg.eval.model_dump(mode="json"), "config": what_it_is(cfg),
         "method_code": s.get("method_code", method_code()), "host": s.get("host")})
+
+
+def eval_span(model: str, max_tokens: int) -> dict[str, dict]:
+    """The text each domain's perplexity covers, in this model's tokens and in characters (what a
+    token count means depends on the tokenizer: two models' first N tokens are different spans).
+    The same cut as spon.perplexity: documents in order, each BOS first, N predicted tokens."""
+    from transformers import AutoTokenizer
+
+    from spon.calibration import read_documents
+    from spon.sources import resolve
+
+    tok = AutoTokenizer.from_pretrained(resolve(model))
+    spans = {}
+    for name, f in DOMAINS.items():
+        tokens = chars = 0
+        for doc in read_documents(f):
+            enc = tok(doc, add_special_tokens=False, return_offsets_mapping=True)
+            predicted = len(enc["input_ids"]) - (tok.bos_token_id is None)  # BOS predicts the first token
+            take = min(predicted, max_tokens - tokens)
+            if take <= 0:
+                break
+            last = take - (tok.bos_token_id is not None)  # the last document token scored
+            chars += len(doc) if take == predicted else enc["offset_mapping"][last][1]
+            tokens += take
+        spans[name] = {"tokens": tokens, "characters": chars}
+    return spans
 
 
 def pick(text: str, known, what: str) -> list[str]:
@@ -333,6 +383,9 @@ def main() -> None:
             print(zeroshot_table(z))
         dump()  # a long run that dies keeps every finished step
     if result["rows"]:
+        result["eval_span"] = eval_span(args.model, args.eval_tokens)
+        print("\n" + "; ".join(f"{d}: {v['tokens']} tokens = {v['characters']} characters"
+                                for d, v in result["eval_span"].items()))
         print("\n" + perplexity_table(result["rows"]))
         print("\n" + domain_table(result["rows"]))
     result["wall_s"] = round(time.perf_counter() - t0, 1)
