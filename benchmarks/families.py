@@ -21,6 +21,11 @@ import sys
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+from real_model import DOMAINS, gap  # noqa: E402 -- the evaluation texts and the gap, as real_model.py spells them
+
+from spon.assets import portable  # noqa: E402
+
 RESULTS = HERE / "results"
 # Each model's committed real_model.py results (what --reuse takes).
 MODELS = {"smollm2-135m": RESULTS / "real_model_smollm2_own_tau.json",
@@ -44,13 +49,8 @@ def run_model(model: str, args) -> dict:
     return json.loads((out / "real_model.json").read_text())
 
 
-def domain(row: dict, key: str) -> dict:
-    """A row's perplexities for the evaluation file whose portable path ends in `key`."""
-    return next(v for f, v in row["perplexity_by_file"].items() if f.endswith(key))
-
-
-def gap(p: dict) -> float:
-    return (p["teal"] - p["spon"]) / (p["teal"] - p["dense"]) if p["teal"] != p["dense"] else 0.0
+def closed(p: dict) -> float:
+    return gap(p["teal"], p["spon"], p["dense"])
 
 
 def table(results: dict[str, dict]) -> str:
@@ -63,13 +63,13 @@ def table(results: dict[str, dict]) -> str:
             if row is None:
                 lines.append(f"| {level} | {model} | not run |" + " |" * 7)
                 continue
-            w, t, c = (domain(row, k) for k in ("wikitext-2-raw/test.txt", "tinystories/sample.txt", "python-stdlib-heldout"))
+            w, t, c = (row["perplexity_by_file"][portable(f)] for f in DOMAINS.values())
             target = GAP_TARGETS[model].get(level)
-            realized = next(v for f, v in row["realized_sparsity_by_file"].items() if f.endswith("test.txt"))
+            realized = row["realized_sparsity_by_file"][portable(DOMAINS["wikitext-2 test"])]
             mark = lambda p: "**" if p["spon"] > p["teal"] else ""  # noqa: E731 -- SPON worse than TEAL
             lines.append(
                 f"| {level} | {model} | {realized:.3f} | {w['dense']:.2f} / {w['teal']:.2f} / {mark(w)}{w['spon']:.2f}{mark(w)} "
-                f"| {100 * gap(w):.1f}%" + (f" ({100 * target:.0f}%{' met' if gap(w) >= target else ' missed'})" if target else "")
+                f"| {100 * closed(w):.1f}%" + (f" ({100 * target:.0f}%{' met' if closed(w) >= target else ' missed'})" if target else "")
                 + f" | {t['teal']:.2f} -> {mark(t)}{t['spon']:.2f}{mark(t)} | {c['teal']:.2f} -> {mark(c)}{c['spon']:.2f}{mark(c)} "
                 f"| {row['heldout_kl']['teal']:.3f} -> {row['heldout_kl']['spon']:.3f} | {row['wall_s_total']:.0f} "
                 f"| {row['peak_rss_gb'] or 0:.1f} |")
