@@ -19,6 +19,7 @@ def register(sub) -> None:
     p.add_argument("--limit", type=float, default=None, help="items per task (int) or fraction (<1); default all")
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--device", default="cpu")
+    p.add_argument("--dtype", default="fp32", help="weights and activations of every variant: fp32, bf16 or fp16")
     p.add_argument("--threads", type=int, default=1,
                    help="torch CPU threads; 1 is fastest for tiny models (and far faster on a loaded machine)")
     p.add_argument("--jobs", type=int, default=1, help="worker processes; (variant, task) units are spread over them")
@@ -44,6 +45,7 @@ def check_args(args) -> None:
     checks.check_int(args.group_size, "--group-size", 1)
     checks.check_int(args.bootstrap_iters, "--bootstrap-iters", 0)
     checks.check_device(args.device)
+    checks.check_dtype(args.dtype)
     for d in args.task_dir:
         if not Path(d).is_dir():
             raise SponError(f"--task-dir {d} is not a directory")
@@ -80,7 +82,8 @@ def cmd_eval(args) -> int:
         if limit is not None:
             limit = int(limit) if limit >= 1 else limit
         doc = run_suite(args.model_dir, variants, tasks, args.out, limit, args.task_dir, args.batch_size, args.device,
-                        args.bootstrap_iters, args.group_size, jobs=args.jobs, resume=args.resume)
+                        args.bootstrap_iters, args.group_size, jobs=args.jobs, resume=args.resume,
+                        dtype=args.dtype)
     print(f"evaluated {len(doc['variants'])} variant(s) x {len(doc['tasks'])} task(s) in {doc['wall_s']:.0f}s")
     if doc["paired"]["comparisons"]:
         from spon.evaluation.report import paired_markdown

@@ -42,10 +42,10 @@ def _checkpoint(out_dir, variant: Variant, unit: str) -> Path:
     return Path(out_dir) / "variants" / variant.name / f"{unit}.json"
 
 
-def _pool(model_dir: str, device: str, group_size: int) -> ModelPool:
-    key = (str(model_dir), device, group_size)
+def _pool(model_dir: str, device: str, group_size: int, dtype: str) -> ModelPool:
+    key = (str(model_dir), device, group_size, dtype)
     if key not in _POOLS:
-        _POOLS[key] = ModelPool(model_dir, device, group_size)
+        _POOLS[key] = ModelPool(model_dir, device, group_size, dtype)
     return _POOLS[key]
 
 
@@ -61,17 +61,17 @@ def _task_manager(builtin: bool):
 
 def evaluate_unit(model_dir: str, variant: Variant, unit: str, task_dirs: list[str], limit, batch_size: int,
                   device: str, bootstrap_iters: int, group_size: int, fid_path: Path, out_dir: str | Path,
-                  key: str, threads: int | None = None) -> dict:
+                  key: str, threads: int | None = None, dtype: str = "fp32") -> dict:
     """One task (or the fidelity measurement) for one variant, self-contained so it can run in a
     worker process. The result is also written to OUT/variants/VARIANT/UNIT.json as soon as it
     is done (`--resume` reuses it)."""
     if threads:
         torch.set_num_threads(threads)
     t0 = time.perf_counter()
-    pool = _pool(model_dir, device, group_size)
+    pool = _pool(model_dir, device, group_size, dtype)
     model, tok, _ = pool.get(variant.quant)
     if unit == FIDELITY:
-        # The reference is always the fp32 dense model, also for quantized variants.
+        # The reference is the dense model in the suite's dtype, also for quantized variants.
         ref = model if not variant.quant else pool.get(None)[0]
         result = {**Fidelity(ref, tok, fid_path).measure(model, variant.mode), "text": fid_path.name}
     else:
@@ -160,12 +160,17 @@ def run_suite(
     fidelity_text: str | Path | None = None,
     jobs: int = 1,
     resume: bool = False,
+    dtype: str = "fp32",
 ) -> dict:
     """Evaluate every variant on every task, unit by unit (in `jobs` worker processes when > 1:
     units are independent, and one single-threaded process per core beats intra-op threads for
-    a model this small)."""
+    a model this small). `dtype` bf16 is ~3x faster on a CPU with AMX (a 262,144-entry LM head
+    dominates the scoring of a Gemma-3 continuation) and scores every variant in the same dtype."""
     t0 = time.perf_counter()
     load_start = os.getloadavg()
+    from spon.checks import check_dtype
+
+    check_dtype(dtype, "--dtype")
     if not is_spon_checkpoint(model_dir):
         raise SponError(f"{model_dir} is not a fused spon model directory (no {SIDECAR}); make one with `spon run`")
     tasks = build_tasks(list(task_names), task_dirs)  # validate names and data up front, in this process
@@ -187,6 +192,7 @@ def run_suite(
 
     # per_item: checkpoints made before units logged per-item scores lack them (no paired table).
     common = {"model_digest": digest_dir(model_dir), "limit": limit, "per_item": 1, "batch_size": batch_size, "device": device,
+              **({"dtype": dtype} if dtype != "fp32" else {}),  # fp32 units made before the option still resume
               "bootstrap_iters": bootstrap_iters, "group_size": group_size,
               "task_dirs": [digest_path(d) for d in task_dirs if Path(d).exists()],
               "tasks_data": {u: _data_digest(t) for u, t in tasks.items()},
@@ -198,16 +204,17 @@ def run_suite(
     todo = sorted((vu for vu in units if (vu[0].name, vu[1]) not in done), key=lambda vu: -size.get(vu[1], 0))
     args = [(str(model_dir), v, u, list(task_dirs), limit, batch_size, device, bootstrap_iters, group_size, fid_path,
              out_dir, keys[v.name, u]) for v, u in todo]
+    kwargs = {"dtype": dtype}
     if jobs > 1 and len(todo) > 1:
         import multiprocessing as mp
         from concurrent.futures import ProcessPoolExecutor
 
         with ProcessPoolExecutor(min(jobs, len(todo)), mp_context=mp.get_context("spawn"), initializer=_init_worker) as ex:
-            futures = [ex.submit(evaluate_unit, *a, threads=torch.get_num_threads()) for a in args]
+            futures = [ex.submit(evaluate_unit, *a, threads=torch.get_num_threads(), **kwargs) for a in args]
             done.update({(v.name, u): f.result() for (v, u), f in zip(todo, futures)})
     else:
         try:
-            done.update({(v.name, u): evaluate_unit(*a) for (v, u), a in zip(todo, args)})
+            done.update({(v.name, u): evaluate_unit(*a, **kwargs) for (v, u), a in zip(todo, args)})
         finally:
             _POOLS.clear()  # models are per call: the same path may hold another model next time
     entries = {v.name: _variant_entry(v, {u: done[v.name, u] for w, u in units if w == v}) for v in variants}
@@ -217,6 +224,7 @@ def run_suite(
         "meta": {"sparsity": meta.get("sparsity"), "protocol": meta.get("protocol"), "targets": meta.get("targets")},
         "tasks": list(tasks),
         "limit": limit,
+        "dtype": dtype,
         "variants": entries,
         "resumed": [f"{v.name}/{u}" for v, u in units if (v, u) not in todo],
         # SPON - TEAL, TEAL - dense (and quantized vs fp32) item by item, with bootstrap intervals.

@@ -45,10 +45,11 @@ def parse_variants(text: str) -> list[Variant]:
 
 
 class ModelPool:
-    """Loads the fused model once per quantization scheme, on first use."""
+    """Loads the fused model once per quantization scheme, on first use, in `dtype` (the
+    unquantized weights' and the activations' precision)."""
 
-    def __init__(self, model_dir: str, device: str = "cpu", group_size: int = 32):
-        self.model_dir, self.device, self.group_size = model_dir, device, group_size
+    def __init__(self, model_dir: str, device: str = "cpu", group_size: int = 32, dtype: str = "fp32"):
+        self.model_dir, self.device, self.group_size, self.dtype = model_dir, device, group_size, dtype
         self._models: dict[str | None, tuple] = {}
         self.quant_info: dict[str, dict] = {}
 
@@ -56,7 +57,7 @@ class ModelPool:
         if quant not in self._models:
             from spon.fuse import load_sparse_model
 
-            model, tok, meta = load_sparse_model(self.model_dir, device=self.device)
+            model, tok, meta = load_sparse_model(self.model_dir, device=self.device, dtype=self.dtype)
             if quant:
                 from spon.quantize import quantize_model, quantized_weight_bytes
 

@@ -88,6 +88,8 @@ def test_cli_rejects_bad_input_with_exit_2(tmp_path, capsys, stories_path):
     assert main(["eval", str(stories_path), "--variants", "dense"]) == 2
     assert "is not a spon model" in capsys.readouterr().err
     assert main(["eval", str(tmp_path), "--variants", "spon-fp3"]) == 2
+    assert main(["eval", str(tmp_path), "--variants", "dense", "--dtype", "fp8"]) == 2
+    assert "unknown dtype 'fp8' (--dtype)" in capsys.readouterr().err
 
 
 @pytest.mark.slow
@@ -133,6 +135,9 @@ def test_resume_never_reuses_results_of_a_replaced_model_or_other_options(fused_
     assert sorted(same["resumed"]) == ["teal/_fidelity", "teal/tiny_mc"]
     assert run_suite(str(model), variants, ["tiny_mc"], out, resume=True, group_size=64, **args)["resumed"] == []
     assert run_suite(str(model), variants, ["tiny_mc"], out, resume=True, **{**args, "batch_size": 4})["resumed"] == []
+    bf16 = run_suite(str(model), variants, ["tiny_mc"], out, resume=True, dtype="bf16", **args)
+    assert bf16["resumed"] == [] and bf16["dtype"] == "bf16"
+    assert run_suite(str(model), variants, ["tiny_mc"], out, resume=True, **args)["dtype"] == "fp32"
     # the same directory, another model in it (one weight changed, as a re-fuse would)
     w = load_file(str(model / "model.safetensors"))
     name = next(k for k in w if k.endswith("down_proj.weight"))
