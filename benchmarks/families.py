@@ -9,7 +9,11 @@ any other row is run. Then one table: per level and model, wikitext-2 test perpl
 TEAL / SPON and the share of TEAL's gap SPON closes, TinyStories and held-out Python TEAL -> SPON,
 realized sparsity, held-out KL, wall time and peak RSS; and per model the text each domain's
 perplexity covers, in that model's tokens and in characters (the first 25,600 tokens of each
-tokenizer are different spans of the same text). JSON -> OUT/families.json.
+tokenizer are different spans of the same text). Then wikitext-2 test once more on the same text
+for both models, its first --span-chars characters (>= 25,000 tokens of either tokenizer), dense /
+TEAL / SPON of each level's fused checkpoint: a committed entry (benchmarks/results/
+families_same_span.json) is taken when its row's config, method code and span match, anything else
+is scored from the row's fused model. JSON -> OUT/families.json.
 """
 
 from __future__ import annotations
@@ -22,7 +26,7 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-from real_model import DOMAINS, gap  # noqa: E402 -- the evaluation texts and the gap, as real_model.py spells them
+from real_model import DOMAINS, WIKITEXT_TEST, gap  # noqa: E402 -- the evaluation texts and the gap, as real_model.py spells them
 
 from spon.assets import portable  # noqa: E402
 
@@ -34,6 +38,10 @@ LEVELS = ("uniform-40", "uniform-50", "uniform-60")
 # The issues' targets for the share of TEAL's wikitext gap that SPON closes, per model and level.
 GAP_TARGETS = {"smollm2-135m": {"uniform-50": 0.50, "uniform-60": 0.75},
                "gemma3-270m": {"uniform-50": 0.40, "uniform-60": 0.50}}
+# wikitext-2 test's first 110,000 characters: 27,272 SmolLM2 tokens, 26,288 Gemma-3 tokens (the
+# issue asks for >= 25,000 of each model's tokens on the same text).
+SPAN_CHARS = 110_000
+SAME_SPAN = RESULTS / "families_same_span.json"
 
 
 def run_model(model: str, args) -> dict:
@@ -76,6 +84,63 @@ def table(results: dict[str, dict]) -> str:
     return "\n".join(lines)
 
 
+def span_key(row: dict, chars: int) -> dict:
+    """What a same-span entry depends on: the row as it was made (config and method code) and the span."""
+    return portable({"config": row["config"], "method_code": row["method_code"], "characters": chars})
+
+
+def score_same_span(row: dict, chars: int, threads: int | None) -> dict:
+    """dense / TEAL / SPON perplexity of the row's fused model on wikitext-2 test's first `chars` characters."""
+    import torch
+
+    from spon.fuse import load_sparse_model
+    from spon.perplexity import perplexities
+
+    if threads:
+        torch.set_num_threads(threads)
+    model, tok, _ = load_sparse_model(row["fused"])
+    ev = row["eval"]
+    res = perplexities(model, tok, [str(WIKITEXT_TEST)], ("dense", "teal", "spon"), ev["window"], ev["stride"],
+                       max_chars=chars)
+    return next(iter(res.values()))
+
+
+def same_span(results: dict[str, dict], args) -> dict:
+    """{model: {level: {"key", "perplexity": {mode: {...}}}}}, committed entries reused when their key matches."""
+    committed = json.loads(Path(args.span_results).read_text()) if Path(args.span_results).is_file() else {}
+    out: dict = {}
+    for model, res in results.items():
+        for row in (r for r in res["rows"] if r["row"] in LEVELS):
+            key = span_key(row, args.span_chars)
+            prior = committed.get(model, {}).get(row["row"])
+            if prior and prior["key"] == key and not args.rerun:
+                out.setdefault(model, {})[row["row"]] = prior
+                continue
+            if not Path(row["fused"]).is_dir():
+                raise SystemExit(f"{model} {row['row']}: no committed same-span entry for this row and no fused model at "
+                                 f"{row['fused']}; run with --rerun to make the rows again")
+            print(f"  {model} {row['row']}: scoring the first {args.span_chars:,} characters of wikitext-2 test", flush=True)
+            out.setdefault(model, {})[row["row"]] = {"key": key, "perplexity": score_same_span(row, args.span_chars,
+                                                                                                 args.threads)}
+    Path(args.span_results).write_text(json.dumps(portable(out), indent=2))
+    return out
+
+
+def same_span_table(span: dict, chars: int) -> str:
+    lines = [f"wikitext-2 test, the same first {chars:,} characters for both models:", "",
+             "| level | model | tokens | realized TEAL / SPON | dense / TEAL / SPON | gap closed |", "|---" * 6 + "|"]
+    for level in LEVELS:
+        for model, per in span.items():
+            if level not in per:
+                continue
+            p = per[level]["perplexity"]
+            ppl = {m: v["perplexity"] for m, v in p.items()}
+            lines.append(f"| {level} | {model} | {p['dense']['tokens']:,} | {p['teal']['realized_sparsity']:.3f} / "
+                         f"{p['spon']['realized_sparsity']:.3f} | {ppl['dense']:.2f} / {ppl['teal']:.2f} / {ppl['spon']:.2f} "
+                         f"| {100 * closed(ppl):.1f}% |")
+    return "\n".join(lines)
+
+
 def spans(results: dict[str, dict]) -> str:
     lines = []
     for model, res in results.items():
@@ -90,14 +155,20 @@ def main() -> None:
     ap.add_argument("--out", default="out/families")
     ap.add_argument("--rerun", action="store_true", help="run every row, ignoring the committed results")
     ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--span-chars", type=int, default=SPAN_CHARS,
+                    help="wikitext-2 test characters scored for both models (the same text)")
+    ap.add_argument("--span-results", default=str(SAME_SPAN), help="same-span entries: read, completed, written back")
     args = ap.parse_args()
     results = {m: run_model(m, args) for m in MODELS}
     print("\nText each perplexity covers (the first 25,600 tokens of each model's tokenizer; TinyStories whole):")
     print(spans(results))
     print("\n" + table(results) + "\n\n** SPON above TEAL on that text")
+    span = same_span(results, args)
+    print("\n" + same_span_table(span, args.span_chars))
     Path(args.out).mkdir(parents=True, exist_ok=True)
     (Path(args.out) / "families.json").write_text(json.dumps(
-        {"levels": list(LEVELS), "gap_targets": GAP_TARGETS, "models": results}, indent=2))
+        {"levels": list(LEVELS), "gap_targets": GAP_TARGETS, "models": results,
+         "same_span": {"characters": args.span_chars, "text": portable(str(WIKITEXT_TEST)), "models": span}}, indent=2))
     print(f"-> {Path(args.out) / 'families.json'}")
 
 

@@ -40,10 +40,29 @@ def document_nll(model, ids: torch.Tensor, window: int, stride: int) -> tuple[fl
     return nll, count
 
 
+def first_characters(documents: list[str], max_chars: int) -> list[str]:
+    """The documents, in order, cut where their first `max_chars` characters end."""
+    out, left = [], max_chars
+    for doc in documents:
+        if left <= 0:
+            break
+        out.append(doc[:left])
+        left -= len(out[-1])
+    return out
+
+
 def perplexity(model, tokenizer, documents: list[str], window: int = 512, stride: int = 256,
-               max_tokens: int | None = None) -> dict:
+               max_tokens: int | None = None, max_chars: int | None = None) -> dict:
     """Perplexity of `model` in its current mode; also the realized sparsity while scoring.
-    max_tokens: stop after that many predicted tokens (the same prefix of the text for every mode)."""
+    max_tokens: stop after that many predicted tokens (the same prefix of the text for every mode).
+    max_chars: score the first that many characters (the same text for every tokenizer, so two
+    models' perplexities are comparable; the result then also counts the characters)."""
+    if max_tokens is not None and max_chars is not None:
+        raise SponError("give max_tokens or max_chars, not both: they cut the text in two different places")
+    if max_chars is not None:
+        if max_chars < 1:
+            raise SponError(f"max_chars must be >= 1, got {max_chars}")
+        documents = first_characters(documents, max_chars)
     if not documents:
         raise SponError("no documents to score")
     total, count = 0.0, 0
@@ -62,6 +81,8 @@ def perplexity(model, tokenizer, documents: list[str], window: int = 512, stride
             total += nll
             count += c
     out = {"perplexity": math.exp(total / count), "tokens": count}
+    if max_chars is not None:
+        out["characters"] = sum(map(len, documents))
     if sparse_linears(model):
         out["realized_sparsity"] = zeros["weighted"]
     return out
@@ -69,7 +90,7 @@ def perplexity(model, tokenizer, documents: list[str], window: int = 512, stride
 
 def perplexities(
     model, tokenizer, files: list[str], modes=("dense", "teal", "spon"), window: int = 512, stride: int = 256,
-    max_tokens: int | None = None,
+    max_tokens: int | None = None, max_chars: int | None = None,
 ) -> dict[str, dict[str, dict]]:
     """{file: {mode: {"perplexity", "tokens", "realized_sparsity"}}} in one call."""
     result: dict[str, dict[str, dict]] = {}
@@ -78,5 +99,5 @@ def perplexities(
         result[str(f)] = {}
         for m in modes:
             with mode(model, m):
-                result[str(f)][m] = perplexity(model, tokenizer, docs, window, stride, max_tokens)
+                result[str(f)][m] = perplexity(model, tokenizer, docs, window, stride, max_tokens, max_chars)
     return result

@@ -66,6 +66,25 @@ def test_dense_perplexity_matches_the_assets_readme(stories_path, sample_txt):
     assert r["realized_sparsity"] == 0.0
 
 
+def test_perplexity_of_the_first_characters(stories_path, sample_txt):
+    """max_chars scores the same text whatever the tokenizer: the first N characters, across
+    document boundaries, each document BOS first; past the end, the whole text."""
+    from spon.errors import SponError
+
+    model, tok = fresh(stories_path)
+    docs = read_documents(sample_txt)
+    whole = perplexity(model, tok, docs, window=512, stride=256)
+    assert perplexity(model, tok, docs, 512, 256, max_chars=sum(map(len, docs)) + 7)["perplexity"] == whole["perplexity"]
+    n = len(docs[0]) + 100  # into the second document
+    r = perplexity(model, tok, docs, 512, 256, max_chars=n)
+    assert r["characters"] == n
+    # BOS predicts a document's first token, so each document scores as many tokens as it has.
+    assert r["tokens"] == sum(len(tok(t, add_special_tokens=False)["input_ids"]) for t in (docs[0], docs[1][:100]))
+    assert r["perplexity"] != whole["perplexity"]
+    with pytest.raises(SponError, match="not both"):
+        perplexity(model, tok, docs, max_tokens=100, max_chars=100)
+
+
 def test_self_samples_are_seeded_and_in_domain(stories_path):
     model, tok = load_model(str(stories_path))
     a = sample_blocks(model, tok, num_blocks=4, block_len=32, seed=7)
