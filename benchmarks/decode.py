@@ -45,7 +45,7 @@ from spon.kernel_backend import use_kernels
 from spon.model import find_projections
 from spon.sources import load_model
 from spon.sparse import SparseLinear, SparseState, apply_sparse_state_, counting_zeros, set_thresholds, sparse_linears
-from spon.stages import host
+from spon.model import host
 from spon.thresholds import compute_thresholds
 
 PROMPT = "The history of the city begins"

@@ -41,6 +41,7 @@ import torch
 from spon import stages
 from spon.assets import assets_root, portable
 from spon.config import load_config
+from spon.model import host
 from spon.console import configure
 
 DATA = assets_root() / "data"
@@ -350,7 +351,7 @@ def main() -> None:
     earlier = [json.loads(f.read_text()) for f in reuse]
     prior = {r["row"]: r for e in earlier for r in e.get("rows", [])}
     result: dict = {"model": args.model, "eval_text": str(WIKITEXT_TEST.relative_to(DATA)), "eval_tokens": args.eval_tokens,
-                    "host": stages.host(), "rows": []}
+                    "host": host(), "rows": []}
     dump = lambda: (Path(args.out) / "real_model.json").write_text(json.dumps(portable(result), indent=2))  # noqa: E731
     calibrations: dict = {}
     rows: dict[str, dict] = {}

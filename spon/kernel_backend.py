@@ -200,3 +200,89 @@ def describe(model) -> str:
     if cpu_native.native_op() is None:
         return f"sparse kernels: embedding_bag fallback (native op unavailable), {what}"
     return f"sparse kernels: native CPU op ({cpu_native.instruction_set()}), {what}"
+
+
+DECODE_PATH_FILE = "decode_path.json"  # under spon.gguf.cache_root(): the measured choices, per machine and model shape
+
+
+def _decode_path_key(model) -> str:
+    """What the faster path depends on: the CPU (or GPU), threads, the model's shape, dtype and
+    sparsity, and the kernels' own code. Not the weights' values."""
+    from pathlib import Path
+
+    from spon.digest import content_key
+    from spon.model import host
+
+    cfg = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    shape = {k: getattr(cfg, k, None) for k in ("model_type", "hidden_size", "intermediate_size", "num_hidden_layers",
+                                                 "num_attention_heads", "num_key_value_heads", "vocab_size")}
+    mods = sparse_linears(model)
+    taus = sorted({round(float(m.tau()), 3) for m in mods})  # the sparsity the kernels skip at, coarsely
+    device = next(model.parameters()).device
+    device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else host()["cpu"]
+    code = Path(__file__).resolve().parent / "kernels"
+    return content_key({"device": device_name, "threads": torch.get_num_threads(), "torch": torch.__version__,
+                        "shape": shape, "dtype": str(next(model.parameters()).dtype), "modes": sorted({m.mode for m in mods}),
+                        "taus": taus[:8] + taus[-8:], "kernels_code": code if code.is_dir() else None,
+                        "backend_code": Path(__file__)})
+
+
+@torch.no_grad()
+def choose_decode_path(model, input_ids: torch.Tensor, new_tokens: int = 8, rounds: int = 3,
+                       remember: bool = True) -> dict:
+    """Leave `model` on whichever decode path is faster here, the sparse kernels or the torch path,
+    and say which: {"path": "kernels" | "torch", "tokens_per_s": {path: median}, "remembered": bool}.
+
+    Measured, not assumed: the kernels skip the weight rows of zeroed inputs, but at a small
+    model's width a decode step is mostly not weight streaming, and the native op at 0 % is slower
+    than F.linear on some CPUs (issue #26: SmolLM2 and Gemma-3 on an AVX-512 Xeon). Each path runs
+    `new_tokens` greedy steps on the first 16 prompt tokens, the two interleaved over `rounds`
+    rounds (the median counts). The choice is remembered per device, threads, model shape, dtype,
+    sparsity and kernel code in <spon cache>/decode_path.json, so later calls only look it up
+    (with the load average it was measured at; delete the file to measure again)."""
+    import json
+    import statistics
+    import time
+
+    from spon.gguf import cache_root
+
+    store = cache_root() / DECODE_PATH_FILE
+    key = _decode_path_key(model)
+    known = {}
+    if remember and store.is_file():
+        try:
+            known = json.loads(store.read_text())
+        except (OSError, ValueError):
+            known = {}  # a damaged file is measured again and rewritten
+    if key in known and known[key].get("path") in ("kernels", "torch"):
+        use_kernels(model, known[key]["path"] == "kernels")
+        return {**known[key], "remembered": True}
+
+    ids = input_ids[:, :16]
+    mask = torch.ones_like(ids)
+    seconds: dict[str, list[float]] = {"kernels": [], "torch": []}
+    for r in range(rounds + 1):  # round 0 warms both paths up (first calls build and page in)
+        for path in ("kernels", "torch"):
+            use_kernels(model, path == "kernels")
+            t0 = time.perf_counter()
+            model.generate(ids, attention_mask=mask, max_new_tokens=new_tokens, min_new_tokens=new_tokens,
+                           do_sample=False)
+            if r:
+                seconds[path].append(time.perf_counter() - t0)
+    rate = {p: round(new_tokens / statistics.median(s), 2) for p, s in seconds.items()}
+    path = max(rate, key=rate.get)
+    use_kernels(model, path == "kernels")
+    import os
+
+    # a choice measured on a busy machine can be wrong: the load says so (delete the file to measure again)
+    choice = {"path": path, "tokens_per_s": rate, "load_avg_1min": round(os.getloadavg()[0], 2)}
+    if remember:
+        known[key] = choice
+        try:
+            store.parent.mkdir(parents=True, exist_ok=True)
+            tmp = store.with_suffix(".tmp")
+            tmp.write_text(json.dumps(known, indent=2))
+            tmp.replace(store)
+        except OSError:
+            pass  # a read-only cache only costs the measurement next time
+    return {**choice, "remembered": False}

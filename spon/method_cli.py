@@ -207,10 +207,16 @@ def cmd_generate(args) -> int:
     from spon.kernel_backend import use_kernels
 
     model, tok, _ = load_sparse_model(args.model_dir, args.device, args.dtype)
-    use_kernels(model, args.kernels)
-    from spon.kernel_backend import describe
+    from spon.kernel_backend import choose_decode_path, describe
 
     ids = tok(args.prompt, return_tensors="pt").input_ids.to(model.device)
+    if args.kernels is None:  # neither --kernels nor --no-kernels: the faster path on this machine
+        choice = choose_decode_path(model, ids)
+        rates = ", ".join(f"{p} {r:.1f}" for p, r in choice["tokens_per_s"].items())
+        why = f" (the faster here: {rates} tok/s, {'remembered' if choice['remembered'] else 'measured now'})"
+    else:
+        use_kernels(model, args.kernels)
+        why = " (--kernels)" if args.kernels else " (--no-kernels)"
     t0 = time.perf_counter()
     with torch.no_grad():
         out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=args.max_new_tokens,
@@ -219,7 +225,7 @@ def cmd_generate(args) -> int:
     new = out.shape[1] - ids.shape[1]
     print(tok.decode(out[0], skip_special_tokens=True))
     print(f"{new} new tokens in {wall:.2f} s ({new / wall:.1f} tok/s incl. the prompt's prefill); "
-          f"decode path: {describe(model)}", file=sys.stderr)
+          f"decode path: {describe(model)}{why}", file=sys.stderr)
     return 0
 
 
@@ -236,8 +242,9 @@ def _add_model_dir_command(sub, name, func, helptext):
     else:
         q.add_argument("--prompt", required=True)
         q.add_argument("--max-new-tokens", type=int, default=64)
-        q.add_argument("--kernels", action=argparse.BooleanOptionalAction, default=True,
-                       help="sparse kernels for decode, q/k/v and gate/up fused (default on; --no-kernels: torch)")
+        q.add_argument("--kernels", action=argparse.BooleanOptionalAction, default=None,
+                       help="sparse kernels for decode, q/k/v and gate/up fused (--no-kernels: the torch path; "
+                       "default: whichever is faster on this machine, timed once and remembered)")
     q.set_defaults(func=func)
 
 

@@ -154,3 +154,15 @@ def _unsupported(model, why: str) -> str:
         f"linear modules found: {', '.join(names) or 'none'}"
     )
 
+
+def host() -> dict:
+    """What the numbers depend on beyond the config: float reductions differ between CPU kinds
+    and thread counts (the same kind and count reproduce a run bit for bit)."""
+    import platform
+
+    cpu = platform.processor() or platform.machine()
+    try:
+        cpu = next(ln.split(":", 1)[1].strip() for ln in open("/proc/cpuinfo") if ln.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    return {"cpu": cpu, "torch_threads": torch.get_num_threads(), "torch": torch.__version__}

@@ -41,6 +41,7 @@ from spon.errors import SponError
 from spon.format import (ALPHA_STAGE_FILE, CALIBRATION_FILE, DISTILL_FILE, EVAL_FILE, QUANT_FILE, SIDECAR,
                          SUMMARY_FILE, THRESHOLDS_FILE)
 from spon.fuse import fuse_, load_sparse_model, read_alpha, save_pretrained
+from spon.model import host
 from spon.perplexity import perplexities
 from spon.remote_code import write_model_card
 from spon.sources import default_model_path, load_model, weights_digest
@@ -389,19 +390,6 @@ def summarize(cfg: RunConfig, source: str, calib_dir, thresholds_dir, distill_di
         summary["gap_closed"] = (t - s) / (t - dn) if t != dn else 0.0
     write_model_card(fused_dir, summary)
     return summary
-
-
-def host() -> dict:
-    """What the numbers depend on beyond the config: float reductions differ between CPU kinds
-    and thread counts (the same kind and count reproduce a run bit for bit)."""
-    import platform
-
-    cpu = platform.processor() or platform.machine()
-    try:
-        cpu = next(ln.split(":", 1)[1].strip() for ln in open("/proc/cpuinfo") if ln.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    return {"cpu": cpu, "torch_threads": torch.get_num_threads(), "torch": torch.__version__}
 
 
 def quality_warnings(ppl: dict) -> list[str]:

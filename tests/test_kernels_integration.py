@@ -152,3 +152,39 @@ def test_quantized_kernels_equal_the_torch_path_on_dequantized_weights(weights):
     # and the quantization is really there: the float model's logits differ
     plain = _tiny_llama()
     assert (plain(ids).logits - model(ids).logits).abs().max() > 1e-3
+
+
+def test_decode_path_is_the_faster_one_and_is_remembered(stories_path, tmp_path, monkeypatch):
+    """choose_decode_path times both paths and leaves the model on the faster: a kernel path made
+    slow loses, a torch path made slow loses; the choice is remembered per machine and model
+    shape (a second call measures nothing) and generate's tokens do not depend on it."""
+    import time
+
+    from spon.kernel_backend import choose_decode_path
+    from spon.sparse import SparseLinear
+
+    monkeypatch.setenv("SPON_CACHE", str(tmp_path / "cache"))
+    model, tok, blocks = sparse_stories(stories_path)
+    ids = blocks[:1, :12]
+    plain = model.generate(ids, max_new_tokens=6, do_sample=False)
+
+    fast_kernel, slow = KernelGroup.forward, lambda self, m, x: (time.sleep(0.003), fast_kernel(self, m, x))[1]
+    monkeypatch.setattr(KernelGroup, "forward", slow)
+    c = choose_decode_path(model, ids, new_tokens=3, rounds=1)
+    assert c["path"] == "torch" and not c["remembered"], c
+    assert c["tokens_per_s"]["torch"] > c["tokens_per_s"]["kernels"]
+    assert all(m.kernel is None for m in sparse_linears(model))
+    assert torch.equal(model.generate(ids, max_new_tokens=6, do_sample=False), plain)
+    monkeypatch.setattr(KernelGroup, "forward", fast_kernel)
+    again = choose_decode_path(model, ids, new_tokens=3, rounds=1)
+    assert again == {**c, "remembered": True}
+    assert (tmp_path / "cache" / "decode_path.json").is_file()
+
+    torch_sparse = SparseLinear._sparse
+    monkeypatch.setattr(SparseLinear, "_sparse", lambda self, x: (
+        time.sleep(0.003) if self.kernel is None else None, torch_sparse(self, x))[1])
+    c = choose_decode_path(model, ids, new_tokens=3, rounds=1, remember=False)
+    assert c["path"] == "kernels" and c["tokens_per_s"]["kernels"] > c["tokens_per_s"]["torch"], c
+    assert all(m.kernel is not None for m in sparse_linears(model))
+    gen = model.generate(ids, max_new_tokens=6, do_sample=False)
+    assert gen.shape == plain.shape and (gen == plain).float().mean() > 0.8  # kernels: same numbers within fp32 rounding
