@@ -1,5 +1,7 @@
 """Where the shipped assets (stories260K, eval data) live: $SPON_ASSETS, else ../shared/assets
-beside the repo. One place, so a checkout elsewhere points everything at them with one variable."""
+beside the repo; and where spon keeps what it makes once per machine (dequantized GGUF models,
+the decode path it measured): $SPON_CACHE, else ~/.cache/spon. One place each, so a checkout
+elsewhere points everything at them with one variable."""
 
 from __future__ import annotations
 
@@ -11,6 +13,10 @@ REPO = Path(__file__).resolve().parent.parent
 
 def assets_root() -> Path:
     return Path(os.environ.get("SPON_ASSETS") or REPO.parent / "shared" / "assets")
+
+
+def cache_root() -> Path:
+    return Path(os.environ.get("SPON_CACHE") or Path.home() / ".cache" / "spon").expanduser()
 
 
 def portable(obj):

@@ -21,6 +21,7 @@ import time
 import uuid
 from pathlib import Path
 
+from spon.assets import cache_root
 from spon.digest import sha256_file
 from spon.errors import SponError
 
@@ -30,10 +31,6 @@ MARKER = "spon-gguf.json"  # written last inside the temporary directory: what i
 # "llama"; transformers then picks mistral from the model name; "gemma3" loads as gemma3_text).
 GGUF_ARCHS = ("llama", "mistral", "qwen2", "qwen3", "gemma2", "gemma3")
 HUB_GGUF = re.compile(r"(?P<repo>[\w.-]+/[\w.-]+):(?P<file>[\w./-]+\.gguf)")
-
-
-def cache_root() -> Path:
-    return Path(os.environ.get("SPON_CACHE") or Path.home() / ".cache" / "spon").expanduser()
 
 
 def dequantized_dir(sha256: str, root: Path | None = None) -> Path:

@@ -202,7 +202,7 @@ def describe(model) -> str:
     return f"sparse kernels: native CPU op ({cpu_native.instruction_set()}), {what}"
 
 
-DECODE_PATH_FILE = "decode_path.json"  # under spon.gguf.cache_root(): the measured choices, per machine and model shape
+DECODE_PATH_FILE = "decode_path.json"  # under spon.assets.cache_root(): the measured choices, per machine and model shape
 
 
 def _decode_path_key(model) -> str:
@@ -244,7 +244,7 @@ def choose_decode_path(model, input_ids: torch.Tensor, new_tokens: int = 8, roun
     import statistics
     import time
 
-    from spon.gguf import cache_root
+    from spon.assets import cache_root
 
     store = cache_root() / DECODE_PATH_FILE
     key = _decode_path_key(model)

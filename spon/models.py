@@ -20,7 +20,8 @@ from pathlib import Path
 
 from spon.digest import sha256_file
 from spon.errors import SponError
-from spon.gguf import cache_root, dequantize, dequantized_dir, remove_stale, temp_name
+from spon.assets import cache_root
+from spon.gguf import dequantize, dequantized_dir, remove_stale, temp_name
 
 MODELS: dict[str, dict] = {
     "smollm2-135m": {
