@@ -210,6 +210,7 @@ def _decode_path_key(model) -> str:
     sparsity, and the kernels' own code. Not the weights' values."""
     from pathlib import Path
 
+    import spon.kernels
     from spon.digest import content_key
     from spon.model import host
 
@@ -220,10 +221,10 @@ def _decode_path_key(model) -> str:
     taus = sorted({round(float(m.tau()), 3) for m in mods})  # the sparsity the kernels skip at, coarsely
     device = next(model.parameters()).device
     device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else host()["cpu"]
-    code = Path(__file__).resolve().parent / "kernels"
+    code = Path(spon.kernels.__file__).resolve().parent  # kernels/ (installed as spon.kernels): the sources, not __pycache__
     return content_key({"device": device_name, "threads": torch.get_num_threads(), "torch": torch.__version__,
                         "shape": shape, "dtype": str(next(model.parameters()).dtype), "modes": sorted({m.mode for m in mods}),
-                        "taus": taus[:8] + taus[-8:], "kernels_code": code if code.is_dir() else None,
+                        "taus": taus[:8] + taus[-8:], "kernels_code": [code / "csrc", code / "cpu_native.py", code / "ops.py"],
                         "backend_code": Path(__file__)})
 
 
