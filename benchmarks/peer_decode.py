@@ -25,6 +25,9 @@ Variants per precision (all timed interleaved: every round runs every variant on
                   q8 / q4: bf16 model, every projection's kernels reading int8 (per output channel)
                   or int4 (group-wise, --int4-group inputs per fp32 scale) weights; embeddings, LM
                   head and norms stay bf16 (llama.cpp's Q8_0/Q4_0 files quantize the embedding too).
+  spon compiled   (--compile) the same at fp32 / bf16 through `spon.compile_decode`: static KV cache,
+                  one torch.compile'd decode step, on the torch path and on the kernels path (a
+                  model copy per variant; the warm-up generation compiles it)
 
 Quality beside speed: perplexity of each spon variant on the first --ppl-tokens tokens of the
 wikitext-2 test split (blocks of 512, no overlap); llama.cpp's is not measured (its fp32/bf16 files
@@ -367,7 +370,31 @@ def build_variants(args, base_fp32, tok, source_gguf: Path | None, workdir: Path
         for s, taus in levels.items():
             variants[f"spon {prec} @{s:.0%}"] = ("spon sparse", prec, s, lambda model=model, taus=taus:
                                                  _timed(at_thresholds(model, taus), ids, args.new_tokens))
+        if args.compile and prec in ("fp32", "bf16"):
+            for path in ("torch", "kernels"):
+                for s, taus in levels.items():
+                    variants[f"spon compiled {path} {prec} @{s:.0%}"] = (
+                        f"spon compiled {path}", prec, s, compiled_variant(model, taus, path == "kernels", ids, args.new_tokens))
     return variants, models, levels, ids, meta
+
+
+def compiled_variant(model, taus: dict[str, float], kernels: bool, ids, new_tokens: int):
+    """A copy of `model` at these thresholds on one path, decoding through spon.compile_decode: a
+    copy per variant, so the compiled graphs (thresholds are constants in the kernels' graph) are
+    never recompiled when the rounds interleave the variants."""
+    import copy
+
+    from spon.kernel_backend import compile_decode, use_kernels
+    from spon.sparse import set_thresholds
+
+    weights = getattr(model, "_peer_weights", "float")
+    use_kernels(model, False)  # a contiguous copy, not views of the groups' Wᵀ
+    twin = copy.deepcopy(model)
+    use_kernels(model, weights=weights)
+    set_thresholds(twin, taus)
+    use_kernels(twin, kernels)
+    compile_decode(twin)
+    return lambda: spon_generate(twin, ids, new_tokens)
 
 
 def _copy_as(model, dtype):
@@ -399,6 +426,10 @@ def table(result: dict) -> str:
 
         rows.append(f"| {prec} | {ref:.2f} | " if ref else f"| {prec} | - | ")
         rows[-1] += cell(f"spon dense {prec}") + " | " + " | ".join(cell(f"spon {prec} @{s:.0%}") for s in result["sparsities"]) + " |"
+        for path in ("torch", "kernels"):  # --compile: the compiled step on each path (its @0 %: nothing skipped)
+            if any(k.startswith(f"spon compiled {path} {prec} ") for k in tok_s):
+                rows.append(f"| {prec}, compiled, {path} path | {ref:.2f} | - | " if ref else f"| {prec}, compiled, {path} path | - | - | ")
+                rows[-1] += " | ".join(cell(f"spon compiled {path} {prec} @{s:.0%}") for s in result["sparsities"]) + " |"
     return "\n".join(rows)
 
 
@@ -418,6 +449,8 @@ def main(argv=None) -> int:
     ap.add_argument("--prompt", default=PROMPT)
     ap.add_argument("--workdir", type=Path, default=Path.home() / ".cache/spon/peer", help="where the GGUFs are written")
     ap.add_argument("--no-llamacpp", action="store_true", help="spon only (no xllamacpp installed)")
+    ap.add_argument("--compile", action="store_true", help="also spon.compile_decode (static cache, compiled step) "
+                    "on the torch and the kernels path, fp32 and bf16")
     ap.add_argument("--out", type=Path, default=ROOT / "benchmarks/results/peer_decode.json")
     args = ap.parse_args(argv)
     if bool(args.model) == bool(args.shape):
@@ -427,6 +460,11 @@ def main(argv=None) -> int:
         ap.error(f"--precisions: choose from {', '.join(PRECISIONS)}")
     args.sparsities = [float(s) for s in args.sparsities.split(",")]
     torch.set_num_threads(args.threads)
+    if args.compile:  # one compiled decode step per variant (each its own model copy): more than dynamo's default 8
+        import torch._dynamo
+
+        torch._dynamo.config.recompile_limit = 256
+        torch._dynamo.config.accumulated_recompile_limit = 4096
     args.workdir.mkdir(parents=True, exist_ok=True)
 
     base, tok, source = load_spon(args, "fp32")

@@ -84,6 +84,15 @@ def _put_ninja_on_path() -> None:
         os.environ["PATH"] = ninja.BIN_DIR + os.pathsep + os.environ.get("PATH", "")
 
 
+def _register_fake() -> None:
+    """The op's output shape without running it, so torch.compile can trace a decode step that
+    calls it (spon.kernel_backend.compile_decode). [M, sum(seg_sizes)] in x's dtype, as the C++
+    allocates it. Once per process (native_op is cached)."""
+    @torch.library.register_fake("spon_cpu::sparse_gemv")
+    def _(x, weight_t, bias, thresholds, seg_sizes, scales, channel_thresholds=None):
+        return x.new_empty((x.shape[0], sum(seg_sizes)))
+
+
 @functools.cache
 def native_op():
     """``torch.ops.spon_cpu.sparse_gemv``, built on first call; None if it cannot be built."""
@@ -116,6 +125,7 @@ def native_op():
                 is_python_module=False,
                 verbose=False,
             )
+        _register_fake()
         return torch.ops.spon_cpu.sparse_gemv
     except Exception as e:  # no compiler, no ninja, read-only cache, ...
         reason = str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__

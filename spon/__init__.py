@@ -68,10 +68,18 @@ def use_kernels(model, enabled: bool = True, **options):
     return use(model, enabled, **options)
 
 
+def compile_decode(model, enabled: bool = True):
+    """Decode through a static KV cache and a torch.compile'd step inside transformers' `generate`
+    (spon.kernel_backend.compile_decode: the first generate compiles)."""
+    from spon.kernel_backend import compile_decode as compile_
+
+    return compile_(model, enabled)
+
+
 __all__ = [
     "CalibrationConfig", "SparsityConfig", "DistillConfig", "Recipe",
     "calibrate", "sparsify_", "distill_", "fuse_", "save_pretrained", "oneshot", "Calibration",
-    "load_model", "load_sparse_model", "use_kernels",
+    "load_model", "load_sparse_model", "use_kernels", "compile_decode",
     "SparseLinear", "mode", "set_mode", "SponError",
 ]
 __version__ = "0.1.0"

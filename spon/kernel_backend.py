@@ -70,6 +70,7 @@ class KernelGroup:
         self._bias: torch.Tensor | None = None
         self._bias_f32: torch.Tensor | None = None  # what the native op reads (it sums in fp32)
         self._channel_taus: torch.Tensor | None = None  # [members, in] fp32: the weighted criterion's
+        self._stash: tuple[torch.Tensor, ...] = ()  # compiled step: the group's outputs for members 2..
 
     def _constants(self, mode: str):
         """Per-projection thresholds (floats) and the concatenated bias of `mode`, recomputed only
@@ -97,6 +98,8 @@ class KernelGroup:
 
     def forward(self, m: SparseLinear, x: torch.Tensor) -> torch.Tensor:
         i = m.kernel_index
+        if torch.compiler.is_compiling():
+            return self._traced_forward(i, x)
         if self._left and x is self._input and x._version == self._input_version and self._outputs[i] is not None:
             y, self._outputs[i] = self._outputs[i], None
             self._left -= 1
@@ -113,6 +116,28 @@ class KernelGroup:
         self._left = len(ys) - 1
         return ys[i]
 
+
+    def _traced_forward(self, i: int, x: torch.Tensor) -> torch.Tensor:
+        """The step torch.compile traces (compile_decode): no identity, version or id() checks
+        (each would be a guard, and a recompile per layer). The group's first member runs the
+        fused op and keeps the outputs for the others: transformers calls q before k and v, gate
+        before up, so inside one graph the stash is always the current input's. The constants are
+        the ones the eager prefill just computed (same mode: one generate call)."""
+        if i:
+            return self._stash[i]
+        taus = self._taus if self._channel_taus is None else self._channel_taus
+        rows = x.numel() // x.shape[-1]
+        if _NATIVE["op"] is not None and rows <= 4 and x.device.type == "cpu" and x.dtype == self.weight_t.dtype:
+            y = _NATIVE["op"](x.reshape(rows, -1), self.qweight_t, self._bias_f32,
+                              self._taus, self.out_features, self.scales,
+                              taus if isinstance(taus, torch.Tensor) else None)
+            ys = y.view(*x.shape[:-1], y.shape[-1]).split(self.out_features, -1)
+        else:
+            from spon.kernels import sparse_linear_fused
+
+            ys = sparse_linear_fused(x, self.qweight_t, self.out_features, self._bias, taus, self.scales)
+        self._stash = ys
+        return ys[0]
 
     def _run(self, x: torch.Tensor, taus: list[float] | torch.Tensor,
              bias: torch.Tensor | None) -> tuple[torch.Tensor, ...]:
@@ -143,6 +168,39 @@ class KernelSingle(KernelGroup):
 
     def __init__(self, m: SparseLinear, weights: str = "float", int4_group: int = 64):
         super().__init__([m], weights, int4_group)
+
+
+# The native CPU op, looked up once outside any traced code (compile_decode): native_op() builds
+# or loads a library, which dynamo cannot trace.
+_NATIVE: dict = {"op": None}
+
+
+def compile_decode(model, enabled: bool = True) -> None:
+    """Decode through a static KV cache and a torch.compile'd step, inside transformers' own
+    `generate`: its prefill stays eager, every later step runs one compiled graph (attention,
+    norms, RoPE and casts fused by inductor; the sparse kernels, when on, called as custom ops).
+    What it removes is the per-token Python and small-op overhead that sparsity does not touch
+    (issue #26: about half of a SmolLM2 step). The first `generate` compiles (tens of seconds on
+    a CPU), and so does one whose thresholds, kernel state or cache length differ: worth it for a
+    server or a notebook that generates many times, not for one short answer.
+    `enabled=False` goes back to the dynamic cache and eager steps."""
+    from transformers.generation.configuration_utils import CompileConfig
+
+    gc = model.generation_config
+    if not enabled:
+        gc.cache_implementation, gc.compile_config = None, None
+        return
+    device = next(model.parameters()).device
+    if device.type == "cpu":
+        from spon.kernels.cpu_native import native_op
+
+        _NATIVE["op"] = native_op()
+    # "reduce-overhead" (CUDA graphs) is transformers' default; a CPU has none.
+    config = CompileConfig(fullgraph=False, dynamic=False, mode="reduce-overhead" if device.type == "cuda" else "default")
+    # transformers compiles the step only on accelerators unless this flag (its own CPU tests set it)
+    # says otherwise; on a CPU the compiled step is the faster one (README "Kernels").
+    config._compile_all_devices = True
+    gc.cache_implementation, gc.compile_config = "static", config
 
 
 def _version(t: torch.Tensor | None) -> tuple[int, int] | None:

@@ -217,6 +217,11 @@ def cmd_generate(args) -> int:
     else:
         use_kernels(model, args.kernels)
         why = " (--kernels)" if args.kernels else " (--no-kernels)"
+    if args.compile:
+        from spon.kernel_backend import compile_decode
+
+        compile_decode(model)
+        why += "; compiled step, static cache (--compile: this first call includes compiling)"
     t0 = time.perf_counter()
     with torch.no_grad():
         out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=args.max_new_tokens,
@@ -245,6 +250,9 @@ def _add_model_dir_command(sub, name, func, helptext):
         q.add_argument("--kernels", action=argparse.BooleanOptionalAction, default=None,
                        help="sparse kernels for decode, q/k/v and gate/up fused (--no-kernels: the torch path; "
                        "default: whichever is faster on this machine, timed once and remembered)")
+        q.add_argument("--compile", action="store_true",
+                       help="static KV cache and a torch.compile'd decode step (the first call compiles: "
+                       "tens of seconds on a CPU; for long generations)")
     q.set_defaults(func=func)
 
 

@@ -188,3 +188,34 @@ def test_decode_path_is_the_faster_one_and_is_remembered(stories_path, tmp_path,
     assert all(m.kernel is not None for m in sparse_linears(model))
     gen = model.generate(ids, max_new_tokens=6, do_sample=False)
     assert gen.shape == plain.shape and (gen == plain).float().mean() > 0.8  # kernels: same numbers within fp32 rounding
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kernels", [False, True], ids=["torch_path", "kernels"])
+def test_compiled_decode_step_equals_the_eager_one_in_one_graph(stories_path, kernels):
+    """spon.compile_decode: the decode steps run one compiled graph (no graph break: the kernels'
+    custom op is traced through its fake, the group's sharing without identity checks) and give
+    the eager path's logits within fp32 rounding; the greedy text is the same."""
+    import torch._dynamo
+    from torch._dynamo.utils import counters
+
+    from spon.kernel_backend import compile_decode
+
+    model, tok, _ = sparse_stories(stories_path)
+    use_kernels(model, kernels)
+    prompt = tok("Once upon a time", return_tensors="pt").input_ids
+    kw = dict(max_new_tokens=24, min_new_tokens=24, do_sample=False, output_logits=True, return_dict_in_generate=True)
+    with torch.no_grad():
+        ref = model.generate(prompt, **kw)
+        torch._dynamo.reset()
+        counters.clear()
+        compile_decode(model)
+        got = model.generate(prompt, **kw)
+        again = model.generate(prompt, **kw)  # the compiled step reused: no new graph
+    assert counters["stats"]["unique_graphs"] >= 1, "nothing was compiled"
+    assert not counters["graph_break"], f"graph breaks: {dict(counters['graph_break'])}"
+    assert torch.equal(got.sequences, ref.sequences) and torch.equal(again.sequences, ref.sequences)
+    for a, b in zip(ref.logits, got.logits):
+        torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-4)
+    compile_decode(model, False)
+    assert model.generation_config.compile_config is None and model.generation_config.cache_implementation is None

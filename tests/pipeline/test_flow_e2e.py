@@ -110,6 +110,11 @@ def test_pull_by_alias_generates_identically(first, settings, tmp_path, monkeypa
     assert greedy(model, tok, first["smoke_generation"]["prompt"]) == expected
     assert main(["-q", "generate", str(dest), "--prompt", first["smoke_generation"]["prompt"], "--max-new-tokens", "24"]) == 0
     assert capsys.readouterr().out.strip() == expected
+    # the compiled decode step (static cache) says so and writes the same text
+    assert main(["-q", "generate", str(dest), "--prompt", first["smoke_generation"]["prompt"], "--max-new-tokens", "24",
+                 "--compile"]) == 0
+    out = capsys.readouterr()
+    assert out.out.strip() == expected and "compiled step, static cache" in out.err
 
 
 def task_states(flow_run_id) -> dict[str, str]:
