@@ -371,7 +371,7 @@ def build_variants(args, base_fp32, tok, source_gguf: Path | None, workdir: Path
             variants[f"spon {prec} @{s:.0%}"] = ("spon sparse", prec, s, lambda model=model, taus=taus:
                                                  _timed(at_thresholds(model, taus), ids, args.new_tokens))
         if args.compile and prec in ("fp32", "bf16"):
-            for path in ("torch", "kernels"):
+            for path in args.compile_paths:
                 for s, taus in levels.items():
                     variants[f"spon compiled {path} {prec} @{s:.0%}"] = (
                         f"spon compiled {path}", prec, s, compiled_variant(model, taus, path == "kernels", ids, args.new_tokens))
@@ -451,6 +451,8 @@ def main(argv=None) -> int:
     ap.add_argument("--no-llamacpp", action="store_true", help="spon only (no xllamacpp installed)")
     ap.add_argument("--compile", action="store_true", help="also spon.compile_decode (static cache, compiled step) "
                     "on the torch and the kernels path, fp32 and bf16")
+    ap.add_argument("--compile-paths", default="torch,kernels",
+                    help="--compile: which paths (each variant holds its own model copy: at the 1B shape, mind the memory)")
     ap.add_argument("--out", type=Path, default=ROOT / "benchmarks/results/peer_decode.json")
     args = ap.parse_args(argv)
     if bool(args.model) == bool(args.shape):
@@ -459,12 +461,15 @@ def main(argv=None) -> int:
     if any(p not in PRECISIONS for p in args.precisions):
         ap.error(f"--precisions: choose from {', '.join(PRECISIONS)}")
     args.sparsities = [float(s) for s in args.sparsities.split(",")]
+    args.compile_paths = [p.strip() for p in args.compile_paths.split(",") if p.strip()]
+    if any(p not in ("torch", "kernels") for p in args.compile_paths):
+        ap.error("--compile-paths: choose from torch, kernels")
     torch.set_num_threads(args.threads)
     if args.compile:  # one compiled decode step per variant (each its own model copy): more than dynamo's default 8
-        import torch._dynamo
+        from torch import _dynamo
 
-        torch._dynamo.config.recompile_limit = 256
-        torch._dynamo.config.accumulated_recompile_limit = 4096
+        _dynamo.config.recompile_limit = 256
+        _dynamo.config.accumulated_recompile_limit = 4096
     args.workdir.mkdir(parents=True, exist_ok=True)
 
     base, tok, source = load_spon(args, "fp32")
@@ -480,8 +485,11 @@ def main(argv=None) -> int:
     variants, models, levels, ids, meta = build_variants(args, base, tok, source_gguf, args.workdir)
     result.update(meta)
     print(f"{len(variants)} variants; warm-up (load {loadavg()})", flush=True)
+    result["warmup_s"] = {}  # the first generation of each variant: for a compiled one, its compile time is in it
     for name, (_, _, _, run) in variants.items():
+        t0 = time.perf_counter()
         run()
+        result["warmup_s"][name] = round(time.perf_counter() - t0, 1)
     times: dict[str, list[float]] = {k: [] for k in variants}
     result["loadavg"] = []
     for r in range(args.reps):
