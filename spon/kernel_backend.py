@@ -116,7 +116,6 @@ class KernelGroup:
         self._left = len(ys) - 1
         return ys[i]
 
-
     def _traced_forward(self, i: int, x: torch.Tensor) -> torch.Tensor:
         """The step torch.compile traces (compile_decode): no identity, version or id() checks
         (each would be a guard, and a recompile per layer). The group's first member runs the
@@ -125,19 +124,8 @@ class KernelGroup:
         the ones the eager prefill just computed (same mode: one generate call)."""
         if i:
             return self._stash[i]
-        taus = self._taus if self._channel_taus is None else self._channel_taus
-        rows = x.numel() // x.shape[-1]
-        if _NATIVE["op"] is not None and rows <= 4 and x.device.type == "cpu" and x.dtype == self.weight_t.dtype:
-            y = _NATIVE["op"](x.reshape(rows, -1), self.qweight_t, self._bias_f32,
-                              self._taus, self.out_features, self.scales,
-                              taus if isinstance(taus, torch.Tensor) else None)
-            ys = y.view(*x.shape[:-1], y.shape[-1]).split(self.out_features, -1)
-        else:
-            from spon.kernels import sparse_linear_fused
-
-            ys = sparse_linear_fused(x, self.qweight_t, self.out_features, self._bias, taus, self.scales)
-        self._stash = ys
-        return ys[0]
+        self._stash = self._run(x, self._taus if self._channel_taus is None else self._channel_taus, self._bias)
+        return self._stash[0]
 
     def _run(self, x: torch.Tensor, taus: list[float] | torch.Tensor,
              bias: torch.Tensor | None) -> tuple[torch.Tensor, ...]:
@@ -147,9 +135,7 @@ class KernelGroup:
         as much as a 576-wide GEMV. Anything else goes through spon.kernels' dispatch."""
         rows = x.numel() // x.shape[-1]
         if rows <= 4 and x.device.type == "cpu" and x.dtype == self.weight_t.dtype:
-            from spon.kernels.cpu_native import native_op  # cached in sys.modules after the first call
-
-            op = native_op()
+            op = _native_op()
             if op is not None:
                 x2 = x.reshape(rows, -1)
                 if isinstance(taus, torch.Tensor):
@@ -173,6 +159,15 @@ class KernelSingle(KernelGroup):
 # The native CPU op, looked up once outside any traced code (compile_decode): native_op() builds
 # or loads a library, which dynamo cannot trace.
 _NATIVE: dict = {"op": None}
+
+
+def _native_op():
+    """The native CPU op, or None. Inside a traced step the one compile_decode looked up."""
+    if torch.compiler.is_compiling():
+        return _NATIVE["op"]
+    from spon.kernels.cpu_native import native_op  # cached in sys.modules after the first call
+
+    return native_op()
 
 
 def compile_decode(model, enabled: bool = True) -> None:
