@@ -33,7 +33,10 @@ def test_ctrl_c_exits_130_in_one_line_and_a_corrupt_checkpoint_is_set_aside(tmp_
     out = tmp_path / "alpha"
     distill = spon("distill", "--calib", str(cal), "--out", str(out), "--steps", "400", "--checkpoint-every", "2",
                    "--batch-size", "4")
-    p = subprocess.Popen(distill, env=ENV, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    # SIGINT as a terminal's Ctrl-C delivers it: a test run started in the background (`cmd &` in a
+    # script) inherits SIGINT ignored, and a child whose SIGINT is ignored never sees it.
+    p = subprocess.Popen(distill, env=ENV, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                         preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     ckpts = out / "alpha_checkpoints"
     deadline = time.time() + 300
     while time.time() < deadline and p.poll() is None and len(list(ckpts.glob("alpha_step*.pt"))) < 2:
