@@ -50,8 +50,10 @@ def main(argv=None) -> int:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--cold", type=float, default=0.0, metavar="MB")
     ap.add_argument("--seconds", type=float, default=1.5, help="per point")
+    ap.add_argument("--shapes", default=",".join(f"{k}x{n}" for k, n in SHAPES), help="in x out, comma separated")
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args(argv)
+    shapes = [tuple(int(v) for v in s.split("x")) for s in args.shapes.split(",")]
     from .cpu_native import native_op
 
     root = Path(__file__).resolve().parents[1]
@@ -60,7 +62,7 @@ def main(argv=None) -> int:
     rows = []
     print("load", os.getloadavg(), "threads", args.threads, "cold MB", args.cold, flush=True)
     for dt in (torch.float32, torch.bfloat16):
-        for K, N in SHAPES:
+        for K, N in shapes:
             w0 = (torch.randn(N, K) / math.sqrt(K)).to(dt)
             c = max(1, min(256, math.ceil(args.cold * 2**20 / (N * K * w0.element_size())))) if args.cold else 1
             ws = [w0] + [w0.clone() for _ in range(c - 1)]

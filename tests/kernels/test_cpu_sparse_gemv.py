@@ -116,7 +116,7 @@ def test_native_threaded_and_thread_count_independent(dtype, K, N, sparsity, M, 
     finally:
         torch.set_num_threads(prev)
     assert_close(y2, _ref(x, wt, b, tau), dtype)
-    # Each output column is summed by one thread in row order: bit-identical.
+    # A column's sum is cut and ordered by the shape and the kept rows only, never by the threads: bit-identical.
     assert torch.equal(y1, y2)
 
 
