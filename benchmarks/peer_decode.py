@@ -5,7 +5,8 @@
     .venv/bin/python benchmarks/peer_decode.py --model smollm2-135m --precisions bf16 --sparsities 0,0.5 \\
         --new-tokens 32 --reps 3 --ppl-tokens 0                                        # a quick look
 
-Peer: llama.cpp in-process through `xllamacpp` (prebuilt CPU wheel; `pip install 'spon[bench]'`),
+Peer: llama.cpp through `xllamacpp` (prebuilt CPU wheel; `pip install 'spon[bench]'`) in a process of
+its own (in spon's process it slows torch's GEMMs: see LlamaCpp),
 `handle_completions` with temperature 0 and ignore_eos, its own `predicted_per_second` (decode only,
 the prompt excluded). Same weights: for SmolLM2-135M the shipped GGUF (Q4_1) is dequantized once and
 written again at each precision with the `gguf` package (F32, BF16, Q8_0, Q4_0; norms stay F32);
@@ -207,26 +208,63 @@ def write_shape_gguf(model, tokenizer_gguf: Path, precision: str, out: Path) -> 
 
 # ----------------------------------------------------------------------------- llama.cpp
 class LlamaCpp:
-    """One xllamacpp server per GGUF, kept for the whole run."""
+    """One xllamacpp server per GGUF, kept for the whole run, in a process of its own.
+
+    Not in spon's process: once an xllamacpp Server exists in a process, torch's own GEMMs there
+    run 1.4-3x slower (measured on an AMD EPYC, 2 threads: bf16 F.linear 576->960 34-44 us before,
+    79-109 us after creating the server, before any generation; spon's native op unchanged), which
+    slowed every spon variant that calls torch's matmuls (dense, LM head, attention) by up to 30 %.
+    The server process sleeps on its pipe between requests."""
 
     def __init__(self, path: Path, threads: int, ctx: int):
+        import multiprocessing as mp
+
+        parent, child = mp.get_context("spawn").Pipe()
+        self.proc = mp.get_context("spawn").Process(target=_llamacpp_server, args=(child, str(path), threads, ctx),
+                                                    daemon=True)
+        self.proc.start()
+        self.conn = parent
+        status, self.version = self.conn.recv()
+        if status != "ready":
+            raise RuntimeError(f"llama.cpp server for {path} failed: {self.version}")
+
+    def generate(self, prompt: str, new_tokens: int) -> tuple[float, int]:
+        self.conn.send((prompt, new_tokens))
+        status, value = self.conn.recv()
+        if status != "ok":
+            raise RuntimeError(f"llama.cpp generation failed: {value}")
+        return value
+
+
+def _llamacpp_server(conn, path: str, threads: int, ctx: int) -> None:
+    """The llama.cpp process: one Server, completions on request until the pipe closes."""
+    try:
         import xllamacpp
 
         p = xllamacpp.CommonParams()
-        p.model.path = str(path)
+        p.model.path = path
         p.cpuparams.n_threads = threads
         p.cpuparams_batch.n_threads = threads
         p.n_ctx = ctx
         p.n_parallel = 1
         p.warmup = False
-        self.server = xllamacpp.Server(p)
-        self.version = getattr(xllamacpp, "__version__", None)
-
-    def generate(self, prompt: str, new_tokens: int) -> tuple[float, int]:
-        r = self.server.handle_completions({"prompt": prompt, "max_tokens": new_tokens, "temperature": 0,
-                                            "ignore_eos": True, "cache_prompt": False})
-        t = r["timings"]
-        return t["predicted_per_second"], t["predicted_n"]
+        server = xllamacpp.Server(p)
+    except Exception as e:  # reported to the parent, which raises it
+        conn.send(("error", f"{type(e).__name__}: {e}"))
+        return
+    conn.send(("ready", getattr(xllamacpp, "__version__", None)))
+    while True:
+        try:
+            prompt, new_tokens = conn.recv()
+        except EOFError:  # the benchmark ended
+            return
+        try:
+            r = server.handle_completions({"prompt": prompt, "max_tokens": new_tokens, "temperature": 0,
+                                           "ignore_eos": True, "cache_prompt": False})
+            t = r["timings"]
+            conn.send(("ok", (t["predicted_per_second"], t["predicted_n"])))
+        except Exception as e:
+            conn.send(("error", f"{type(e).__name__}: {e}"))
 
 
 # ----------------------------------------------------------------------------- spon
