@@ -57,6 +57,35 @@ def test_groups_share_one_weight_copy_and_restore(stories_path):
         assert m.kernel is None and m.linear.weight.is_contiguous() and torch.equal(m.linear.weight, before[m.name])
 
 
+def test_the_lm_head_decodes_on_the_native_op_one_tied_copy_restored(stories_path, monkeypatch):
+    import spon.kernel_backend as kb
+
+    model, _, _ = sparse_stories(stories_path)
+    head, embed = model.get_output_embeddings(), model.get_input_embeddings()
+    assert head.weight is embed.weight  # stories260K ties them
+    w0, keys = head.weight.detach().clone(), set(model.state_dict())
+    ids = torch.tensor([[1, 45, 97, 300, 12]])
+    with torch.no_grad():
+        ref = model(ids).logits
+    use_kernels(model)
+    assert head.weight is embed.weight and torch.equal(head.weight, w0)  # still tied, same numbers
+    assert head.weight.untyped_storage().data_ptr() == head.kernel_head.weight_t.untyped_storage().data_ptr()
+    assert set(model.state_dict()) == keys and "dense LM head on the native op" in kb.describe(model)
+    calls = []
+    op = kb._native_op()
+    monkeypatch.setattr(kb, "_native_op", lambda: (lambda *a: calls.append(a[3]) or op(*a)))
+    with torch.no_grad():
+        prefill = model(ids).logits  # 5 rows: F.linear; the embedding reads W^T's columns
+        x = torch.randn(1, 1, head.in_features)
+        decode = head(x)
+    assert [float("-inf")] in calls and calls[-1] == [float("-inf")]  # the decode row went through the op
+    torch.testing.assert_close(prefill, ref, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(decode, torch.nn.functional.linear(x, w0), rtol=1e-5, atol=1e-5)
+    use_kernels(model, False)
+    assert head.weight is embed.weight and head.weight.is_contiguous() and torch.equal(head.weight, w0)
+    assert "forward" not in vars(head) and head.kernel_head is None
+
+
 @torch.no_grad()
 @pytest.mark.parametrize("mode", ["teal", "spon"])
 def test_each_kernel_module_equals_the_torch_path_on_its_input(stories_path, mode):

@@ -38,6 +38,7 @@
 #include <condition_variable>
 #include <cstdint>
 #include <cstring>
+#include <limits>
 #include <memory>
 #include <mutex>
 #include <thread>
@@ -358,6 +359,8 @@ struct Survivors {
 
 // tau(k) is input k's threshold: a constant, or a read of the segment's row of
 // per-channel thresholds (one template, so both tests are the same code).
+// tau = -inf keeps every input, NaN included: the op is then a dense GEMV with F.linear's
+// semantics (spon.kernel_backend runs the dense LM head through it).
 template <typename X, typename Tau>
 Survivors survivors(const X* x, int64_t M, int64_t MB, int64_t K, Tau tau) {
   Survivors s;
@@ -365,13 +368,14 @@ Survivors survivors(const X* x, int64_t M, int64_t MB, int64_t K, Tau tau) {
   s.val.reserve(K * MB);
   for (int64_t k = 0; k < K; ++k) {
     const float t = tau(k);
-    bool any = false;
-    for (int64_t m = 0; m < M; ++m) any |= std::fabs(as_float(x[m * K + k])) > t;  // strict, fp32
+    const bool all = t == -std::numeric_limits<float>::infinity();
+    bool any = all;
+    for (int64_t m = 0; m < M && !any; ++m) any = std::fabs(as_float(x[m * K + k])) > t;  // strict, fp32
     if (!any) continue;
     s.idx.push_back(k);
     for (int64_t m = 0; m < MB; ++m) {
       const float v = m < M ? as_float(x[m * K + k]) : 0.0f;
-      s.val.push_back(std::fabs(v) > t ? v : 0.0f);
+      s.val.push_back(all || std::fabs(v) > t ? v : 0.0f);
     }
   }
   return s;

@@ -121,6 +121,22 @@ def test_native_threaded_and_thread_count_independent(dtype, K, N, sparsity, M, 
 
 
 @pytest.mark.parametrize("dtype", CPU_DTYPES, ids=str)
+@pytest.mark.parametrize("K,N", [(64, 300), (1024, 1030), (3000, 700)])  # one thread; column split; row split
+@pytest.mark.parametrize("M", [1, 3])
+def test_native_minus_inf_threshold_is_f_linear_nan_included(dtype, K, N, M, native_only):
+    """tau = -inf keeps every input, NaN too: a dense GEMV with F.linear's numbers (the LM head's path)."""
+    x, w, b = make_case(M, K, N, dtype, "cpu")
+    x[0, 5] = float("nan")
+    y = native.native_op()(x, w.t().contiguous(), b, [float("-inf")], [N], None)
+    ref = torch.nn.functional.linear(x.float(), w.float(), b.float())
+    assert torch.isnan(y[0]).all() and not torch.isnan(y[1:]).any()  # F.linear's NaN row, nothing else
+    assert_close(y[1:], ref[1:], dtype)
+    x[0, 5] = 0.0
+    assert_close(native.native_op()(x, w.t().contiguous(), b, [float("-inf")], [N], None),
+                 torch.nn.functional.linear(x.float(), w.float(), b.float()), dtype)
+
+
+@pytest.mark.parametrize("dtype", CPU_DTYPES, ids=str)
 def test_native_threshold_semantics(dtype, native_only):
     """Strict |x| > tau in fp32, as the reference: on representable values,
     negative (keep all), inf and NaN (keep none)."""
