@@ -223,6 +223,7 @@ def compile_decode(model, enabled: bool = True) -> None:
     from transformers.generation.configuration_utils import CompileConfig
 
     gc = model.generation_config
+    vars(model).pop("get_compiled_call", None)
     if not enabled:
         gc.cache_implementation, gc.compile_config = None, None
         return
@@ -237,6 +238,31 @@ def compile_decode(model, enabled: bool = True) -> None:
     # says otherwise; on a CPU the compiled step is the faster one (README "Kernels").
     config._compile_all_devices = True
     gc.cache_implementation, gc.compile_config = "static", config
+    model.get_compiled_call = _guarded_once_per_generate(model)
+
+
+def _guarded_once_per_generate(model):
+    """transformers' get_compiled_call, whose step checks dynamo's guards on its first call in each
+    `generate` only. Those guards (~2,800 on SmolLM2: every threshold, mode and kernel attribute the
+    step reads) cost ~2 ms a token; nothing they check changes inside one `generate` (the kernels'
+    stash assumes the same), so the later steps skip them (torch's skip_guard_eval_unsafe stance)
+    and the first step of every `generate` still recompiles whatever changed since the last."""
+    compiled_call = type(model).get_compiled_call
+
+    def get_compiled_call(compile_config):
+        step = compiled_call(model, compile_config)
+        checked = []
+
+        def call(*args, **kwargs):
+            if not checked:
+                checked.append(True)
+                return step(*args, **kwargs)
+            with torch.compiler.set_stance("default", skip_guard_eval_unsafe=True):
+                return step(*args, **kwargs)
+
+        return call
+
+    return get_compiled_call
 
 
 def _version(t: torch.Tensor | None) -> tuple[int, int] | None:

@@ -247,5 +247,18 @@ def test_compiled_decode_step_equals_the_eager_one_in_one_graph(stories_path):
     assert torch.equal(got.sequences, ref.sequences) and torch.equal(again.sequences, ref.sequences)
     for a, b in zip(ref.logits, got.logits):
         torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-4)
-    compile_decode(model, False)
+    # Steps after a generate's first skip dynamo's guards: thresholds changed between two generates
+    # must still reach the compiled step (its first step's guards see them and recompile).
+    from spon.sparse import set_thresholds
+
+    set_thresholds(model, {m.name: float(m.threshold) * 3 for m in sparse_linears(model)})
+    with torch.no_grad():
+        changed = model.generate(prompt, **kw)
+        compile_decode(model, False)
+        ref_changed = model.generate(prompt, **kw)
+    assert not torch.equal(ref_changed.sequences, ref.sequences)  # the new thresholds change the text
+    assert torch.equal(changed.sequences, ref_changed.sequences)
+    for a, b in zip(ref_changed.logits, changed.logits):
+        torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-4)
     assert model.generation_config.compile_config is None and model.generation_config.cache_implementation is None
+    assert "get_compiled_call" not in vars(model)
