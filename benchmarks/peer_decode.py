@@ -219,9 +219,9 @@ class LlamaCpp:
     def __init__(self, path: Path, threads: int, ctx: int):
         import multiprocessing as mp
 
-        parent, child = mp.get_context("spawn").Pipe()
-        self.proc = mp.get_context("spawn").Process(target=_llamacpp_server, args=(child, str(path), threads, ctx),
-                                                    daemon=True)
+        spawn = mp.get_context("spawn")
+        parent, child = spawn.Pipe()
+        self.proc = spawn.Process(target=_llamacpp_server, args=(child, str(path), threads, ctx), daemon=True)
         self.proc.start()
         self.conn = parent
         status, self.version = self.conn.recv()

@@ -133,16 +133,14 @@ class KernelGroup:
         Decode on CPU (<= 4 rows) calls the native op directly: the public API's layers
         (argument normalisation, dispatch, threshold conversion; ~20-30 us of Python a call) cost
         as much as a 576-wide GEMV. Anything else goes through spon.kernels' dispatch."""
-        rows = x.numel() // x.shape[-1]
-        if rows <= 4 and x.device.type == "cpu" and x.dtype == self.weight_t.dtype:
-            op = _native_op()
-            if op is not None:
-                x2 = x.reshape(rows, -1)
-                if isinstance(taus, torch.Tensor):
-                    y = op(x2, self.qweight_t, self._bias_f32, self._taus, self.out_features, self.scales, taus)
-                else:
-                    y = op(x2, self.qweight_t, self._bias_f32, taus, self.out_features, self.scales)
-                return y.view(*x.shape[:-1], y.shape[-1]).split(self.out_features, -1)
+        if isinstance(taus, torch.Tensor):
+            y = _native_decode(x, self.weight_t.dtype, self.qweight_t, self._bias_f32, self._taus, self.out_features,
+                               self.scales, taus)
+        else:
+            y = _native_decode(x, self.weight_t.dtype, self.qweight_t, self._bias_f32, taus, self.out_features,
+                               self.scales)
+        if y is not None:
+            return y.split(self.out_features, -1)
         from spon.kernels import sparse_linear_fused
 
         return sparse_linear_fused(x, self.qweight_t, self.out_features, bias, taus, self.scales)
@@ -179,13 +177,8 @@ class KernelHead:
         head.forward = self.forward  # an instance attribute: the module, its name and state_dict stay
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        rows = x.numel() // x.shape[-1]
-        if rows <= 4 and x.device.type == "cpu" and x.dtype == self.weight_t.dtype:
-            op = _native_op()
-            if op is not None:
-                y = op(x.reshape(rows, -1), self.weight_t, self.bias_f32, [float("-inf")], self.vocab, None)
-                return y.view(*x.shape[:-1], y.shape[-1])
-        return nn.functional.linear(x, self.head.weight, self.head.bias)
+        y = _native_decode(x, self.weight_t.dtype, self.weight_t, self.bias_f32, [float("-inf")], self.vocab, None)
+        return nn.functional.linear(x, self.head.weight, self.head.bias) if y is None else y
 
     def remove(self) -> None:
         """Plain contiguous weights again (tied ones still one Parameter), F.linear's forward."""
@@ -209,6 +202,24 @@ def _native_op():
     from spon.kernels.cpu_native import native_op  # cached in sys.modules after the first call
 
     return native_op()
+
+
+def _native_decode(x: torch.Tensor, dtype: torch.dtype, *op_args) -> torch.Tensor | None:
+    """The native op on x's rows (`op_args`: the op's arguments after x), shaped like x but for its
+    last dimension; None where the op does not apply (more than 4 rows, not CPU, another dtype,
+    no native build)."""
+    rows = x.numel() // x.shape[-1]
+    if rows > 4 or x.device.type != "cpu" or x.dtype != dtype:
+        return None
+    op = _native_op()
+    if op is None:
+        return None
+    y = op(x.reshape(rows, -1), *op_args)
+    return y.view(*x.shape[:-1], y.shape[-1])
+
+
+def _output_head(model):
+    return model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
 
 
 def compile_decode(model, enabled: bool = True) -> None:
@@ -251,11 +262,12 @@ def _guarded_once_per_generate(model):
 
     def get_compiled_call(compile_config):
         step = compiled_call(model, compile_config)
-        checked = []
+        checked = False
 
         def call(*args, **kwargs):
+            nonlocal checked
             if not checked:
-                checked.append(True)
+                checked = True
                 return step(*args, **kwargs)
             with torch.compiler.set_stance("default", skip_guard_eval_unsafe=True):
                 return step(*args, **kwargs)
@@ -285,7 +297,7 @@ def use_kernels(model, enabled: bool = True, weights: str = "float", int4_group:
         if m.kernel is not None:
             m.linear.weight = nn.Parameter(m.linear.weight.detach().contiguous(), requires_grad=False)
             m.kernel = None
-    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    head = _output_head(model)
     if getattr(head, "kernel_head", None) is not None:
         head.kernel_head.remove()
     if not enabled:
@@ -316,8 +328,7 @@ def describe(model) -> str:
     device = first.weight_t.device
     fused = sum(len(g.members) > 1 for g in groups.values())
     what = f"{len(groups)} kernel groups ({fused} fused q/k/v or gate/up), {first.weights} weights"
-    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-    if getattr(head, "kernel_head", None) is not None and device.type == "cpu":
+    if getattr(_output_head(model), "kernel_head", None) is not None and device.type == "cpu":
         what += ", dense LM head on the native op"
     if device.type == "cuda":
         from spon.kernels.triton_sparse_gemv import HAS_TRITON
