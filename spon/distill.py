@@ -186,6 +186,19 @@ def chunked_kl_and_nll(model, ids: torch.Tensor, h_teacher: torch.Tensor, chunk:
     return kl / (b * t), nll / (b * (t - 1)) if t > 1 else nll * float("nan")
 
 
+def _filled(fn, blocks: torch.Tensor, batch_size: int, device) -> torch.Tensor:
+    """fn over `blocks` in batches, written into one tensor allocated once: a torch.cat of the
+    batches would hold the cache twice at its peak (SmolLM2, 168 blocks of 256 tokens: 8.5 GB of
+    log-probs, 17.8 GB peak RSS in distill)."""
+    out = None
+    for i in range(0, len(blocks), batch_size):
+        part = fn(blocks[i : i + batch_size].to(device))
+        if out is None:
+            out = torch.empty((len(blocks), *part.shape[1:]), dtype=part.dtype)
+        out[i : i + len(part)] = part
+    return out
+
+
 class Teacher:
     """The dense model's next-token distributions for a fixed set of blocks.
 
@@ -215,12 +228,10 @@ class Teacher:
         self.chunked = blocks.dim() == 2 and blocks.shape[1] * vocab * 4 >= logits_chunk_bytes
         if not self.chunked:
             if len(blocks) and blocks.numel() * vocab * 4 <= budget_gb * 1e9:
-                self.cached = torch.cat([teacher_logprobs(model, blocks[i : i + batch_size].to(device)).cpu()
-                                         for i in range(0, len(blocks), batch_size)])
+                self.cached = _filled(lambda ids: teacher_logprobs(model, ids), blocks, batch_size, device)
             return
         if len(blocks) and blocks.numel() * hidden * 4 <= budget_gb * 1e9:
-            self.hidden = torch.cat([self._dense_hidden(blocks[i : i + batch_size].to(device)).cpu()
-                                     for i in range(0, len(blocks), batch_size)])
+            self.hidden = _filled(self._dense_hidden, blocks, batch_size, device)
 
     @torch.no_grad()
     def _dense_hidden(self, ids: torch.Tensor) -> torch.Tensor:
