@@ -19,8 +19,9 @@ The per-domain table marks every level where SPON is above TEAL. Rows:
     down-only-50          sparse everywhere, alpha trained on down_proj only (the paper's ablation)
     samples-calib-50      calibration on the model's own samples instead of wikitext-2 validation text
 then SPON int8 / int4 of uniform-50 against TEAL fp32, and zero-shot accuracy (lm-eval, the
-project's YAML tasks, sparsity active) for dense / TEAL / SPON / SPON-int8 of uniform-50 on the
-first `--zeroshot-limit` items of each task (the same items for every variant). `--rows` names the
+project's YAML tasks, sparsity active) for dense / TEAL / SPON of uniform-50 on the first
+`--zeroshot-limit` items of each task (the same items for every variant), SPON - TEAL and TEAL -
+dense with 95 % paired-bootstrap intervals (benchmarks/zeroshot.py). `--rows` names the
 steps and their order (default: STEPS, what the targets need soonest first).
 
 Every stage runs through spon.stages (the functions `spon run` runs); the calibration of one
@@ -39,6 +40,7 @@ from pathlib import Path
 import torch
 
 from spon import stages
+from zeroshot import paired_report, paired_suite
 from spon.assets import assets_root, portable
 from spon.config import load_config
 from spon.model import host
@@ -291,39 +293,16 @@ def quantized(row: dict, args) -> dict:
 
 
 def zeroshot(row: dict, args) -> dict:
-    from spon.evaluation.suite import run_suite
-    from spon.evaluation.variants import parse_variants
-
-    doc = run_suite(row["fused"], parse_variants("dense,teal,spon,spon-int8"), list(ZEROSHOT), Path(args.out) / "zeroshot",
-                    args.zeroshot_limit, resume=True)
-    acc = {v: {t: {"acc": r["metrics"].get("acc,none"), "stderr": r["metrics"].get("acc_stderr,none"),
-                   "realized_sparsity": r.get("realized_sparsity")} for t, r in e["tasks"].items()}
-           for v, e in doc["variants"].items()}
-    return {"from_row": row["row"], "from_config": row["config"], "from_code": row["method_code"], "limit": args.zeroshot_limit, "items": "the first N items of each task file",
-            "accuracy": acc, "wall_s": doc["wall_s"]}
-
-
-def zeroshot_table(z: dict) -> str:
-    acc = z["accuracy"]
-    names = ["dense", "teal", "spon", "spon-int8"]
-    lines = ["| task | " + " | ".join(names) + " | SPON recovers |", "|---" * (len(names) + 2) + "|"]
-    avg = {n: [] for n in names}
-    for t in ZEROSHOT:
-        if any(acc[n].get(t, {}).get("acc") is None for n in names):
-            lines.append(f"| {t} | " + " | ".join("-" for _ in names) + " | no acc metric |")
-            continue
-        cells = []
-        for n in names:
-            a = acc[n][t]
-            avg[n].append(a["acc"])
-            cells.append(f"{a['acc']:.3f} ± {a['stderr'] or 0:.3f}")
-        d, te, sp = (acc[n][t]["acc"] for n in ("dense", "teal", "spon"))
-        rec = f"{100 * (sp - te) / (d - te):.0f}%" if d != te else "-"
-        lines.append(f"| {t} | " + " | ".join(cells) + f" | {rec} |")
-    mean = {n: sum(v) / len(v) for n, v in avg.items()}
-    rec = (mean["spon"] - mean["teal"]) / (mean["dense"] - mean["teal"]) if mean["dense"] != mean["teal"] else 0.0
-    lines.append("| **average** | " + " | ".join(f"{mean[n]:.3f}" for n in names) + f" | {100 * rec:.0f}% |")
-    return "\n".join(lines)
+    """dense / TEAL / SPON of the row's fused model on the same first --zeroshot-limit items of
+    each task, compared item by item (benchmarks/zeroshot.py): --jobs single-threaded workers."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # each worker takes the caller's thread count: one per core is fastest here
+    try:
+        z = paired_suite(row["fused"], "dense,teal,spon", list(ZEROSHOT), args.zeroshot_limit,
+                         Path(args.out) / "zeroshot", jobs=args.jobs)
+    finally:
+        torch.set_num_threads(threads)
+    return {"from_row": row["row"], "from_config": row["config"], "from_code": row["method_code"], **z}
 
 
 def main() -> None:
@@ -332,7 +311,8 @@ def main() -> None:
     ap.add_argument("--rows", default=",".join(STEPS), help=f"comma list of steps, run in the order given: {', '.join(STEPS)}")
     ap.add_argument("--config", default=None, help="RunConfig JSON/YAML under every row (flags of rows win)")
     ap.add_argument("--eval-tokens", type=int, default=25600, help="wikitext-2 test tokens scored (same text every row)")
-    ap.add_argument("--zeroshot-limit", type=int, default=100, help="items per task")
+    ap.add_argument("--zeroshot-limit", type=int, default=1000, help="items per task (whole set when smaller)")
+    ap.add_argument("--jobs", type=int, default=2, help="zero-shot worker processes, one per core")
     ap.add_argument("--reuse", default=None, help="earlier real_model.json files, comma separated (e.g. the committed "
                     "one): their rows (a later file's win)"
                     "with the same config (each records the method code and host that made it), and its quantize "
@@ -380,8 +360,8 @@ def main() -> None:
                         and e["zeroshot"].get("from_code") == method_code()
                         and e["zeroshot"].get("limit") == args.zeroshot_limit), None)
             z = result["zeroshot"] = old or zeroshot(base(), args)
-            print(f"\nzero-shot accuracy ({z['from_row']}, first {z['limit']} items per task)\n")
-            print(zeroshot_table(z))
+            print(f"\nzero-shot accuracy ({z['from_row']}, first {z['limit']} items per task, paired)\n")
+            print(paired_report(z))
         dump()  # a long run that dies keeps every finished step
     if result["rows"]:
         result["eval_span"] = eval_span(args.model, args.eval_tokens)

@@ -47,6 +47,55 @@ def throughput(doc: dict, sizes: dict[str, int], plan_limit: int, jobs: int) -> 
             "plan_unit_s": unit_s, "plan_process_s": total, "plan_wall_s_estimate": total / jobs, "jobs": jobs}
 
 
+def paired_suite(model_dir: str, variants: str, tasks: list[str], limit: int, work: Path, *, jobs: int = 2,
+                 batch_size: int = 64, dtype: str = "fp32", plan_limit: int = 1000) -> dict:
+    """The variants of one fused checkpoint on the same first `limit` items of every task, with
+    the paired intervals and each item's headline metric (the result this script writes)."""
+    from spon.evaluation.suite import run_suite
+    from spon.evaluation.variants import parse_variants
+    from spon.fuse import read_sidecar
+
+    meta = read_sidecar(model_dir)
+    t0 = time.perf_counter()
+    doc = run_suite(model_dir, parse_variants(variants), tasks, work, limit, batch_size=batch_size,
+                    jobs=jobs, resume=True, dtype=dtype)
+    sizes = task_sizes(tasks)
+    return {
+        "model_dir": str(model_dir), "source_model": (meta.get("provenance") or {}).get("source_model"),
+        "sparsity": meta.get("sparsity"), "protocol": meta.get("protocol"), "limit": limit, "dtype": dtype,
+        "items": "the first N items of each task file (lm-eval --limit), the same for every variant",
+        "task_sizes": sizes,
+        "accuracy": {v: {t: {"n": r["n"], "metrics": r["metrics"], "realized_sparsity": r["realized_sparsity"]}
+                         for t, r in e["tasks"].items()} for v, e in doc["variants"].items()},
+        "paired": doc["paired"],
+        # the headline metric of every item, so the intervals can be recomputed from this file alone
+        "per_item": {v: {t: {"doc_id": r["items"]["doc_id"], "items_digest": r["items"]["items_digest"],
+                             "correct": "".join(map(str, r["items"]["metrics"][doc["paired"]["tasks"][t]["metric"]]))}
+                         for t, r in e["tasks"].items() if t in doc["paired"]["tasks"]}
+                     for v, e in doc["variants"].items()},
+        "speed": throughput(doc, sizes, plan_limit, jobs),
+        "wall_s": round(time.perf_counter() - t0, 1), "suite_wall_s": doc["wall_s"], "resumed": doc["resumed"],
+        "host": doc["host"], "suite_results": str(work / "results.json"),
+    }
+
+
+def paired_report(result: dict) -> str:
+    """The paired table and the measured items per CPU-second of every (variant, task)."""
+    from spon.evaluation import report
+
+    speed = result["speed"]
+    variants = list(speed["items_per_s"])
+    lines = [report.paired_markdown(result["paired"]), "", "items per CPU-second (one single-threaded process):", "",
+             "| task | plan items | " + " | ".join(variants) + " |", "| --- | --- |" + " --- |" * len(variants)]
+    lines += [f"| {t} | {speed['plan_items'][t]} | "
+              + " | ".join(f"{speed['items_per_s'][v].get(t, float('nan')):.2f}" for v in variants) + " |"
+              for t in speed["plan_items"]]
+    lines += ["", f"plan ({speed['plan_limit']} items a task, {len(variants)} variants): "
+              f"{speed['plan_process_s'] / 60:.0f} min of single-process time, ~{speed['plan_wall_s_estimate'] / 60:.0f}"
+              f" min wall with --jobs {speed['jobs']} ({os.cpu_count()} cpus here)"]
+    return "\n".join(lines)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("model_dir", help="fused checkpoint directory (DIR/fused of `spon run`)")
@@ -64,9 +113,6 @@ def main() -> None:
 
     import torch
 
-    from spon.evaluation import report
-    from spon.evaluation.suite import run_suite
-    from spon.evaluation.variants import parse_variants
     from spon.fuse import read_sidecar
 
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
@@ -80,43 +126,14 @@ def main() -> None:
     out = Path(args.out or RESULTS / f"zeroshot_{tag}.json")
     tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
 
-    t0 = time.perf_counter()
-    doc = run_suite(args.model_dir, parse_variants(args.variants), tasks, work, args.limit, batch_size=args.batch_size,
-                    jobs=args.jobs, resume=True, dtype=args.dtype)
-    sizes = task_sizes(tasks)
-    speed = throughput(doc, sizes, args.plan_limit, args.jobs)
-    result = {
-        "model_dir": str(args.model_dir), "source_model": (meta.get("provenance") or {}).get("source_model"),
-        "sparsity": meta.get("sparsity"), "protocol": meta.get("protocol"), "limit": args.limit, "dtype": args.dtype,
-        "items": "the first N items of each task file (lm-eval --limit), the same for every variant",
-        "task_sizes": sizes,
-        "accuracy": {v: {t: {"n": r["n"], "metrics": r["metrics"], "realized_sparsity": r["realized_sparsity"]}
-                         for t, r in e["tasks"].items()} for v, e in doc["variants"].items()},
-        "paired": doc["paired"],
-        # the headline metric of every item, so the intervals can be recomputed from this file alone
-        "per_item": {v: {t: {"doc_id": r["items"]["doc_id"], "items_digest": r["items"]["items_digest"],
-                             "correct": "".join(map(str, r["items"]["metrics"][doc["paired"]["tasks"][t]["metric"]]))}
-                         for t, r in e["tasks"].items() if t in doc["paired"]["tasks"]}
-                     for v, e in doc["variants"].items()},
-        "speed": speed,
-        "wall_s": round(time.perf_counter() - t0, 1), "suite_wall_s": doc["wall_s"], "resumed": doc["resumed"],
-        "host": doc["host"], "suite_results": str(work / "results.json"),
-    }
+    result = paired_suite(args.model_dir, args.variants, tasks, args.limit, work, jobs=args.jobs,
+                          batch_size=args.batch_size, dtype=args.dtype, plan_limit=args.plan_limit)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2))
 
     print(f"\n{name}, protocol {meta.get('protocol')}, {args.dtype}, first {args.limit} items per task "
           f"(whole set when smaller), same items for every variant\n")
-    print(report.paired_markdown(doc["paired"]))
-    print("\nitems per CPU-second (one single-threaded process):\n")
-    variants = list(speed["items_per_s"])
-    print("| task | plan items | " + " | ".join(variants) + " |\n| --- | --- |" + " --- |" * len(variants))
-    for t in tasks:
-        print(f"| {t} | {speed['plan_items'][t]} | "
-              + " | ".join(f"{speed['items_per_s'][v].get(t, float('nan')):.2f}" for v in variants) + " |")
-    print(f"\nplan ({args.plan_limit} items a task, {len(variants)} variants): {speed['plan_process_s'] / 60:.0f} min of "
-          f"single-process time, ~{speed['plan_wall_s_estimate'] / 60:.0f} min wall with --jobs {args.jobs}"
-          f" ({os.cpu_count()} cpus here)")
+    print(paired_report(result))
     print(f"\nJSON: {out}\nsuite report: {work / 'report.md'}")
 
 

@@ -43,7 +43,7 @@ def test_a_named_model_brings_its_preset_under_file_and_flags(tmp_path):
     assert [Path(f).name for f in cfg.calibration.files] == ["valid.txt", "corpus:python-stdlib"]
     assert (cfg.distill.steps, cfg.distill.lr, cfg.distill.batch_size, cfg.distill.init, cfg.distill.warmup,
             cfg.distill.checkpoint_every, cfg.distill.compute_dtype, cfg.distill.teacher_cache_gb,
-            cfg.distill.retake_thresholds) == (100, 3e-4, 2, "closed_form", 10, 25, "bf16", 4.0, True)
+            cfg.distill.retake_thresholds) == (400, 3e-4, 2, "closed_form", 10, 50, "bf16", 4.0, True)
     assert (cfg.eval.window, cfg.eval.stride, cfg.eval.max_tokens) == (512, 512, 25600)
     f = tmp_path / "c.json"
     f.write_text(json.dumps({"model": "smollm2-135m", "distill": {"lr": 5e-4}}))
