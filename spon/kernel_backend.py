@@ -133,12 +133,10 @@ class KernelGroup:
         Decode on CPU (<= 4 rows) calls the native op directly: the public API's layers
         (argument normalisation, dispatch, threshold conversion; ~20-30 us of Python a call) cost
         as much as a 576-wide GEMV. Anything else goes through spon.kernels' dispatch."""
-        if isinstance(taus, torch.Tensor):
-            y = _native_decode(x, self.weight_t.dtype, self.qweight_t, self._bias_f32, self._taus, self.out_features,
-                               self.scales, taus)
-        else:
-            y = _native_decode(x, self.weight_t.dtype, self.qweight_t, self._bias_f32, taus, self.out_features,
-                               self.scales)
+        # per-channel thresholds ride after the scales; the scalar ones stand in the op's tau slot
+        channel = (taus,) if isinstance(taus, torch.Tensor) else ()
+        y = _native_decode(x, self.weight_t.dtype, self.qweight_t, self._bias_f32, self._taus if channel else taus,
+                           self.out_features, self.scales, *channel)
         if y is not None:
             return y.split(self.out_features, -1)
         from spon.kernels import sparse_linear_fused
