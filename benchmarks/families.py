@@ -75,12 +75,13 @@ def table(results: dict[str, dict]) -> str:
             target = GAP_TARGETS[model].get(level)
             realized = row["realized_sparsity_by_file"][portable(DOMAINS["wikitext-2 test"])]
             mark = lambda p: "**" if p["spon"] > p["teal"] else ""  # noqa: E731 -- SPON worse than TEAL
+            # the row's high-water mark: a row that measured each stage's own records the last stage's as its peak
             lines.append(
                 f"| {level} | {model} | {realized:.3f} | {w['dense']:.2f} / {w['teal']:.2f} / {mark(w)}{w['spon']:.2f}{mark(w)} "
                 f"| {100 * closed(w):.1f}%" + (f" ({100 * target:.0f}%{' met' if closed(w) >= target else ' missed'})" if target else "")
                 + f" | {t['teal']:.2f} -> {mark(t)}{t['spon']:.2f}{mark(t)} | {c['teal']:.2f} -> {mark(c)}{c['spon']:.2f}{mark(c)} "
                 f"| {row['heldout_kl']['teal']:.3f} -> {row['heldout_kl']['spon']:.3f} | {row['wall_s_total']:.0f} "
-                f"| {row['peak_rss_gb'] or 0:.1f} |")
+                f"| {max([row['peak_rss_gb'] or 0, *(row.get('peak_rss_gb_by_stage') or {}).values()]):.1f} |")
     return "\n".join(lines)
 
 
