@@ -40,11 +40,11 @@ from pathlib import Path
 import torch
 
 from spon import stages
-from zeroshot import paired_report, paired_suite
 from spon.assets import assets_root, portable
 from spon.config import load_config
 from spon.model import host
 from spon.console import configure
+from zeroshot import paired_report, paired_suite  # benchmarks/zeroshot.py, beside this script
 
 DATA = assets_root() / "data"
 WIKITEXT_TEST = DATA / "wikitext-2-raw" / "test.txt"

@@ -37,7 +37,8 @@ PRESETS: dict[str, dict] = {
     # at steps 20/40/60 0.462/0.411/0.402 (lr 1e-3) and 0.426/0.389/0.387 (lr 3e-4); TEAL 0.521.
     # 400 steps, a checkpoint every 50 (issue #23, benchmarks/recipes/): wikitext-2 test gap closed at
     # equal sparsity 39.8 -> 42.5 % (50 %) and 54.7 -> 61.4 % (60 %), SPON below TEAL on all three
-    # evaluation texts; distillation ~15 min a level instead of ~9. 200 blocks on top reach 46.6 /
+    # evaluation texts at 40-60 % (at 25 % the NLL guard took a checkpoint on noise, worse than TEAL:
+    # README); distillation 14-17 min a level instead of ~9. 200 blocks on top reach 46.6 /
     # 62.5 % but cost 26-36 min and a 10 GB teacher cache (recipes/smollm2_200blocks_400steps.yaml).
     "smollm2-135m": {
         "calibration": {"source": "text", "files": TWO_DOMAINS, "num_blocks": 72, "block_len": 256,
