@@ -186,7 +186,7 @@ def domain_blocks(tokenizer, files: list[str], block_len: int, num_blocks: int |
 
 
 def split_heldout(blocks: torch.Tensor, heldout: int) -> tuple[torch.Tensor, torch.Tensor]:
-    heldout = min(heldout, len(blocks) // 4)  # never starve training on tiny calibration sets
+    heldout = min(heldout, len(blocks) // 2)  # never starve training on tiny calibration sets
     if len(blocks) - heldout < 1:
         raise SponError(f"calibration data too short: {len(blocks)} block(s)")
     return blocks[: len(blocks) - heldout], blocks[len(blocks) - heldout :]

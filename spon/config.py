@@ -105,6 +105,10 @@ class DistillConfig(_Strict):
         "AVX512-BF16 / on GPUs; the teacher and the held-out selection stay in the model's precision")
     teacher_cache_gb: float = Field(2.0, ge=0, description="keep the dense teacher's log-probabilities of the "
                                     "calibration blocks in memory when they fit in this many GB (0: recompute)")
+    guard_confidence: float = Field(
+        0.95, ge=0.5, lt=1.0, description="the held-out NLL guard: a checkpoint is eligible only if the one-sided "
+        "upper bound (Student t, this confidence) of its mean per-block NLL minus TEAL's on the same held-out "
+        "blocks is below zero on every domain; 0.5 compares the means alone")
     retake_thresholds: bool = Field(
         True, description="re-take tau with alpha in place (before the first step and at every checkpoint) so "
         "SPON realizes the target sparsity; TEAL keeps its own tau as the baseline. False: SPON runs TEAL's tau "

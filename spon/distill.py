@@ -42,8 +42,11 @@ class DistillResult:
     heldout_nll_by_step: dict[int, float] = field(default_factory=dict)  # the same, at every checkpoint
     # several held-out domains: {domain: {"teal": [kl, nll], "by_step": {step: [kl, nll]}}} (step 0: the init)
     heldout_by_domain: dict[str, dict] = field(default_factory=dict)
-    # checkpoints on which the domains disagreed (some helped, these above their TEAL's NLL): {step: [domains]}
+    # checkpoints on which the domains disagreed (the guard held on some, not on these): {step: [domains]}
     refused_by_domain: dict[int, list[str]] = field(default_factory=dict)
+    # the NLL guard at every checkpoint: {step: {domain ("" for one): upper bound of the mean per-block
+    # NLL difference to TEAL}}; a checkpoint is eligible when every bound is <= 0
+    heldout_nll_bound_by_step: dict[int, dict[str, float]] = field(default_factory=dict)
     selected_step: int | None = None  # None: alpha = 0 (no step beat TEAL); 0: the initialisation
     selection: str = ""
     resumed_from: int = 0
@@ -62,6 +65,7 @@ class DistillResult:
                 "heldout_nll_by_step": {str(k): v for k, v in self.heldout_nll_by_step.items()},
                 "heldout_by_domain": self.heldout_by_domain,
                 "refused_by_domain": {str(k): v for k, v in self.refused_by_domain.items()},
+                "heldout_nll_bound_by_step": {str(k): v for k, v in self.heldout_nll_bound_by_step.items()},
                 "selected_step": self.selected_step, "selection": self.selection, "resumed_from": self.resumed_from,
                 "world_size": self.world_size, "thresholds": self.thresholds}
 
@@ -114,7 +118,7 @@ def _head_logits(h: torch.Tensor, weight, bias, softcap) -> torch.Tensor:
 
 
 class _ChunkedKL(torch.autograd.Function):
-    """sum over tokens of KL(p_teacher || p_student) and of the student's NLL at `targets` (-1: none),
+    """sum over tokens of KL(p_teacher || p_student), and the student's NLL at `targets` per token (-1: none, 0),
     with both distributions made from hidden states by the LM head `chunk` tokens at a time.
 
     Forward computes, per chunk, the teacher's log-probs (in the model's precision, no autocast),
@@ -126,7 +130,7 @@ class _ChunkedKL(torch.autograd.Function):
     def forward(ctx, h_student, h_teacher, targets, weight, bias, softcap, chunk, need_grad):
         device = h_student.device.type
         kl = torch.zeros((), dtype=torch.float64, device=h_student.device)
-        nll = torch.zeros((), dtype=torch.float64, device=h_student.device)
+        nll = torch.zeros(h_student.shape[0], dtype=torch.float64, device=h_student.device)  # per token
         grad = torch.empty(h_student.shape, dtype=torch.float32, device=h_student.device) if need_grad else None
         # The student's LM head in the caller's autocast dtype, the weight cast once per call, not per
         # chunk (autocast would cast the 168M-entry head again for every matmul: 0.41 s each here).
@@ -150,7 +154,7 @@ class _ChunkedKL(torch.autograd.Function):
             tg = targets[sl]
             has = tg >= 0
             if bool(has.any()):
-                nll -= s[has].gather(-1, tg[has, None]).sum(dtype=torch.float64)
+                nll[sl][has] = -s[has].gather(-1, tg[has, None]).squeeze(-1).double()
             if grad is not None:
                 g = s.exp_().mul_(pt.sum(-1, keepdim=True)).sub_(pt)  # dKL/dz, reusing s's memory
                 if softcap is not None:
@@ -159,7 +163,7 @@ class _ChunkedKL(torch.autograd.Function):
         ctx.h_dtype = h_student.dtype
         ctx.save_for_backward(grad)
         ctx.mark_non_differentiable(nll)
-        return kl.float(), nll.float()
+        return kl.float(), nll
 
     @staticmethod
     def backward(ctx, grad_kl, grad_nll):
@@ -169,10 +173,12 @@ class _ChunkedKL(torch.autograd.Function):
         return (grad * grad_kl).to(ctx.h_dtype), None, None, None, None, None, None, None
 
 
-def chunked_kl_and_nll(model, ids: torch.Tensor, h_teacher: torch.Tensor, chunk: int | None = None):
+def chunked_kl_and_nll(model, ids: torch.Tensor, h_teacher: torch.Tensor, chunk: int | None = None,
+                       per_block: bool = False):
     """KL(dense || current mode) (mean over tokens, as kl_div's batchmean) and the current mode's mean
-    next-token NLL on `ids`, from the dense model's final hidden states `h_teacher` [B, T, H] and
-    the LM head applied `chunk` tokens at a time (default: LOGITS_CHUNK_BYTES of fp32 logits)."""
+    next-token NLL on `ids` (per block [B] with `per_block`), from the dense model's final hidden
+    states `h_teacher` [B, T, H] and the LM head applied `chunk` tokens at a time (default:
+    LOGITS_CHUNK_BYTES of fp32 logits)."""
     weight, bias, softcap = lm_head_parts(model)
     if chunk is None:
         chunk = max(1, LOGITS_CHUNK_BYTES // (weight.shape[0] * 4))
@@ -183,7 +189,9 @@ def chunked_kl_and_nll(model, ids: torch.Tensor, h_teacher: torch.Tensor, chunk:
     need_grad = torch.is_grad_enabled() and h.requires_grad
     kl, nll = _ChunkedKL.apply(h.reshape(b * t, -1), h_teacher.to(h.device).reshape(b * t, -1), targets.reshape(-1),
                                weight, bias, softcap, chunk, need_grad)
-    return kl / (b * t), nll / (b * (t - 1)) if t > 1 else nll * float("nan")
+    if per_block:
+        return kl / (b * t), (nll.view(b, t).sum(1) / (t - 1)).float() if t > 1 else torch.full((b,), float("nan"))
+    return kl / (b * t), nll.sum().float() / (b * (t - 1)) if t > 1 else torch.tensor(float("nan"))
 
 
 def _filled(fn, blocks: torch.Tensor, batch_size: int, device) -> torch.Tensor:
@@ -247,17 +255,17 @@ class Teacher:
             return self.kl_and_nll(idx)[0]
         return _kl_and_student(self.model, *self._inputs(idx))[0]
 
-    def kl_and_nll(self, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def kl_and_nll(self, idx: torch.Tensor, per_block: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
         """KL(dense || current mode) and the current mode's mean cross-entropy on the blocks' own
-        next tokens, from one forward pass."""
+        next tokens (each block's, [len(idx)], with `per_block`), from one forward pass."""
         if self.chunked:
             ids = self.blocks[idx].to(next(self.model.parameters()).device)
             teacher = self._dense_hidden(ids) if self.hidden is None else self.hidden[idx]
-            return chunked_kl_and_nll(self.model, ids, teacher, self.chunk)
+            return chunked_kl_and_nll(self.model, ids, teacher, self.chunk, per_block)
         ids, teacher = self._inputs(idx)
         kl, student = _kl_and_student(self.model, ids, teacher)
-        nll = -student[:, :-1].gather(-1, ids[:, 1:, None]).mean()
-        return kl, nll
+        nll = -student[:, :-1].gather(-1, ids[:, 1:, None])
+        return kl, nll.squeeze(-1).mean(1) if per_block else nll.mean()
 
     def _inputs(self, idx: torch.Tensor):
         ids = self.blocks[idx].to(next(self.model.parameters()).device)
@@ -277,27 +285,59 @@ def heldout_scores_by_domain(model, blocks: torch.Tensor | Teacher, domains: lis
                              names: list[str] | None = None) -> dict[str, tuple[float, float]]:
     """heldout_scores for all held-out blocks (key "") and for each domain's (`domains`: the domain
     of each of this rank's blocks, [] for one domain; `names`: every domain of every rank's, the
-    same list on each), from one pass over the blocks: a batch never spans two domains, so each
-    block is scored once."""
+    same list on each)."""
+    return heldout_pass(model, blocks, domains, batch_size, names)[0]
+
+
+@torch.no_grad()
+def heldout_pass(model, blocks: torch.Tensor | Teacher, domains: list[str], batch_size: int = 16,
+                 names: list[str] | None = None) -> tuple[dict[str, tuple[float, float]], torch.Tensor]:
+    """heldout_scores_by_domain, and each of this rank's blocks' own NLL [blocks] (what the NLL
+    guard pairs with TEAL's), from one pass over the blocks: a batch never spans two domains, so
+    each block is scored once."""
     teacher = blocks if isinstance(blocks, Teacher) else Teacher(model, blocks)
     names = sorted(set(domains)) if names is None else names
     sums = {d: [0.0, 0.0, 0] for d in ["", *names]}
+    block_nll = []
     start = 0
     while start < len(teacher):
         end = min(start + batch_size, len(teacher))
         if domains:  # the blocks of one domain are contiguous (spon.calibration.domain_blocks)
             end = next((j for j in range(start + 1, end) if domains[j] != domains[start]), end)
         idx = torch.arange(start, end)
-        kl, nll = (v.item() * len(idx) for v in teacher.kl_and_nll(idx))
+        kl, nll = teacher.kl_and_nll(idx, per_block=True)
+        block_nll.append(nll.double().cpu())
         for d in ["", domains[start]] if domains else [""]:
-            sums[d][0] += kl
-            sums[d][1] += nll
+            sums[d][0] += kl.item() * len(idx)
+            sums[d][1] += nll.double().sum().item()
             sums[d][2] += len(idx)
         start = end
     if teacher.sharded and distributed.world_size() > 1:  # every rank passes the full list of names
         flat = distributed.all_reduce_sum([v for d in sums for v in sums[d]])
         sums = {d: flat[3 * i : 3 * i + 3] for i, d in enumerate(sums)}
-    return {d: (k / n, l / n) if n else (float("nan"), float("nan")) for d, (k, l, n) in sums.items()}
+    means = {d: (k / n, l / n) if n else (float("nan"), float("nan")) for d, (k, l, n) in sums.items()}
+    return means, torch.cat(block_nll) if block_nll else torch.zeros(0, dtype=torch.float64)
+
+
+def paired_upper_bound(diffs: torch.Tensor, confidence: float, sharded: bool = False) -> tuple[float, float, int]:
+    """(mean, one-sided upper confidence bound of the mean, n) of paired differences (this rank's
+    share of them when `sharded`: the sums are all-reduced, the same numbers on every rank), by
+    Student's t over the n differences. Fewer than two differences have no spread to measure: the
+    bound is the mean (so is it at confidence 0.5)."""
+    d = diffs.double()
+    s = [float(len(d)), d.sum().item(), d.square().sum().item()]
+    if sharded and distributed.world_size() > 1:
+        s = distributed.all_reduce_sum(s)
+    n, s1, s2 = s
+    if n == 0:
+        return float("nan"), float("nan"), 0
+    mean = s1 / n
+    if n < 2 or confidence <= 0.5:
+        return mean, mean, int(n)
+    from scipy.stats import t as student_t
+
+    sd = math.sqrt(max(s2 - n * mean * mean, 0.0) / (n - 1))
+    return mean, mean + float(student_t.ppf(confidence, n - 1)) * sd / math.sqrt(n), int(n)
 
 
 def heldout_kl(model, blocks: torch.Tensor | Teacher, batch_size: int = 16) -> float:
@@ -353,9 +393,10 @@ def distill(
 ) -> DistillResult:
     """Train alpha for every SparseLinear in `model` (thresholds must already be set), then keep
     the alpha that is best on the held-out blocks: the checkpoint with the lowest held-out KL
-    among those whose held-out next-token NLL is not above TEAL's, or alpha = 0 (TEAL itself)
-    when none qualifies. A run never ships an alpha that is worse than TEAL on data it did not
-    train on, by either measure: a lower KL to the dense model alone does not promise a lower
+    among those whose held-out next-token NLL is below TEAL's by more than its noise (the
+    `cfg.guard_confidence` upper bound of the mean per-block difference is below zero), or
+    alpha = 0 (TEAL itself) when none qualifies. A run never ships an alpha that is worse than
+    TEAL on data it did not train on, by either measure: a lower KL to the dense model alone does not promise a lower
     perplexity (SmolLM2-135M at 25 %: held-out KL 0.075 -> 0.055 while wikitext-2 test perplexity
     rose 29.50 -> 29.68), the NLL guard is what perplexity on unseen text follows.
     `nll_guard=False` selects on KL alone: right when the held-out blocks are the model's own
@@ -396,28 +437,46 @@ def distill(
     names = sorted(set(domains))
     my_domains = distributed.shard(domains) if domains else []
 
-    def score(step: int | None) -> tuple[float, float, dict[str, float]]:
-        """(KL, NLL) on all held-out blocks and each domain's NLL; each domain's numbers recorded."""
-        by = heldout_scores_by_domain(model, heldout, my_domains, names=names)
+    def score(step: int | None) -> tuple[float, float, torch.Tensor]:
+        """(KL, NLL) on all held-out blocks and this rank's blocks' own NLLs; each domain's means recorded."""
+        by, block_nll = heldout_pass(model, heldout, my_domains, names=names)
         for d in names:
             rec = result.heldout_by_domain.setdefault(d, {"teal": None, "by_step": {}})
             if step is None:
                 rec["teal"] = list(by[d])
             else:
                 rec["by_step"][str(step)] = list(by[d])
-        return *by[""], {d: by[d][1] for d in names}
+        return *by[""], block_nll
 
     with mode(model, "teal"):
-        result.heldout_kl_before, result.heldout_nll_before, teal_nll = score(None)
-    limits = {"": result.heldout_nll_before, **teal_nll} if nll_guard else {}
+        result.heldout_kl_before, result.heldout_nll_before, teal_block_nll = score(None)
 
-    def better(best, kl, nll, by_domain, step):
-        """_better, with the NLL guard on every domain (which implies it on their mean). A checkpoint
-        that helps some domains and hurts others (the domains disagree) is noted with the hurt ones."""
-        over = [d for d in names if d in limits and not by_domain[d] <= limits[d]]
+    def guard(step: int, block_nll: torch.Tensor) -> dict[str, float]:
+        """The NLL guard's bound for each domain ("" for one): the upper confidence bound of the mean
+        over held-out blocks of (this checkpoint's NLL - TEAL's) on the same block. Paired per block,
+        because a comparison of means takes noise for a gain: SmolLM2-135M at 25 %, 8 wikitext blocks,
+        a mean 0.00008 nats below TEAL's let through an alpha that was worse than TEAL on all three
+        evaluation texts."""
+        if not nll_guard:
+            return {}
+        diffs = block_nll - teal_block_nll
+        bounds = {}
+        for d in names or [""]:
+            mine = diffs if d == "" else diffs[[i for i, x in enumerate(my_domains) if x == d]]
+            bounds[d] = paired_upper_bound(mine, cfg.guard_confidence, sharded=True)[1]
+        result.heldout_nll_bound_by_step[step] = bounds
+        return bounds
+
+    def better(best, kl: float, bounds: dict[str, float], step: int):
+        """The lowest held-out KL among checkpoints whose NLL guard holds on every domain (ties keep the
+        earlier, simpler one). A checkpoint that helps some domains but not others (the domains
+        disagree) is noted with the others."""
+        over = [d for d, bound in bounds.items() if not bound <= 0]
         if over and len(over) < len(names):
             result.refused_by_domain[step] = over
-        return best if over else _better(best, kl, nll, limits.get("", float("nan")), step, model)
+        if over or not math.isfinite(kl) or (math.isfinite(best[0]) and not kl < best[0]):
+            return best
+        return (kl, step, alphas(model), thresholds_of(model))
 
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg.schedule, cfg.warmup, cfg.steps))
@@ -439,6 +498,7 @@ def distill(
         for d, rec in state.get("heldout_by_domain", {}).items():  # the TEAL numbers: measured above
             result.heldout_by_domain.setdefault(d, {"teal": None, "by_step": {}})["by_step"] = rec["by_step"]
         result.refused_by_domain = {int(k): v for k, v in state.get("refused_by_domain", {}).items()}
+        result.heldout_nll_bound_by_step = {int(k): v for k, v in state.get("heldout_nll_bound_by_step", {}).items()}
         best = (state["best"]["kl"], state["best"]["step"], state["best"]["alphas"],
                 state["best"].get("thresholds") or teal_taus)
         set_thresholds(model, state.get("thresholds") or teal_taus, teal=teal_taus)
@@ -474,8 +534,8 @@ def distill(
     with mode(model, "spon"):
         if start == 0:
             retake()
-            result.heldout_kl_init, nll, by_domain = score(0)
-            best = better(best, result.heldout_kl_init, nll, by_domain, 0)
+            result.heldout_kl_init, _, block_nll = score(0)
+            best = better(best, result.heldout_kl_init, guard(0, block_nll), 0)
         bar = _progress(range(start, cfg.steps), cfg.steps, start, progress and distributed.is_main())
         micro = max(cfg.batch_size // cfg.grad_accum, 1)
         for step in bar:
@@ -504,9 +564,9 @@ def distill(
             done = step + 1
             if done % cfg.checkpoint_every == 0 or done == cfg.steps:
                 retake()
-                kl, nll, by_domain = score(done)
+                kl, nll, block_nll = score(done)
                 result.heldout_kl_by_step[done], result.heldout_nll_by_step[done] = kl, nll
-                best = better(best, kl, nll, by_domain, done)
+                best = better(best, kl, guard(done, block_nll), done)
                 if checkpoint_dir is not None and distributed.is_main():
                     _save_checkpoint(checkpoint_dir, done, model, opt, sched, result, best, checkpoint_key)
         result.heldout_kl_last = result.heldout_kl_by_step.get(cfg.steps, result.heldout_kl_init)
@@ -514,19 +574,19 @@ def distill(
     for p in params:
         p.requires_grad_(False)
     result.heldout_kl_after, result.selected_step, chosen, chosen_taus = best
+    guarded = (f", held-out NLL below TEAL's by more than its noise ({cfg.guard_confidence:.0%} bound over blocks)"
+               + (" on every domain" if names else "")) if nll_guard else ""
     if len(heldout_blocks) == 0:  # nothing to select on: the last alpha, and the summary says so
         result.selected_step, chosen, chosen_taus = cfg.steps, alphas(model), thresholds_of(model)
         result.selection = "last step (no held-out blocks to select on)"
     elif result.selected_step is None:
-        result.selection = "zeros: no checkpoint beat TEAL on the held-out blocks" + (
-            " (KL, with NLL not above TEAL's)" if nll_guard else "")
+        result.selection = "zeros: no checkpoint beat TEAL on the held-out blocks (KL" + guarded + ")"
     else:
-        result.selection = f"step {result.selected_step}: lowest held-out KL" + (
-            ", held-out NLL not above TEAL's" if nll_guard else "") + (" on every domain" if names and nll_guard else "")
+        result.selection = f"step {result.selected_step}: lowest held-out KL" + guarded
     if result.refused_by_domain:  # the held-out domains disagreed: say which, and where
         worst = sorted({d for ds in result.refused_by_domain.values() for d in ds})
         result.selection += (f"; held-out domains disagree: step(s) {', '.join(map(str, sorted(result.refused_by_domain)))} "
-                             f"refused for a held-out NLL above TEAL's on {', '.join(worst)}")
+                             f"refused for a held-out NLL not surely below TEAL's on {', '.join(worst)}")
     load_alphas(model, chosen)
     set_thresholds(model, chosen_taus, teal=teal_taus)  # alpha = 0 (TEAL) takes TEAL's tau back
     result.alphas = alphas(model)
@@ -541,16 +601,6 @@ def _student_precision(compute_dtype: str, device: torch.device):
     if compute_dtype == "bf16":
         return torch.autocast(device.type, dtype=torch.bfloat16)
     return contextlib.nullcontext()
-
-
-def _better(best, kl: float, nll: float, nll_limit: float, step: int, model):
-    """Keep (kl, step, alphas, SPON's thresholds) of the lowest held-out KL among checkpoints whose held-out NLL is
-    not above TEAL's (`nll_limit`); ties keep the earlier (simpler) one."""
-    if not math.isfinite(kl) or (math.isfinite(nll_limit) and not nll <= nll_limit):
-        return best
-    if not math.isfinite(best[0]) or kl < best[0]:
-        return (kl, step, alphas(model), thresholds_of(model))
-    return best
 
 
 def lr_lambda(schedule: str, warmup: int, steps: int) -> Callable[[int], float]:
@@ -588,6 +638,7 @@ def _save_checkpoint(directory, step, model, opt, sched, result: DistillResult, 
                 "heldout_nll_by_step": {str(k): v for k, v in result.heldout_nll_by_step.items()},
                 "heldout_by_domain": result.heldout_by_domain,
                 "refused_by_domain": {str(k): v for k, v in result.refused_by_domain.items()},
+                "heldout_nll_bound_by_step": {str(k): v for k, v in result.heldout_nll_bound_by_step.items()},
                 "thresholds": thresholds_of(model),
                 "best": {"kl": best[0], "step": best[1], "alphas": best[2], "thresholds": best[3]}}, tmp)
     tmp.replace(directory / f"alpha_step{step:07d}.pt")  # atomic: a kill never leaves half a checkpoint

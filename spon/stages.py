@@ -373,6 +373,8 @@ def summarize(cfg: RunConfig, source: str, calib_dir, thresholds_dir, distill_di
                        "spon_last_step": d["heldout_kl_last"]},
         "heldout_kl_by_step": d["heldout_kl_by_step"],
         "heldout_nll": {"teal": d.get("heldout_nll_before"), "by_step": d.get("heldout_nll_by_step", {})},
+        # the NLL guard at every checkpoint: {step: {domain: upper bound of (NLL - TEAL's)}}, eligible when all <= 0
+        "heldout_nll_bound": d.get("heldout_nll_bound_by_step", {}),
         "alpha_selection": {"selected_step": d["selected_step"], "selection": d["selection"]},
         # several calibration domains: each domain's held-out (KL, NLL) for TEAL and at every checkpoint
         "heldout_by_domain": d.get("heldout_by_domain", {}),

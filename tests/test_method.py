@@ -217,7 +217,8 @@ def test_vanilla_transformers_loads_the_fused_checkpoint(stories_path, calib, tm
 
 def test_distillation_lowers_kl_and_resume_continues_the_same_trajectory(stories_path, calib, tmp_path):
     train, held = calib[:40], calib[40:]
-    cfg = DistillConfig(steps=12, lr=1e-2, batch_size=8, init="zeros", seed=3, checkpoint_every=6)
+    # guard at 0.5 (the means): 8 blocks of the model's own samples are too noisy for a 95 % bound
+    cfg = DistillConfig(steps=12, lr=1e-2, batch_size=8, init="zeros", seed=3, checkpoint_every=6, guard_confidence=0.5)
 
     model, _ = fresh(stories_path)
     thresholds(model, train, 0.5)
@@ -241,6 +242,9 @@ def test_distillation_lowers_kl_and_resume_continues_the_same_trajectory(stories
     assert resumed.selected_step == full.selected_step
     assert resumed.heldout_kl_by_step == pytest.approx(full.heldout_kl_by_step, abs=1e-6)
     assert resumed.heldout_kl_after == pytest.approx(full.heldout_kl_after, abs=1e-6)
+    assert set(resumed.heldout_nll_bound_by_step) == {0, 6, 12}
+    for step, bounds in full.heldout_nll_bound_by_step.items():
+        assert resumed.heldout_nll_bound_by_step[step] == pytest.approx(bounds, abs=1e-6)
 
 
 def test_distill_keeps_teal_when_training_makes_heldout_kl_worse(stories_path, calib):
@@ -268,7 +272,7 @@ def test_distill_selects_the_checkpoint_with_the_lowest_heldout_kl(stories_path,
     model, _ = fresh(stories_path)
     thresholds(model, train, 0.5)
     cfg = DistillConfig(steps=12, lr=1e-2, batch_size=8, warmup=2, init="zeros", seed=1, checkpoint_every=3)
-    r = distill(model, train, held, cfg, progress=False)
+    r = distill(model, train, held, cfg, progress=False, nll_guard=False)  # KL alone, as for samples in the product
     by_step = r.heldout_kl_by_step
     assert set(by_step) == {3, 6, 9, 12}
     assert r.selected_step in by_step, (r.selected_step, by_step)
@@ -284,43 +288,63 @@ def test_distill_selects_the_checkpoint_with_the_lowest_heldout_kl(stories_path,
         assert heldout_kl(model, held) == pytest.approx(r.heldout_kl_after, rel=1e-6)
 
 
-def test_selection_never_takes_a_checkpoint_whose_heldout_nll_is_above_teals(stories_path, calib, monkeypatch):
-    """The NLL guard: among checkpoints, the lowest held-out KL of those whose held-out NLL (the
-    blocks' own next tokens) is not above TEAL's. A checkpoint whose NLL is above the limit is never
-    taken, whatever its KL; lowering the limit below every checkpoint's NLL leaves alpha = 0."""
+def _block_nll(model, blocks):
+    """Each block's mean next-token NLL under the model's current mode, computed here from the logits."""
+    with torch.no_grad():
+        lp = torch.log_softmax(model(blocks, use_cache=False).logits.float(), -1)
+    return -lp[:, :-1].gather(-1, blocks[:, 1:, None]).squeeze(-1).double().mean(1)
+
+
+def test_selection_takes_a_checkpoint_only_if_its_heldout_nll_is_surely_below_teals(stories_path, calib, monkeypatch):
+    """The NLL guard: among checkpoints, the lowest held-out KL of those whose per-block held-out
+    NLL minus TEAL's (the blocks' own next tokens, paired block by block) has a one-sided upper
+    confidence bound below zero. On these 8 blocks of the model's own samples training lowers the
+    mean NLL, but unevenly across blocks: a comparison of means (confidence 0.5) takes a checkpoint,
+    the 95 % bound does not and ships alpha = 0 (TEAL)."""
+    from scipy.stats import t as student_t
+
     train, held = calib[:40], calib[40:]
     cfg = DistillConfig(steps=8, lr=1e-2, batch_size=8, warmup=2, init="zeros", seed=1, checkpoint_every=2)
-    model, _ = fresh(stories_path)
-    thresholds(model, train, 0.5)
-    r = distill(model, train, held, cfg, progress=False)
-    nll, by_step = r.heldout_nll_by_step, r.heldout_kl_by_step
-    assert set(nll) == set(by_step) == {2, 4, 6, 8}
-    eligible = [s for s in by_step if nll[s] <= r.heldout_nll_before]
-    assert r.selected_step == min(eligible, key=lambda s: (by_step[s], s))
-    with mode(model, "teal"):
-        assert heldout_scores(model, held)[1] == pytest.approx(r.heldout_nll_before, rel=1e-6)
-    with mode(model, "spon"):  # the model holds the selected alpha, whose NLL is what was recorded
-        assert heldout_scores(model, held)[1] == pytest.approx(nll[r.selected_step], rel=1e-6)
+    runs = {}
+    for conf in (0.5, 0.95):
+        model, _ = fresh(stories_path)
+        thresholds(model, train, 0.5)
+        runs[conf] = r = distill(model, train, held, cfg.model_copy(update={"guard_confidence": conf}), progress=False)
+        by_step, bounds = r.heldout_kl_by_step, r.heldout_nll_bound_by_step
+        assert set(by_step) == {2, 4, 6, 8} and set(bounds) == {0, 2, 4, 6, 8}
+        eligible = [s for s in by_step if bounds[s][""] <= 0]
+        assert r.selected_step == (min(eligible, key=lambda s: (by_step[s], s)) if eligible else None)
+        if r.selected_step is None:
+            continue
+        with mode(model, "teal"):
+            teal = _block_nll(model, held)
+        with mode(model, "spon"):  # the model holds the selected alpha: its bound, from the logits here
+            d = _block_nll(model, held) - teal
+        n = len(d)
+        upper = lambda c: (d.mean() + student_t.ppf(c, n - 1) * d.std() / n**0.5).item()
+        assert bounds[r.selected_step][""] == pytest.approx(upper(conf), abs=1e-5)
+        assert d.mean() < 0 and upper(0.95) > 0  # the premise: lower on average, not surely lower
+    assert runs[0.5].selected_step is not None and runs[0.95].selected_step is None
+    assert runs[0.95].heldout_kl_by_step == pytest.approx(runs[0.5].heldout_kl_by_step, rel=1e-6)  # same training
+    assert "zeros" in runs[0.95].selection and all(torch.count_nonzero(a) == 0 for a in runs[0.95].alphas.values())
 
-    # The same training judged against a TEAL that (on these blocks) predicts the text better
+    # The same training judged at 0.5 against a TEAL that (on these blocks) predicts the text better
     # than every checkpoint: nothing qualifies, alpha = 0.
     import spon.distill as distill_module
 
-    real = distill_module.heldout_scores_by_domain
+    real = distill_module.heldout_pass
     calls = {"n": 0}
 
-    def teal_scores_lowered(m, blocks, domains, batch_size=16, names=None):
-        scores = real(m, blocks, domains, batch_size, names)
+    def teal_scores_lowered(*args, **kwargs):
+        scores, block_nll = real(*args, **kwargs)
         calls["n"] += 1
-        if calls["n"] == 1:  # the first call scores TEAL
-            scores[""] = (scores[""][0], scores[""][1] - 10.0)
-        return scores
+        return scores, block_nll - 10.0 if calls["n"] == 1 else block_nll  # the first call scores TEAL
 
     model2, _ = fresh(stories_path)
     thresholds(model2, train, 0.5)
-    monkeypatch.setattr(distill_module, "heldout_scores_by_domain", teal_scores_lowered)
-    r2 = distill(model2, train, held, cfg, progress=False)
-    assert r2.heldout_kl_by_step == pytest.approx(by_step, rel=1e-6)  # same training, only the limit moved
+    monkeypatch.setattr(distill_module, "heldout_pass", teal_scores_lowered)
+    r2 = distill(model2, train, held, cfg.model_copy(update={"guard_confidence": 0.5}), progress=False)
+    assert r2.heldout_kl_by_step == pytest.approx(runs[0.5].heldout_kl_by_step, rel=1e-6)  # only the limit moved
     assert r2.selected_step is None and "zeros" in r2.selection
     assert all(torch.count_nonzero(a) == 0 for a in r2.alphas.values())
 
@@ -384,8 +408,9 @@ def test_selection_never_takes_a_checkpoint_worse_than_teal_on_any_heldout_domai
     train, stories = calib[:40], calib[40:]
     held, domains = torch.cat([stories, code]), ["stories"] * len(stories) + ["python-stdlib"] * len(code)
     # SPON at TEAL's tau: the trajectory this scenario was built on (the guard does not depend on tau)
+    # guard at 0.5 (the means): one code block has no spread to bound, and the scenario is the domains
     cfg = DistillConfig(steps=12, lr=1e-2, batch_size=8, warmup=2, init="zeros", seed=1, checkpoint_every=2,
-                        retake_thresholds=False)
+                        retake_thresholds=False, guard_confidence=0.5)
 
     model, _ = fresh(stories_path)
     thresholds(model, train, 0.5)
@@ -421,7 +446,8 @@ def test_spon_realizes_teals_sparsity_with_its_own_thresholds_and_teal_keeps_its
         model, tok = fresh(stories_path)
         taus, _ = thresholds(model, train, 0.5)
         teal = realized_by_projection(model, train, "teal")
-        r = distill(model, train, held, cfg.model_copy(update={"retake_thresholds": retake}), progress=False)
+        r = distill(model, train, held, cfg.model_copy(update={"retake_thresholds": retake}), progress=False,
+                    nll_guard=False)
         assert r.selected_step is not None
         spon = realized_by_projection(model, train, "spon")
         gaps[retake] = max(abs(spon[n] - teal[n]) for n in teal)
@@ -452,3 +478,22 @@ def test_spon_realizes_teals_sparsity_with_its_own_thresholds_and_teal_keeps_its
         sidecar.write_text(json.dumps({**meta, "teal_thresholds": bad}))
         with pytest.raises(SponError, match="teal_thresholds must give a finite number >= 0 for exactly"):
             load_sparse_model(tmp_path / "fused")
+
+
+def test_paired_upper_bound_is_the_one_sided_t_interval():
+    """The guard's bound is the upper end of the one-sided Student-t confidence interval of the mean
+    (scipy's own test, computed independently); below two differences, or at 0.5, it is the mean."""
+    from scipy.stats import ttest_1samp
+
+    from spon.distill import paired_upper_bound
+
+    gen = torch.Generator().manual_seed(0)
+    for n in (2, 8, 16, 33):
+        d = torch.randn(n, generator=gen, dtype=torch.float64) * 0.05 - 0.01
+        for conf in (0.9, 0.95, 0.99):
+            high = ttest_1samp(d.numpy(), 0.0, alternative="less").confidence_interval(conf).high
+            mean, bound, count = paired_upper_bound(d, conf)
+            assert count == n and mean == pytest.approx(d.mean().item(), abs=1e-15)
+            assert bound == pytest.approx(high, rel=1e-9)
+        assert paired_upper_bound(d, 0.5)[1] == pytest.approx(d.mean().item(), abs=1e-15)
+    assert paired_upper_bound(torch.tensor([-0.3], dtype=torch.float64), 0.95)[1] == pytest.approx(-0.3)

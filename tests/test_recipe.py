@@ -38,7 +38,7 @@ def test_a_named_model_brings_its_preset_under_file_and_flags(tmp_path):
     cfg = load_config(None, {"model": "smollm2-135m"})
     assert cfg.preset == "smollm2-135m"
     assert (cfg.calibration.source, cfg.calibration.num_blocks, cfg.calibration.block_len,
-            cfg.calibration.heldout_blocks) == ("text", 72, 256, 16)
+            cfg.calibration.heldout_blocks) == ("text", 88, 256, 32)
     # two calibration domains: wikitext-2 validation (the local copy) and the standard library's calibration half
     assert [Path(f).name for f in cfg.calibration.files] == ["valid.txt", "corpus:python-stdlib"]
     assert (cfg.distill.steps, cfg.distill.lr, cfg.distill.batch_size, cfg.distill.init, cfg.distill.warmup,
