@@ -42,7 +42,7 @@ class DistillResult:
     heldout_nll_by_step: dict[int, float] = field(default_factory=dict)  # the same, at every checkpoint
     # several held-out domains: {domain: {"teal": [kl, nll], "by_step": {step: [kl, nll]}}} (step 0: the init)
     heldout_by_domain: dict[str, dict] = field(default_factory=dict)
-    # checkpoints on which the domains disagreed (the guard held on some, not on these): {step: [domains]}
+    # checkpoints on which the domains disagreed (some helped, these above their TEAL's NLL): {step: [domains]}
     refused_by_domain: dict[int, list[str]] = field(default_factory=dict)
     # the NLL guard at every checkpoint: {step: {domain ("" for one): upper bound of the mean per-block
     # NLL difference to TEAL}}; a checkpoint is eligible when every bound is <= 0
@@ -395,8 +395,8 @@ def distill(
     the alpha that is best on the held-out blocks: the checkpoint with the lowest held-out KL
     among those whose held-out next-token NLL is below TEAL's by more than its noise (the
     `cfg.guard_confidence` upper bound of the mean per-block difference is below zero), or
-    alpha = 0 (TEAL itself) when none qualifies. A run never ships an alpha that is worse than
-    TEAL on data it did not train on, by either measure: a lower KL to the dense model alone does not promise a lower
+    alpha = 0 (TEAL itself) when none qualifies. A run never ships an alpha that is worse than TEAL on data it did not
+    train on, by either measure: a lower KL to the dense model alone does not promise a lower
     perplexity (SmolLM2-135M at 25 %: held-out KL 0.075 -> 0.055 while wikitext-2 test perplexity
     rose 29.50 -> 29.68), the NLL guard is what perplexity on unseen text follows.
     `nll_guard=False` selects on KL alone: right when the held-out blocks are the model's own
