@@ -52,4 +52,5 @@ def test_stage_commands_equal_run(chains, sample_txt, capsys):
 def test_calibration_split_is_made_once(chains):
     """Thresholds use the training blocks only; the held-out blocks judge alpha (every entry point)."""
     t = load_file(str(chains / "cal" / "calibration.safetensors"))
-    assert t["train"].shape == (24, 48) and t["heldout"].shape == (8, 48)
+    # the default 32 held-out blocks of 32: capped at half, so at least half of the blocks train
+    assert t["train"].shape == (16, 48) and t["heldout"].shape == (16, 48)
