@@ -15,17 +15,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from spon.distill import Teacher, closed_form_alpha, heldout_pass, paired_upper_bound  # noqa: E402
-from spon.thresholds import realized_by_projection, retake_thresholds_  # noqa: E402
-from spon.sparse import load_alphas, mode, set_thresholds, thresholds_of  # noqa: E402
-from spon.stages import apply_thresholds, base_model, read_calibration, read_json  # noqa: E402
+from spon.distill import Teacher, closed_form_alpha, guard_bounds, heldout_pass
+from spon.sparse import load_alphas, mode, set_thresholds, thresholds_of
+from spon.stages import apply_thresholds, base_model, read_calibration, read_json
+from spon.thresholds import realized_by_projection, retake_thresholds_
 
 
 def main(argv=None) -> int:
@@ -63,12 +60,9 @@ def main(argv=None) -> int:
             set_thresholds(model, state["thresholds"], teal=teal_taus)
         with mode(model, "spon"):
             means, nll = heldout_pass(model, heldout, domains, names=names)
-        diffs = nll - teal_nll
-        by_domain = {}
-        for d in names or [""]:
-            mine = diffs if d == "" else diffs[[i for i, x in enumerate(domains) if x == d]]
-            by_domain[d] = {"mean": paired_upper_bound(mine, 0.5)[0],
-                            "bound": {str(c): paired_upper_bound(mine, c)[1] for c in confidences}}
+        at = {c: guard_bounds(nll - teal_nll, domains, names, c) for c in confidences}
+        by_domain = {d: {"mean": mean, "bound": {str(c): at[c][d][1] for c in confidences}}
+                     for d, (mean, _) in at[confidences[0]].items()}
         step = int(state["step"])
         rows[step] = {"kl": means[""][0], "kl_recorded": state["heldout_kl_by_step"].get(str(step)),
                       "by_domain": by_domain}

@@ -42,7 +42,7 @@ class DistillResult:
     heldout_nll_by_step: dict[int, float] = field(default_factory=dict)  # the same, at every checkpoint
     # several held-out domains: {domain: {"teal": [kl, nll], "by_step": {step: [kl, nll]}}} (step 0: the init)
     heldout_by_domain: dict[str, dict] = field(default_factory=dict)
-    # checkpoints on which the domains disagreed (some helped, these above their TEAL's NLL): {step: [domains]}
+    # checkpoints on which the domains disagreed (the guard held on some, not on these): {step: [domains]}
     refused_by_domain: dict[int, list[str]] = field(default_factory=dict)
     # the NLL guard at every checkpoint: {step: {domain ("" for one): upper bound of the mean per-block
     # NLL difference to TEAL}}; a checkpoint is eligible when every bound is <= 0
@@ -309,7 +309,7 @@ def heldout_pass(model, blocks: torch.Tensor | Teacher, domains: list[str], batc
         block_nll.append(nll.double().cpu())
         for d in ["", domains[start]] if domains else [""]:
             sums[d][0] += kl.item() * len(idx)
-            sums[d][1] += nll.double().sum().item()
+            sums[d][1] += block_nll[-1].sum().item()
             sums[d][2] += len(idx)
         start = end
     if teacher.sharded and distributed.world_size() > 1:  # every rank passes the full list of names
@@ -338,6 +338,17 @@ def paired_upper_bound(diffs: torch.Tensor, confidence: float, sharded: bool = F
 
     sd = math.sqrt(max(s2 - n * mean * mean, 0.0) / (n - 1))
     return mean, mean + float(student_t.ppf(confidence, n - 1)) * sd / math.sqrt(n), int(n)
+
+
+def guard_bounds(diffs: torch.Tensor, domains: list[str], names: list[str], confidence: float,
+                 sharded: bool = False) -> dict[str, tuple[float, float]]:
+    """The NLL guard's (mean, upper bound) of paired per-block differences for each domain in `names`
+    ("" for all blocks when there are none); `domains`: the domain of each of this rank's blocks."""
+    out = {}
+    for d in names or [""]:
+        mine = diffs if d == "" else diffs[[i for i, x in enumerate(domains) if x == d]]
+        out[d] = paired_upper_bound(mine, confidence, sharded)[:2]
+    return out
 
 
 def heldout_kl(model, blocks: torch.Tensor | Teacher, batch_size: int = 16) -> float:
@@ -395,8 +406,8 @@ def distill(
     the alpha that is best on the held-out blocks: the checkpoint with the lowest held-out KL
     among those whose held-out next-token NLL is below TEAL's by more than its noise (the
     `cfg.guard_confidence` upper bound of the mean per-block difference is below zero), or
-    alpha = 0 (TEAL itself) when none qualifies. A run never ships an alpha that is worse than TEAL on data it did not
-    train on, by either measure: a lower KL to the dense model alone does not promise a lower
+    alpha = 0 (TEAL itself) when none qualifies. A run never ships an alpha that is worse than
+    TEAL on data it did not train on, by either measure: a lower KL to the dense model alone does not promise a lower
     perplexity (SmolLM2-135M at 25 %: held-out KL 0.075 -> 0.055 while wikitext-2 test perplexity
     rose 29.50 -> 29.68), the NLL guard is what perplexity on unseen text follows.
     `nll_guard=False` selects on KL alone: right when the held-out blocks are the model's own
@@ -459,11 +470,8 @@ def distill(
         evaluation texts."""
         if not nll_guard:
             return {}
-        diffs = block_nll - teal_block_nll
-        bounds = {}
-        for d in names or [""]:
-            mine = diffs if d == "" else diffs[[i for i, x in enumerate(my_domains) if x == d]]
-            bounds[d] = paired_upper_bound(mine, cfg.guard_confidence, sharded=True)[1]
+        bounds = {d: bound for d, (_, bound) in guard_bounds(block_nll - teal_block_nll, my_domains, names,
+                                                                cfg.guard_confidence, sharded=True).items()}
         result.heldout_nll_bound_by_step[step] = bounds
         return bounds
 
