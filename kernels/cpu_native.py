@@ -17,6 +17,9 @@ target and the CPU flags, so a home directory shared by different CPUs never
 loads a binary built for another instruction set.  If the build fails — no compiler, no
 ninja — one warning is printed and the ``embedding_bag`` path is used
 instead; ``SPON_CPU_NATIVE=0`` chooses that path without trying.
+
+Threads: torch's OpenMP team, or the op's own pool when the cores turn out to be busy with other
+processes (``SPON_CPU_POOL=openmp`` or ``=own`` fixes it; kernels/README.md, "Threads").
 """
 from __future__ import annotations
 

@@ -37,6 +37,8 @@
 #include <cmath>
 #include <condition_variable>
 #include <cstdint>
+#include <cstdlib>
+#include <pthread.h>
 #include <cstring>
 #include <limits>
 #include <memory>
@@ -238,16 +240,24 @@ constexpr int64_t kSerialBytes = 1 << 20;  // below ~1 MiB of rows, one thread b
 constexpr int64_t kMaxBatch = 8;
 
 // ---------------------------------------------------------------------------------------------
-// Threads.  A GEMV here lasts 10 us - 2 ms; what it must not do is wait for a thread that is not
-// running.  An OpenMP parallel region (at::parallel_for) hands each thread a fixed share and joins
-// at a barrier: on a box whose cores are busy with other processes, the share of a thread that
-// the scheduler has not run yet holds up the caller for a whole time slice (measured: 2-thread
-// calls of 30 us taking 7-15 ms at load average 6-13).  Here the work is cut into column chunks
-// claimed from one atomic counter; the caller claims chunks too, so a worker that has not woken
-// up by the time the caller has claimed every chunk simply finds nothing to do, and the caller
-// waits only for chunks already being computed.  Workers spin briefly after a job (decode calls
-// come back to back) and then sleep on a condition variable.  Which thread computes a chunk does
-// not change its value: results are bit-identical for any thread count.
+// Threads.  A GEMV here lasts 10 us - 2 ms.  Its work is cut into chunks (column ranges, or blocks
+// of rows) claimed from one atomic counter, so whichever thread is running takes the next chunk;
+// which thread computes a chunk does not change its value: results are bit-identical for any
+// thread count.  Two sets of threads can run the chunks (parallel_chunks below decides):
+//
+// torch's own OpenMP team, on an idle machine.  Between two GEMVs torch runs its own parallel ops
+// (attention, the compiled step's loops) on that team, whose threads then spin for a while waiting
+// for more; a second set of threads would compete with them for the same cores (the 1B-shape
+// decode: 1.2-1.4x faster on the team than on the Pool).
+//
+// The Pool, on a box whose cores are busy with other processes.  An OpenMP region ends at a
+// barrier, so a team thread the scheduler has not run yet holds the caller up for a time slice
+// (2-thread calls of 30 us taking 7-15 ms at load average 6-13).  In the Pool the caller claims
+// chunks too, so a worker that has not woken up by the time every chunk is claimed finds nothing
+// to do, and the caller waits only for chunks already being computed.  Workers spin briefly after
+// a job (decode calls come back to back), then sleep on a condition variable.
+// Measurements: kernels/README.md, "Threads".
+
 class Pool {
  public:
   static Pool& get() {
@@ -348,6 +358,64 @@ class Pool {
   const void* ctx_ = nullptr;
 };
 
+// fn(chunk) for chunk in [0, chunks) on up to `threads` threads.  SPON_CPU_POOL=openmp or =own
+// fixes the set of threads; by default (auto) the team runs a job, which notes whether a team
+// thread came too late to claim any chunk (a sign that it was not running); when 4 of the last 16
+// such jobs had one, the next 1024 jobs go to the Pool, then the team is tried again.
+enum class PoolChoice { kAuto, kOpenMP, kOwn };
+
+inline PoolChoice pool_choice() {
+  static const PoolChoice choice = [] {
+    const char* v = std::getenv("SPON_CPU_POOL");
+    if (v && std::strcmp(v, "openmp") == 0) return PoolChoice::kOpenMP;
+    if (v && std::strcmp(v, "own") == 0) return PoolChoice::kOwn;
+    return PoolChoice::kAuto;
+  }();
+  return choice;
+}
+
+// A forked child inherits no threads: libgomp's team then waits forever for threads that do not
+// exist (torch's own OpenMP ops hang there too), while the Pool's caller takes every chunk itself.
+std::atomic<bool> in_forked_child{false};
+const int atfork_registered = pthread_atfork(nullptr, nullptr, [] { in_forked_child.store(true); });
+
+std::atomic<uint32_t> late_history{0};  // bit i: the i-th last team job had a late thread
+std::atomic<int> own_pool_jobs{0};      // jobs left for the Pool before the team is tried again
+
+template <typename F>
+void parallel_chunks(int64_t chunks, int threads, const F& fn) {
+  if (threads <= 1 || chunks <= 1) {
+    for (int64_t c = 0; c < chunks; ++c) fn(c);
+    return;
+  }
+  const PoolChoice choice = pool_choice();
+  if (choice == PoolChoice::kOwn || in_forked_child.load(std::memory_order_relaxed) ||
+      (choice == PoolChoice::kAuto && own_pool_jobs.load(std::memory_order_relaxed) > 0)) {
+    if (choice == PoolChoice::kAuto) own_pool_jobs.fetch_sub(1, std::memory_order_relaxed);
+    Pool::get().run(chunks, threads, fn);
+    return;
+  }
+  const int team = static_cast<int>(std::min<int64_t>(threads, chunks));
+  std::atomic<int64_t> next{0};
+  std::atomic<int> late{0};
+#pragma omp parallel num_threads(team)
+  {
+    int64_t mine = 0;
+    for (int64_t c; (c = next.fetch_add(1, std::memory_order_relaxed)) < chunks; ++mine) fn(c);
+    if (mine == 0) late.fetch_add(1, std::memory_order_relaxed);
+  }
+  // Only jobs of at least two chunks a thread say anything: with fewer, a running thread can
+  // find every chunk taken without having been late.
+  if (choice == PoolChoice::kAuto && chunks >= 2 * team) {
+    const uint32_t h = ((late_history.load(std::memory_order_relaxed) << 1) | (late.load() > 0)) & 0xffffu;
+    late_history.store(h, std::memory_order_relaxed);
+    if (__builtin_popcount(h) >= 4) {
+      late_history.store(0, std::memory_order_relaxed);
+      own_pool_jobs.store(1024, std::memory_order_relaxed);
+    }
+  }
+}
+
 // The inputs of one segment (a projection of a fused q/k/v or gate/up matrix,
 // with its own threshold) that at least one batch row keeps: indices, and
 // MB values per index (fp32; 0 for a batch row that drops it, and for the
@@ -430,7 +498,7 @@ void row_split(int64_t M, int64_t N, const W* wt, const std::vector<Survivors>& 
     b.part = p;
     p += MB * seg_sizes[b.seg];
   }
-  Pool::get().run(static_cast<int64_t>(blocks.size()), threads, [&](int64_t i) {
+  parallel_chunks(static_cast<int64_t>(blocks.size()), threads, [&](int64_t i) {
     const Block& b = blocks[i];
     const int64_t n = seg_sizes[b.seg];
     std::fill(b.part, b.part + MB * n, 0.0f);
@@ -441,7 +509,7 @@ void row_split(int64_t M, int64_t N, const W* wt, const std::vector<Survivors>& 
   // The sum over blocks, scales, bias and cast: column chunks of 256, in block order per column.
   constexpr int64_t kCols = 256;
   const int64_t chunks = (N + kCols - 1) / kCols;
-  Pool::get().run(chunks, threads, [&](int64_t c) {
+  parallel_chunks(chunks, threads, [&](int64_t c) {
     const int64_t c0 = c * kCols, c1 = std::min(N, c0 + kCols);
     float y[kCols];
     for (size_t g = 0; g < segs.size(); ++g) {
@@ -504,11 +572,15 @@ void sparse_gemv_impl(const X* x, int64_t M, int64_t K, const W* wt, int64_t N, 
     }
   }
   // Column chunks aligned to 32 (one int4 block; two 64-byte lines of fp32 accumulators), about
-  // four per thread so a late thread's share is taken by the others.
+  // four per thread so a late thread's share is taken by the others, but each reading at least
+  // kMinPieceBytes of a row: shorter pieces stream worse (bf16, weights out of cache, 2 threads,
+  // AMD EPYC: 2048x2048 at 50 % 34 -> 37 GB/s, 576x960 at 0 % 29 -> 35, with 1 KiB instead of 512 B).
   constexpr int64_t kAlign = 32;
+  constexpr int64_t kMinPieceBytes = 1024;
   const int64_t units = (N + kAlign - 1) / kAlign;
   const int64_t want = threads == 1 ? 1 : std::min<int64_t>(units, 4 * threads);
-  const int64_t per = (units + want - 1) / want;
+  const int64_t unit_bytes = kQ4 ? kAlign / 2 : kAlign * static_cast<int64_t>(sizeof(W));
+  const int64_t per = std::max<int64_t>((units + want - 1) / want, kMinPieceBytes / unit_bytes);
   const int64_t chunks = (units + per - 1) / per;
   const int64_t ldb = N / 2;  // int4: bytes per row of Wt
   auto body = [&](int64_t chunk) {
@@ -558,7 +630,7 @@ void sparse_gemv_impl(const X* x, int64_t M, int64_t K, const W* wt, int64_t N, 
       }
     }
   };
-  Pool::get().run(chunks, threads, body);
+  parallel_chunks(chunks, threads, body);
 }
 
 template <typename X, typename W>
