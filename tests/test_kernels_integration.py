@@ -240,6 +240,7 @@ def test_compiled_decode_step_equals_the_eager_one_in_one_graph(stories_path):
         torch._dynamo.reset()
         counters.clear()
         compile_decode(model)
+        assert model.config._attn_implementation == "spon_decode"
         got = model.generate(prompt, **kw)
         again = model.generate(prompt, **kw)  # the compiled step reused: no new graph
     assert counters["stats"]["unique_graphs"] >= 1, "nothing was compiled"
@@ -262,3 +263,29 @@ def test_compiled_decode_step_equals_the_eager_one_in_one_graph(stories_path):
         torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-4)
     assert model.generation_config.compile_config is None and model.generation_config.cache_implementation is None
     assert "get_compiled_call" not in vars(model)
+    assert model.config._attn_implementation == "sdpa"  # the decode attention went with the compiled step
+
+
+def test_decode_attention_is_sdpa_for_one_query_token():
+    """The attention compile_decode gives a CPU model: one query token over a partly filled static
+    cache (boolean mask), grouped-query heads, equals transformers' sdpa attention; longer queries
+    are sdpa's own."""
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    from spon.kernel_backend import _decode_attention
+
+    g = torch.Generator().manual_seed(0)
+    module = torch.nn.Module()
+    module.is_causal, module.num_key_value_groups, module.training = True, 3, False
+    key, value = torch.randn(2, 3, 40, 64, generator=g), torch.randn(2, 3, 40, 64, generator=g)
+    query = torch.randn(2, 9, 1, 64, generator=g)
+    mask = torch.zeros(2, 1, 1, 40, dtype=torch.bool)
+    mask[0, ..., :17], mask[1, ..., :29] = True, True  # each row's filled cache positions
+    want, _ = sdpa_attention_forward(module, query, key, value, mask, scaling=0.125)
+    got, _ = _decode_attention(module, query, key, value, mask, scaling=0.125)
+    assert got.shape == want.shape == (2, 1, 9, 64)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    long_query = torch.randn(2, 9, 5, 64, generator=g)
+    long_mask = torch.ones(2, 1, 5, 40, dtype=torch.bool).tril(35)
+    assert torch.equal(_decode_attention(module, long_query, key, value, long_mask, scaling=0.125)[0],
+                       sdpa_attention_forward(module, long_query, key, value, long_mask, scaling=0.125)[0])
