@@ -264,9 +264,8 @@ DECODE_ATTENTION = "spon_decode"  # the attention implementation compile_decode 
 
 def _decode_attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs):
     """transformers' sdpa attention, except for one query token (a decode step) without extras: there
-    the plain softmax(q·kᵀ·scale)·v, which inductor fuses into the compiled step. On a CPU the sdpa
-    kernel costs ~75 µs a call for SmolLM2's 9 heads over a static cache (2.3 ms of a ~13 ms token),
-    and the compiled step decodes 1.15x faster without it (README "Kernels")."""
+    the plain softmax(q·kᵀ·scale)·v, which inductor fuses into the compiled step: on a CPU the sdpa
+    kernel's cost per call outweighs the work of so small a query (README "Kernels": the numbers)."""
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
     extras = {k for k, v in kwargs.items() if v is not None} & {"softcap", "sinks", "s_aux", "position_bias"}

@@ -38,11 +38,11 @@
 #include <condition_variable>
 #include <cstdint>
 #include <cstdlib>
-#include <pthread.h>
 #include <cstring>
 #include <limits>
 #include <memory>
 #include <mutex>
+#include <pthread.h>
 #include <thread>
 #include <type_traits>
 #include <vector>
