@@ -8,7 +8,9 @@
 Peer: llama.cpp through `xllamacpp` (prebuilt CPU wheel; `pip install 'spon[bench]'`) in a process of
 its own (in spon's process it slows torch's GEMMs: see LlamaCpp),
 `handle_completions` with temperature 0 and ignore_eos, its own `predicted_per_second` (decode only,
-the prompt excluded). Same weights: for SmolLM2-135M the shipped GGUF (Q4_1) is dequantized once and
+the prompt excluded). spon is timed the same way: transformers' generate with EOS ignored, tokens/s
+from its first generated token to its last (JSON `tok_s`; with the prompt's prefill and generate's
+setup included: `tok_s_end_to_end`). Same weights: for SmolLM2-135M the shipped GGUF (Q4_1) is dequantized once and
 written again at each precision with the `gguf` package (F32, BF16, Q8_0, Q4_0; norms stay F32);
 spon loads the same dequantized tensors (the checkpoint `spon models --fetch` converts from that
 file). For the Llama-3.2-1B shape (49,152-token vocabulary: the SmolLM2 tokenizer, so llama.cpp has
@@ -268,12 +270,37 @@ def _llamacpp_server(conn, path: str, threads: int, ctx: int) -> None:
 
 
 # ----------------------------------------------------------------------------- spon
+class _TokenClock:
+    """A generate streamer that only notes when each token arrived (the prompt is put first)."""
+
+    def __init__(self):
+        self.arrivals: list[float] = []
+
+    def put(self, value) -> None:
+        self.arrivals.append(time.perf_counter())
+
+    def end(self) -> None:
+        pass
+
+
+LAST_END_TO_END: list[float] = []  # the last spon generate's tokens/s with its prompt and setup included
+
+
 def spon_generate(model, ids: torch.Tensor, new_tokens: int) -> float:
+    """Decode tokens/s measured as llama.cpp's `predicted_per_second` is: from the first generated
+    token to the last (the prompt's prefill and generate's setup excluded), EOS ignored (llama.cpp's
+    `ignore_eos`: no end-of-text check, no logits processor keeping it out). The end-to-end rate of
+    the same call is kept in LAST_END_TO_END."""
+    clock = _TokenClock()
     t0 = time.perf_counter()
     with torch.no_grad():
-        model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens, min_new_tokens=new_tokens,
-                       do_sample=False)
-    return new_tokens / (time.perf_counter() - t0)
+        out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens, do_sample=False,
+                             eos_token_id=None, streamer=clock)
+    LAST_END_TO_END[:] = [new_tokens / (time.perf_counter() - t0)]
+    made = out.shape[1] - ids.shape[1]
+    if made != new_tokens or len(clock.arrivals) != new_tokens + 1:
+        raise RuntimeError(f"generate made {made} tokens, not {new_tokens}")
+    return (new_tokens - 1) / (clock.arrivals[-1] - clock.arrivals[1])
 
 
 @contextmanager
@@ -529,15 +556,19 @@ def main(argv=None) -> int:
         run()
         result["warmup_s"][name] = round(time.perf_counter() - t0, 1)
     times: dict[str, list[float]] = {k: [] for k in variants}
+    end_to_end: dict[str, list[float]] = {k: [] for k, v in variants.items() if v[0] != "llama.cpp"}
     result["loadavg"] = []
     for r in range(args.reps):
         start = loadavg()
-        for name, (_, _, _, run) in variants.items():
+        for name, (side, _, _, run) in variants.items():
             times[name].append(run())
+            if side != "llama.cpp":
+                end_to_end[name].append(LAST_END_TO_END[0])
         result["loadavg"].append({"round": r, "start": start, "end": loadavg()})
         print(f"round {r + 1}/{args.reps}: load {start} -> {loadavg()}", flush=True)
     result["tok_s_all"] = times
     result["tok_s"] = {k: statistics.median(v) for k, v in times.items()}
+    result["tok_s_end_to_end"] = {k: statistics.median(v) for k, v in end_to_end.items()}
     result["kinds"] = {k: {"side": v[0], "precision": v[1], "sparsity": v[2]} for k, v in variants.items()}
     # realized sparsity (weighted by weight bytes) and perplexity of every spon variant
     result["realized_sparsity"], result["perplexity"] = {}, {}
