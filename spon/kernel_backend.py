@@ -35,13 +35,20 @@ from spon.sparse import SparseLinear, sparse_linears
 SHARED_INPUT = (("q", "k", "v"), ("gate", "up"))  # projections of one layer that read the same tensor
 
 
+def _frozen(t: torch.Tensor) -> nn.Parameter:
+    """A tensor the kernels read, held as a frozen Parameter (same storage): in compile_decode's
+    steps after a generate's first, dynamo still checks every plain tensor the step reads, but not
+    Parameters; ~300 of them on SmolLM2 cost 0.3 ms a token (README "Kernels")."""
+    return nn.Parameter(t, requires_grad=False)
+
+
 class KernelGroup:
     """Projections sharing one input, behind one concatenated Wᵀ [in, sum(out)]."""
 
     def __init__(self, members: list[SparseLinear], weights: str = "float", int4_group: int = 64):
         self.members = members
         self.out_features = [m.linear.out_features for m in members]
-        self.weight_t = torch.cat([m.linear.weight.detach() for m in members], dim=0).t().contiguous()
+        self.weight_t = _frozen(torch.cat([m.linear.weight.detach() for m in members], dim=0).t().contiguous())
         start = 0
         self.cols: list[slice] = []
         for i, m in enumerate(members):
@@ -61,8 +68,8 @@ class KernelGroup:
             from spon.kernels.reference import quantize_weight_int4, quantize_weight_int8
 
             w = self.weight_t.t()  # [out, in]
-            self.qweight_t, self.scales = (quantize_weight_int8(w) if weights == "int8"
-                                           else quantize_weight_int4(w, int4_group))
+            self.qweight_t, self.scales = map(_frozen, quantize_weight_int8(w) if weights == "int8"
+                                              else quantize_weight_int4(w, int4_group))
         self._input: torch.Tensor | None = None
         self._input_version = 0
         self._outputs: list[torch.Tensor | None] = []
@@ -86,7 +93,7 @@ class KernelGroup:
             self._channel_taus = None
             if any(m.channel_norm is not None for m in self.members):
                 k = self.weight_t.shape[0]
-                self._channel_taus = torch.stack([m.cutoff().float().expand(k) for m in self.members]).contiguous()
+                self._channel_taus = _frozen(torch.stack([m.cutoff().float().expand(k) for m in self.members]).contiguous())
             biases = [m.sparse_bias() for m in self.members]
             if all(b is None for b in biases):
                 self._bias = None
@@ -94,7 +101,7 @@ class KernelGroup:
                 w = self.weight_t
                 self._bias = torch.cat([b.detach() if b is not None else w.new_zeros(n)
                                         for b, n in zip(biases, self.out_features)])
-            self._bias_f32 = None if self._bias is None else self._bias.float().contiguous()
+            self._bias_f32 = None if self._bias is None else _frozen(self._bias.float().contiguous())
             self._consts_key = key
         return self._taus, self._bias
 
@@ -166,8 +173,8 @@ class KernelHead:
     def __init__(self, model, head: nn.Linear):
         embed = model.get_input_embeddings()
         tied = embed is not None and embed.weight is head.weight
-        self.weight_t = head.weight.detach().t().contiguous()
-        self.bias_f32 = None if head.bias is None else head.bias.detach().float().contiguous()
+        self.weight_t = _frozen(head.weight.detach().t().contiguous())
+        self.bias_f32 = None if head.bias is None else _frozen(head.bias.detach().float().contiguous())
         weight = nn.Parameter(self.weight_t.t(), requires_grad=False)
         head.weight = weight
         if tied:
@@ -250,13 +257,8 @@ def compile_decode(model, enabled: bool = True) -> None:
             _register_decode_attention()
             model.set_attn_implementation(DECODE_ATTENTION)
             vars(model)["_spon_attention_before"] = "sdpa"
-    if device.type == "cuda":  # transformers' default: CUDA graphs
-        config = CompileConfig(fullgraph=False, dynamic=False, mode="reduce-overhead")
-    else:
-        # A C++ wrapper calls the step's kernels and ops instead of generated Python: ~0.6 ms less a
-        # SmolLM2 token (README "Kernels"), for a longer first compile. torch.compile takes a mode
-        # or options, not both.
-        config = CompileConfig(fullgraph=False, dynamic=False, mode=None, options={"cpp_wrapper": True})
+    # "reduce-overhead" (CUDA graphs) is transformers' default; a CPU has none.
+    config = CompileConfig(fullgraph=False, dynamic=False, mode="reduce-overhead" if device.type == "cuda" else "default")
     # transformers compiles the step only on accelerators unless this flag (its own CPU tests set it)
     # says otherwise; on a CPU the compiled step is the faster one (README "Kernels").
     config._compile_all_devices = True
