@@ -28,9 +28,10 @@ Variants per precision (all timed interleaved: every round runs every variant on
                   q8 / q4: bf16 model, every projection's kernels reading int8 (per output channel)
                   or int4 (group-wise, --int4-group inputs per fp32 scale) weights; embeddings, LM
                   head and norms stay bf16 (llama.cpp's Q8_0/Q4_0 files quantize the embedding too).
-  spon compiled   (--compile) the same at fp32 / bf16 through `spon.compile_decode`: static KV cache,
-                  one torch.compile'd decode step, on the torch path and on the kernels path (a
-                  model copy per variant; the warm-up generation compiles it)
+  spon compiled   (--compile) the same through `spon.compile_decode`: static KV cache, one
+                  torch.compile'd decode step, on the torch path and on the kernels path at fp32 /
+                  bf16, on the kernels path at q8 / q4 (a model copy per variant; the warm-up
+                  generation compiles it)
 
 Quality beside speed: perplexity of each spon variant on the first --ppl-tokens tokens of the
 wikitext-2 test split (blocks of 512, no overlap); llama.cpp's is not measured (its fp32/bf16 files
@@ -424,7 +425,7 @@ def build_variants(args, base_fp32, tok, source_gguf: Path | None, workdir: Path
                           {m.name: 0.0 for m in sparse_linears(model)}) for s in args.sparsities}
         weights = {"q8": "int8", "q4": "int4"}.get(prec, "float")
         use_kernels(model, weights=weights, int4_group=args.int4_group)
-        model._peer_weights = weights
+        model._peer_weights, model._peer_int4_group = weights, args.int4_group
         models[prec] = model
         from spon.kernel_backend import describe
 
@@ -435,8 +436,8 @@ def build_variants(args, base_fp32, tok, source_gguf: Path | None, workdir: Path
         for s, taus in levels.items():
             variants[f"spon {prec} @{s:.0%}"] = ("spon sparse", prec, s, lambda model=model, taus=taus:
                                                  _timed(at_thresholds(model, taus), ids, args.new_tokens))
-        if args.compile and prec in ("fp32", "bf16"):
-            for path in args.compile_paths:
+        if args.compile:
+            for path in args.compile_paths if prec in ("fp32", "bf16") else ["kernels"] if "kernels" in args.compile_paths else []:
                 for s, taus in levels.items():
                     variants[f"spon compiled {path} {prec} @{s:.0%}"] = (
                         f"spon compiled {path}", prec, s, compiled_variant(model, taus, path == "kernels", ids, args.new_tokens))
@@ -452,12 +453,12 @@ def compiled_variant(model, taus: dict[str, float], kernels: bool, ids, new_toke
     from spon.kernel_backend import compile_decode, use_kernels
     from spon.sparse import set_thresholds
 
-    weights = getattr(model, "_peer_weights", "float")
+    weights, group = getattr(model, "_peer_weights", "float"), getattr(model, "_peer_int4_group", 64)
     use_kernels(model, False)  # a contiguous copy, not views of the groups' Wᵀ
     twin = copy.deepcopy(model)
-    use_kernels(model, weights=weights)
+    use_kernels(model, weights=weights, int4_group=group)
     set_thresholds(twin, taus)
-    use_kernels(twin, kernels)
+    use_kernels(twin, kernels, weights=weights, int4_group=group)
     compile_decode(twin)
     return lambda: spon_generate(twin, ids, new_tokens)
 
@@ -515,7 +516,7 @@ def main(argv=None) -> int:
     ap.add_argument("--workdir", type=Path, default=Path.home() / ".cache/spon/peer", help="where the GGUFs are written")
     ap.add_argument("--no-llamacpp", action="store_true", help="spon only (no xllamacpp installed)")
     ap.add_argument("--compile", action="store_true", help="also spon.compile_decode (static cache, compiled step) "
-                    "on the torch and the kernels path, fp32 and bf16")
+                    "on the torch and the kernels path (q8 / q4: the kernels path)")
     ap.add_argument("--compile-paths", default="torch,kernels",
                     help="--compile: which paths (each variant holds its own model copy: at the 1B shape, mind the memory)")
     ap.add_argument("--out", type=Path, default=ROOT / "benchmarks/results/peer_decode.json")
