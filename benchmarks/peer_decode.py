@@ -437,7 +437,9 @@ def build_variants(args, base_fp32, tok, source_gguf: Path | None, workdir: Path
             variants[f"spon {prec} @{s:.0%}"] = ("spon sparse", prec, s, lambda model=model, taus=taus:
                                                  _timed(at_thresholds(model, taus), ids, args.new_tokens))
         if args.compile:
-            for path in args.compile_paths if prec in ("fp32", "bf16") else ["kernels"] if "kernels" in args.compile_paths else []:
+            # spon has no int8 / int4 torch path: q8 and q4 compile on the kernels path only
+            paths = args.compile_paths if prec in ("fp32", "bf16") else [p for p in args.compile_paths if p == "kernels"]
+            for path in paths:
                 for s, taus in levels.items():
                     variants[f"spon compiled {path} {prec} @{s:.0%}"] = (
                         f"spon compiled {path}", prec, s, compiled_variant(model, taus, path == "kernels", ids, args.new_tokens))
