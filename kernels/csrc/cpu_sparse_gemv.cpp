@@ -77,13 +77,16 @@ inline vfloat vload(const int8_t* p) {
 }
 inline vfloat vset1(float v) { return _mm512_set1_ps(v); }
 inline vfloat vfma(vfloat a, vfloat b, vfloat c) { return _mm512_fmadd_ps(a, b, c); }
+inline vfloat vsub(vfloat a, vfloat b) { return _mm512_sub_ps(a, b); }
 inline void vstore(float* p, vfloat v) { _mm512_storeu_ps(p, v); }
 // int4 block of 32 columns = 16 bytes: byte i holds column i (low nibble) and i + 16 (high).
 // Vector h (0 or 1) of the block: columns 16h .. 16h + 15, as unsigned nibbles 0..15.
+// The nibble picks its value from a 16-float table (vpermps reads the low 4 bits of each index):
+// one instruction instead of mask + convert; the values are those of the convert, bit for bit.
 inline vfloat vload_q4(const uint8_t* blk, int h) {
+  const __m512 table = _mm512_setr_ps(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
   const __m512i b = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(blk)));
-  const __m512i q = h ? _mm512_srli_epi32(b, 4) : _mm512_and_si512(b, _mm512_set1_epi32(15));
-  return _mm512_cvtepi32_ps(q);
+  return _mm512_permutexvar_ps(h ? _mm512_srli_epi32(b, 4) : b, table);
 }
 #elif defined(__AVX2__) && defined(__F16C__) && defined(__FMA__)
 #define SPON_SIMD 1
@@ -100,6 +103,7 @@ inline vfloat vload(const int8_t* p) {
 }
 inline vfloat vset1(float v) { return _mm256_set1_ps(v); }
 inline vfloat vfma(vfloat a, vfloat b, vfloat c) { return _mm256_fmadd_ps(a, b, c); }
+inline vfloat vsub(vfloat a, vfloat b) { return _mm256_sub_ps(a, b); }
 inline void vstore(float* p, vfloat v) { _mm256_storeu_ps(p, v); }
 // int4, 8 lanes: vector h (0..3) of a 32-column block = columns 8h .. 8h + 7.
 inline vfloat vload_q4(const uint8_t* blk, int h) {
@@ -123,7 +127,7 @@ constexpr int64_t kVec = 1;  // no SIMD path: the scalar loops below do everythi
 // a column's value does not depend on where a thread's range starts.
 constexpr int kRows = 8;
 
-template <int MB, typename W>
+template <int MB, typename W, int kUnroll = (MB >= 4 ? 1 : 4 / MB)>
 void accumulate_rows(float* __restrict acc, int64_t acc_ld, const W* __restrict wt, int64_t ld, int64_t col0,
                      int64_t n, const int64_t* idx, const float* val, int64_t nnz) {
 #ifdef SPON_SIMD
@@ -141,10 +145,32 @@ void accumulate_rows(float* __restrict acc, int64_t acc_ld, const W* __restrict 
     }
     const float* v = val + r * MB;  // v[i * MB + m]: row r + i, batch row m
 #ifdef SPON_SIMD
-    for (int64_t j = 0; j < nv; j += kVec) {
+    int64_t j = 0;
+    // kUnroll vectors of columns at a time: kUnroll independent chains of kRows FMAs in flight
+    // instead of one (each column's chain and its rounding are unchanged).  One chain alone waits
+    // on the FMA latency: ~3 weights a cycle a core, below what memory delivers to int8 / bf16.
+    for (; j + kUnroll * kVec <= nv; j += kUnroll * kVec) {
       // One prefetch per 64-byte line of each next row: the rows of a pass are up to kRows separate
       // streams that the hardware prefetcher picks up late (measured, 1 thread, weights not in
       // cache: up to 1.7x on bf16 576-wide rows, never slower).
+      for (int64_t b = 0; b < kUnroll * kVec * static_cast<int64_t>(sizeof(W)); b += 64) {
+        for (int i = 0; i < kRows; ++i) _mm_prefetch(next[i] + j * sizeof(W) + b, _MM_HINT_T0);
+      }
+      vfloat t[MB][kUnroll];
+      for (int m = 0; m < MB; ++m) {
+        for (int u = 0; u < kUnroll; ++u) t[m][u] = vload(acc + m * acc_ld + j + u * kVec);
+      }
+      for (int i = 0; i < kRows; ++i) {
+        for (int u = 0; u < kUnroll; ++u) {
+          const vfloat x = vload(w[i] + j + u * kVec);
+          for (int m = 0; m < MB; ++m) t[m][u] = vfma(vset1(v[i * MB + m]), x, t[m][u]);
+        }
+      }
+      for (int m = 0; m < MB; ++m) {
+        for (int u = 0; u < kUnroll; ++u) vstore(acc + m * acc_ld + j + u * kVec, t[m][u]);
+      }
+    }
+    for (; j < nv; j += kVec) {
       if ((j * static_cast<int64_t>(sizeof(W))) % 64 == 0) {
         for (int i = 0; i < kRows; ++i) _mm_prefetch(next[i] + j * sizeof(W), _MM_HINT_T0);
       }
@@ -189,50 +215,82 @@ void accumulate_rows(float* __restrict acc, int64_t acc_ld, const W* __restrict 
 
 // int4 weights: Wt packed as [K, N/2] bytes, 32 columns per 16-byte block (byte i of a block:
 // column i in the low nibble, column i + 16 in the high one), unsigned nibbles u = q + 8.
-// Same walk as accumulate_rows over whole blocks (col0 and n are multiples of 32):
-//     part[m][0:n] += sum_r val[r][m] * u[idx[r], col0 : col0+n]
-// The caller subtracts 8 * sum_r val[r][m] and applies the group's scales.
+// One group of input rows (they share one scale per column), col0 and n multiples of 32:
+//     acc[m][0:n] += scale[0:n] * (sum_r val[r][m] * u[idx[r], col0 : col0+n] - off[m])
+// with off[m] = 8 * sum_r val[r][m].  The same walk as accumulate_rows, kRows rows a pass; the first
+// pass starts its sums at zero and the last one applies the scales to them in registers, so a
+// group of at most kRows kept rows never writes its sums out (`part`, [MB][n], holds them between
+// passes of a larger group).  idx[nnz .. avail - 1] are the rows that come next (the next groups):
+// each pass prefetches the rows of the pass after it, as accumulate_rows does.
 inline float nibble(const uint8_t* blk, int c) { return static_cast<float>(c < 16 ? blk[c] & 15 : blk[c - 16] >> 4); }
 
-template <int MB>
-void accumulate_rows_q4(float* __restrict part, int64_t part_ld, const uint8_t* __restrict q, int64_t ldb,
-                        int64_t col0, int64_t n, const int64_t* idx, const float* val, int64_t nnz) {
+template <int MB, int kUnroll = std::max<int>(1, (MB >= 4 ? 1 : 4 / MB) / static_cast<int>(32 / kVec))>
+void accumulate_group_q4(float* __restrict acc, int64_t acc_ld, const uint8_t* __restrict q, int64_t ldb,
+                         int64_t col0, int64_t n, const int64_t* idx, int64_t avail, const float* val, int64_t nnz,
+                         const float* __restrict scale, const float* off, float* __restrict part) {
   const int64_t byte0 = col0 / 2;
-  int64_t r = 0;
-  auto pass = [&](const uint8_t* const* w, const float* v, int rows) {
-    for (int64_t b = 0; b < n / 32; ++b) {
-#ifdef SPON_SIMD
-      for (int h = 0; h < static_cast<int>(32 / kVec); ++h) {
-        vfloat x[kRows];
-        for (int i = 0; i < rows; ++i) x[i] = vload_q4(w[i] + 16 * b, h);
-        for (int m = 0; m < MB; ++m) {
-          float* a = part + m * part_ld + 32 * b + h * kVec;
-          vfloat t = vload(a);
-          for (int i = 0; i < rows; ++i) t = vfma(vset1(v[i * MB + m]), x[i], t);
-          vstore(a, t);
-        }
-      }
-#else
-      for (int c = 0; c < 32; ++c) {
-        float x[kRows];
-        for (int i = 0; i < rows; ++i) x[i] = nibble(w[i] + 16 * b, c);
-        for (int m = 0; m < MB; ++m) {
-          float t = part[m * part_ld + 32 * b + c];
-          for (int i = 0; i < rows; ++i) t = std::fma(v[i * MB + m], x[i], t);
-          part[m * part_ld + 32 * b + c] = t;
-        }
-      }
-#endif
+  auto pass = [&](int64_t r, const uint8_t* const* w, const float* v, int rows, bool first, bool last) {
+    [[maybe_unused]] const char* next[kRows];  // the next pass's rows
+    for (int i = 0; i < kRows; ++i) {
+      next[i] = reinterpret_cast<const char*>(q + idx[std::min<int64_t>(r + rows + i, avail - 1)] * ldb + byte0);
     }
+    const int64_t blocks = n / 32;
+#ifdef SPON_SIMD
+    // kUnroll blocks of 32 columns at a time: 32 / kVec * kUnroll independent FMA chains (see
+    // accumulate_rows); each column's chain is unchanged.
+    constexpr int kH = static_cast<int>(32 / kVec);
+    int64_t b = 0;
+    auto step = [&](auto unroll) {
+      constexpr int U = decltype(unroll)::value * kH;
+      if ((16 * b) % 64 == 0) {
+        for (int i = 0; i < kRows; ++i) _mm_prefetch(next[i] + 16 * b, _MM_HINT_T0);
+      }
+      vfloat t[MB][U];
+      for (int m = 0; m < MB; ++m) {
+        for (int u = 0; u < U; ++u) t[m][u] = first ? vset1(0.0f) : vload(part + m * n + 32 * b + u * kVec);
+      }
+      for (int i = 0; i < rows; ++i) {
+        for (int u = 0; u < U; ++u) {
+          const vfloat x = vload_q4(w[i] + 16 * (b + u / kH), u % kH);
+          for (int m = 0; m < MB; ++m) t[m][u] = vfma(vset1(v[i * MB + m]), x, t[m][u]);
+        }
+      }
+      for (int m = 0; m < MB; ++m) {
+        for (int u = 0; u < U; ++u) {
+          const int64_t j = 32 * b + u * kVec;
+          if (last) {
+            float* a = acc + m * acc_ld + j;
+            vstore(a, vfma(vload(scale + j), vsub(t[m][u], vset1(off[m])), vload(a)));
+          } else {
+            vstore(part + m * n + j, t[m][u]);
+          }
+        }
+      }
+    };
+    for (; b + kUnroll <= blocks; b += kUnroll) step(std::integral_constant<int, kUnroll>{});
+    for (; b < blocks; ++b) step(std::integral_constant<int, 1>{});
+#else
+    for (int64_t j = 0; j < 32 * blocks; ++j) {
+      float x[kRows];
+      for (int i = 0; i < rows; ++i) x[i] = nibble(w[i] + 16 * (j / 32), j % 32);
+      for (int m = 0; m < MB; ++m) {
+        float t = first ? 0.0f : part[m * n + j];
+        for (int i = 0; i < rows; ++i) t = std::fma(v[i * MB + m], x[i], t);
+        if (last) acc[m * acc_ld + j] = std::fma(scale[j], t - off[m], acc[m * acc_ld + j]);
+        else part[m * n + j] = t;
+      }
+    }
+#endif
   };
   const uint8_t* w[kRows];
+  int64_t r = 0;
   for (; r + kRows <= nnz; r += kRows) {
     for (int i = 0; i < kRows; ++i) w[i] = q + idx[r + i] * ldb + byte0;
-    pass(w, val + r * MB, kRows);
+    pass(r, w, val + r * MB, kRows, r == 0, r + kRows == nnz);
   }
   for (; r < nnz; ++r) {
     w[0] = q + idx[r] * ldb + byte0;
-    pass(w, val + r * MB, 1);
+    pass(r, w, val + r * MB, 1, r == 0, r + 1 == nnz);
   }
 }
 
@@ -457,6 +515,46 @@ struct Quant {
   int64_t group = 0;              // int4 group size (rows of Wt per scale); 0 otherwise
 };
 
+// int4: the kept rows of one segment by group of `group` inputs (one scale per column each), and the
+// offset 8 * sum(val) of the unsigned nibbles: worked out once per call, for every chunk or block.
+template <int MB>
+struct GroupQ4 {
+  int64_t r0, r1, grp;  // kept rows r0 .. r1 - 1 of the segment, all of group grp
+  float off[MB];
+};
+
+template <int MB>
+std::vector<GroupQ4<MB>> groups_q4(const Survivors& sv, int64_t group) {
+  std::vector<GroupQ4<MB>> out;
+  const int64_t nnz = static_cast<int64_t>(sv.idx.size());
+  for (int64_t r = 0; r < nnz;) {
+    GroupQ4<MB> gr{r, r, sv.idx[r] / group, {}};
+    while (gr.r1 < nnz && sv.idx[gr.r1] / group == gr.grp) ++gr.r1;
+    for (int m = 0; m < MB; ++m) {
+      float sumv = 0.0f;
+      for (int64_t i = gr.r0; i < gr.r1; ++i) sumv += sv.val[i * MB + m];
+      gr.off[m] = 8.0f * sumv;
+    }
+    out.push_back(gr);
+    r = gr.r1;
+  }
+  return out;
+}
+
+// acc[m][0:n] += the segment's groups gs[g0 .. g1 - 1] over columns col0 .. col0 + n (int4; part:
+// scratch of [MB][n] floats).
+template <int MB>
+void accumulate_groups_q4(float* acc, int64_t acc_ld, const uint8_t* q, int64_t N, int64_t col0, int64_t n,
+                          const Survivors& sv, const std::vector<GroupQ4<MB>>& gs, size_t g0, size_t g1,
+                          const float* scales, float* part) {
+  const int64_t nnz = static_cast<int64_t>(sv.idx.size());
+  for (size_t i = g0; i < g1; ++i) {
+    const GroupQ4<MB>& gr = gs[i];
+    accumulate_group_q4<MB>(acc, acc_ld, q, N / 2, col0, n, sv.idx.data() + gr.r0, nnz - gr.r0,
+                            sv.val.data() + gr.r0 * MB, gr.r1 - gr.r0, scales + gr.grp * N + col0, gr.off, part);
+  }
+}
+
 // Row split, for tall matrices (K >= 2N: down projections) that do not fit one thread's caches: the
 // kept rows of each segment are cut into blocks, each block's rows are read whole (one contiguous
 // stream per row, the full width of the segment) into a partial sum of its own, and the partial
@@ -471,12 +569,14 @@ constexpr int64_t kMaxBlocks = 32;
 
 template <int MB, typename X, typename W>
 void row_split(int64_t M, int64_t N, const W* wt, const std::vector<Survivors>& segs,
-               const std::vector<int64_t>& seg_start, const std::vector<int64_t>& seg_sizes, const float* bias,
-               const float* col_scales, X* out, int threads) {
+               const std::vector<std::vector<GroupQ4<MB>>>& groups, const std::vector<int64_t>& seg_start,
+               const std::vector<int64_t>& seg_sizes, const float* bias, const Quant& quant, X* out, int threads) {
+  constexpr bool kQ4 = std::is_same<W, uint8_t>::value;
   struct Block {
     size_t seg;
-    int64_t r0, r1;
-    float* part;  // [MB][seg_sizes[seg]]
+    int64_t r0, r1;  // kept rows r0 .. r1 - 1 of the segment
+    size_t g0, g1;   // int4: its groups g0 .. g1 - 1 (a block holds whole groups)
+    float* part;     // [MB][seg_sizes[seg]]
   };
   std::vector<Block> blocks;
   std::vector<int64_t> first(segs.size() + 1, 0);  // blocks of segment g: first[g] .. first[g + 1] - 1
@@ -485,9 +585,20 @@ void row_split(int64_t M, int64_t N, const W* wt, const std::vector<Survivors>& 
     const int64_t nnz = static_cast<int64_t>(segs[g].idx.size());
     int64_t rows = std::max<int64_t>(kMinBlockRows, (nnz + kMaxBlocks - 1) / kMaxBlocks);
     rows = (rows + kRows - 1) / kRows * kRows;  // whole passes of kRows rows
-    for (int64_t r0 = 0; r0 < nnz && seg_sizes[g] > 0; r0 += rows) {
-      blocks.push_back({g, r0, std::min(nnz, r0 + rows), nullptr});
-      floats += MB * seg_sizes[g];
+    if constexpr (kQ4) {  // whole groups, at least `rows` kept rows a block
+      const auto& gs = groups[g];
+      for (size_t g0 = 0; g0 < gs.size() && seg_sizes[g] > 0;) {
+        size_t g1 = g0;
+        while (g1 < gs.size() && gs[g1].r0 - gs[g0].r0 < rows) ++g1;
+        blocks.push_back({g, gs[g0].r0, gs[g1 - 1].r1, g0, g1, nullptr});
+        floats += MB * seg_sizes[g];
+        g0 = g1;
+      }
+    } else {
+      for (int64_t r0 = 0; r0 < nnz && seg_sizes[g] > 0; r0 += rows) {
+        blocks.push_back({g, r0, std::min(nnz, r0 + rows), 0, 0, nullptr});
+        floats += MB * seg_sizes[g];
+      }
     }
     first[g + 1] = static_cast<int64_t>(blocks.size());
   }
@@ -503,9 +614,17 @@ void row_split(int64_t M, int64_t N, const W* wt, const std::vector<Survivors>& 
     const int64_t n = seg_sizes[b.seg];
     std::fill(b.part, b.part + MB * n, 0.0f);
     const Survivors& sv = segs[b.seg];
-    accumulate_rows<MB>(b.part, n, wt, N, seg_start[b.seg], n, sv.idx.data() + b.r0, sv.val.data() + b.r0 * MB,
-                        b.r1 - b.r0);
+    if constexpr (kQ4) {
+      thread_local std::vector<float> scratch;
+      if (static_cast<int64_t>(scratch.size()) < MB * n) scratch.resize(MB * n);
+      accumulate_groups_q4<MB>(b.part, n, wt, N, seg_start[b.seg], n, sv, groups[b.seg], b.g0, b.g1, quant.scales,
+                               scratch.data());
+    } else {
+      accumulate_rows<MB>(b.part, n, wt, N, seg_start[b.seg], n, sv.idx.data() + b.r0, sv.val.data() + b.r0 * MB,
+                          b.r1 - b.r0);
+    }
   });
+  const float* col_scales = kQ4 ? nullptr : quant.scales;  // int8: one scale per output column
   // The sum over blocks, scales, bias and cast: column chunks of 256, in block order per column.
   constexpr int64_t kCols = 256;
   const int64_t chunks = (N + kCols - 1) / kCols;
@@ -565,24 +684,25 @@ void sparse_gemv_impl(const X* x, int64_t M, int64_t K, const W* wt, int64_t N, 
     bytes += static_cast<double>(segs[g].idx.size()) * seg_sizes[g] * (kQ4 ? 0.5 : sizeof(W));
   }
   const int threads = bytes < kSerialBytes ? 1 : std::max(1, at::get_num_threads());
-  if constexpr (!kQ4) {
-    if (bytes >= kSerialBytes && K >= 2 * N) {
-      row_split<MB>(M, N, wt, segs, seg_start, seg_sizes, bias, quant.scales, out, threads);
-      return;
-    }
+  std::vector<std::vector<GroupQ4<MB>>> groups(kQ4 ? nseg : 0);
+  for (size_t g = 0; g < groups.size(); ++g) groups[g] = groups_q4<MB>(segs[g], quant.group);
+  if (bytes >= kSerialBytes && K >= 2 * N) {
+    row_split<MB>(M, N, wt, segs, groups, seg_start, seg_sizes, bias, quant, out, threads);
+    return;
   }
   // Column chunks aligned to 32 (one int4 block; two 64-byte lines of fp32 accumulators), about
   // four per thread so a late thread's share is taken by the others, but each reading at least
   // kMinPieceBytes of a row: shorter pieces stream worse (bf16, weights out of cache, 2 threads,
   // AMD EPYC: 2048x2048 at 50 % 34 -> 37 GB/s, 576x960 at 0 % 29 -> 35, with 1 KiB instead of 512 B).
+  // int4 is bound by its instructions, not the stream: 256 B (512 columns), so that a 2048-wide
+  // matrix is cut into four chunks, not run on one thread.
   constexpr int64_t kAlign = 32;
-  constexpr int64_t kMinPieceBytes = 1024;
+  constexpr int64_t kMinPieceBytes = kQ4 ? 256 : 1024;
   const int64_t units = (N + kAlign - 1) / kAlign;
   const int64_t want = threads == 1 ? 1 : std::min<int64_t>(units, 4 * threads);
   const int64_t unit_bytes = kQ4 ? kAlign / 2 : kAlign * static_cast<int64_t>(sizeof(W));
   const int64_t per = std::max<int64_t>((units + want - 1) / want, kMinPieceBytes / unit_bytes);
   const int64_t chunks = (units + per - 1) / per;
-  const int64_t ldb = N / 2;  // int4: bytes per row of Wt
   auto body = [&](int64_t chunk) {
     const int64_t c0 = chunk * per * kAlign, c1 = std::min(N, (chunk + 1) * per * kAlign), n = c1 - c0;
     std::vector<float> acc(MB * n, 0.0f);  // [MB][n]
@@ -595,29 +715,8 @@ void sparse_gemv_impl(const X* x, int64_t M, int64_t K, const W* wt, int64_t N, 
       if constexpr (!kQ4) {
         accumulate_rows<MB>(acc.data() + (lo - c0), n, wt, N, lo, hi - lo, sv.idx.data(), sv.val.data(), nnz);
       } else {
-        // One group of `group` input rows at a time: partial sums of the unsigned nibbles, then
-        // acc += scale * (part - 8 * sum(val)) once per group and column.
-        for (int64_t r = 0; r < nnz;) {
-          const int64_t grp = sv.idx[r] / quant.group;
-          int64_t re = r;
-          while (re < nnz && sv.idx[re] / quant.group == grp) ++re;
-          float sumv[MB];
-          for (int m = 0; m < MB; ++m) {
-            sumv[m] = 0.0f;
-            for (int64_t i = r; i < re; ++i) sumv[m] += sv.val[i * MB + m];
-            std::fill(part.begin() + m * n + (lo - c0), part.begin() + m * n + (hi - c0), 0.0f);
-          }
-          accumulate_rows_q4<MB>(part.data() + (lo - c0), n, wt, ldb, lo, hi - lo, sv.idx.data() + r,
-                                 sv.val.data() + r * MB, re - r);
-          const float* s = quant.scales + grp * N;
-          for (int m = 0; m < MB; ++m) {
-            const float off = 8.0f * sumv[m];
-            float* a = acc.data() + m * n;
-            const float* p = part.data() + m * n;
-            for (int64_t j = lo; j < hi; ++j) a[j - c0] = std::fma(s[j], p[j - c0] - off, a[j - c0]);
-          }
-          r = re;
-        }
+        accumulate_groups_q4<MB>(acc.data() + (lo - c0), n, wt, N, lo, hi - lo, sv, groups[g], 0, groups[g].size(),
+                                 quant.scales, part.data());
       }
     }
     const float* col_scales = kQ4 ? nullptr : quant.scales;  // int8: one scale per output column

@@ -88,18 +88,20 @@ def test_native_int4_fused_segments_and_per_channel(dtype, M, native_only):
 
 @pytest.mark.parametrize("sparsity", [0.0, 0.5])
 @pytest.mark.parametrize("M", [1, 4])
-def test_native_int4_thread_count_independent(sparsity, M, native_only):
-    """> 1 MiB of packed rows: the threaded split; 1 and 2 threads agree bit for bit."""
-    x, w, b = make_case(M, 2048, 2048, torch.bfloat16, "cpu")
+@pytest.mark.parametrize("K,N", [(2048, 2048), (8192, 1024)])
+def test_native_int4_thread_count_independent(sparsity, M, K, N, native_only):
+    """> 1 MiB of packed rows: the threaded split (column chunks; blocks of whole groups of rows for
+    the tall matrix); 1 and 2 threads agree bit for bit."""
+    x, w, b = make_case(M, K, N, torch.bfloat16, "cpu")
     q, s = quantize_weight_int4(w.float(), 64)
     tau = threshold_for(x, sparsity)
     op = native.native_op()
     prev = torch.get_num_threads()
     try:
         torch.set_num_threads(1)
-        y1 = op(x, q, b, [tau], [2048], s)
+        y1 = op(x, q, b, [tau], [N], s)
         torch.set_num_threads(2)
-        y2 = op(x, q, b, [tau], [2048], s)
+        y2 = op(x, q, b, [tau], [N], s)
     finally:
         torch.set_num_threads(prev)
     assert torch.equal(y1, y2)
