@@ -505,8 +505,9 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default=None, help="spon model name (its GGUF is the llama.cpp side), e.g. smollm2-135m")
     ap.add_argument("--shape", choices=sorted(SHAPES), default=None, help="random weights of this shape instead")
-    ap.add_argument("--tokenizer-gguf", type=Path, default=Path.home() / ".cache/spon/files/smollm2-135m.gguf",
-                    help="--shape: the GGUF whose tokenizer the random model's GGUF carries")
+    ap.add_argument("--tokenizer-gguf", type=Path, default=None,
+                    help="--shape: the GGUF whose tokenizer the random model's GGUF carries (default: "
+                         "SmolLM2-135M's, fetched as `spon models --fetch smollm2-135m` does)")
     ap.add_argument("--precisions", default=",".join(PRECISIONS), help="comma list of fp32, bf16, q8, q4")
     ap.add_argument("--sparsities", default="0,0.4,0.5,0.6")
     ap.add_argument("--threads", type=int, default=2)
@@ -515,7 +516,7 @@ def main(argv=None) -> int:
     ap.add_argument("--int4-group", type=int, default=32, help="spon int4: inputs per scale (Q4_0 uses 32)")
     ap.add_argument("--ppl-tokens", type=int, default=25600, help="wikitext-2 test tokens for perplexity (0: skip)")
     ap.add_argument("--prompt", default=PROMPT)
-    ap.add_argument("--workdir", type=Path, default=Path.home() / ".cache/spon/peer", help="where the GGUFs are written")
+    ap.add_argument("--workdir", type=Path, default=None, help="where the GGUFs are written (default: spon's cache, peer/)")
     ap.add_argument("--no-llamacpp", action="store_true", help="spon only (no xllamacpp installed)")
     ap.add_argument("--compile", action="store_true", help="also spon.compile_decode (static cache, compiled step) "
                     "on the torch and the kernels path (q8 / q4: the kernels path)")
@@ -538,12 +539,20 @@ def main(argv=None) -> int:
 
         _dynamo.config.recompile_limit = 256
         _dynamo.config.accumulated_recompile_limit = 4096
+    from spon import models as named_models
+    from spon.assets import cache_root
+
+    if args.shape and args.tokenizer_gguf is None:
+        args.tokenizer_gguf = named_models.fetch("smollm2-135m")
+    elif args.shape and not args.tokenizer_gguf.is_file():
+        ap.error(f"--tokenizer-gguf {args.tokenizer_gguf}: no such file")
+    args.workdir = args.workdir or cache_root() / "peer"
     args.workdir.mkdir(parents=True, exist_ok=True)
 
     base, tok, source = load_spon(args, "fp32")
     source_gguf = None
     if args.model:
-        source_gguf = Path.home() / ".cache/spon/files" / f"{args.model}.gguf"
+        source_gguf = named_models.cached_file(args.model)
         if not source_gguf.is_file():
             ap.error(f"{source_gguf} not found: run `spon models --fetch {args.model}` first")
     result = {"source": source, "threads": args.threads, "new_tokens": args.new_tokens, "reps": args.reps,
