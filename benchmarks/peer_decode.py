@@ -26,8 +26,10 @@ Variants per precision (all timed interleaved: every round runs every variant on
   spon @s         transformers' generate with `spon.use_kernels` (TEAL thresholds for sparsity s,
                   calibrated on wikitext-2 validation text; s = 0: the kernels keeping everything).
                   q8 / q4: bf16 model, every projection's kernels reading int8 (per output channel)
-                  or int4 (group-wise, --int4-group inputs per fp32 scale) weights; embeddings, LM
-                  head and norms stay bf16 (llama.cpp's Q8_0/Q4_0 files quantize the embedding too).
+                  or int4 (group-wise, --int4-group inputs per fp32 scale) weights, and so does
+                  the LM head (as llama.cpp's Q8_0/Q4_0 files quantize the tied embedding that
+                  is their output matrix; --head float keeps it bf16); norms and the embedding
+                  lookups stay bf16.
   spon compiled   (--compile) the same through `spon.compile_decode`: static KV cache, one
                   torch.compile'd decode step, on the torch path and on the kernels path at fp32 /
                   bf16, on the kernels path at q8 / q4 (a model copy per variant; the warm-up
@@ -311,7 +313,6 @@ def unwrapped(model):
     from spon.model import find_projections
     from spon.sparse import SparseLinear
 
-    kernel_weights = getattr(model, "_peer_weights", "float")
     use_kernels(model, False)
     swapped = [(p, p.module) for p in find_projections(model) if isinstance(p.module, SparseLinear)]
     for p, m in swapped:
@@ -321,7 +322,7 @@ def unwrapped(model):
     finally:
         for p, m in swapped:
             setattr(p.parent, p.attr, m)
-        use_kernels(model, weights=kernel_weights)
+        use_kernels(model, **model._peer_kernels)
 
 
 @contextmanager
@@ -424,8 +425,9 @@ def build_variants(args, base_fp32, tok, source_gguf: Path | None, workdir: Path
             levels = {s: (compute_thresholds(model, calib, SparsityConfig(sparsity=s))[0] if s > 0 else
                           {m.name: 0.0 for m in sparse_linears(model)}) for s in args.sparsities}
         weights = {"q8": "int8", "q4": "int4"}.get(prec, "float")
-        use_kernels(model, weights=weights, int4_group=args.int4_group)
-        model._peer_weights, model._peer_int4_group = weights, args.int4_group
+        model._peer_kernels = dict(weights=weights, int4_group=args.int4_group,
+                                   head_weights=weights if args.head == "same" else "float")
+        use_kernels(model, **model._peer_kernels)
         models[prec] = model
         from spon.kernel_backend import describe
 
@@ -455,12 +457,11 @@ def compiled_variant(model, taus: dict[str, float], kernels: bool, ids, new_toke
     from spon.kernel_backend import compile_decode, use_kernels
     from spon.sparse import set_thresholds
 
-    weights, group = getattr(model, "_peer_weights", "float"), getattr(model, "_peer_int4_group", 64)
     use_kernels(model, False)  # a contiguous copy, not views of the groups' Wᵀ
     twin = copy.deepcopy(model)
-    use_kernels(model, weights=weights, int4_group=group)
+    use_kernels(model, **model._peer_kernels)
     set_thresholds(twin, taus)
-    use_kernels(twin, kernels, weights=weights, int4_group=group)
+    use_kernels(twin, kernels, **model._peer_kernels)
     compile_decode(twin)
     return lambda: spon_generate(twin, ids, new_tokens)
 
@@ -514,6 +515,8 @@ def main(argv=None) -> int:
     ap.add_argument("--new-tokens", type=int, default=128)
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--int4-group", type=int, default=32, help="spon int4: inputs per scale (Q4_0 uses 32)")
+    ap.add_argument("--head", choices=["same", "float"], default="same",
+                    help="q8 / q4: spon's LM head at the projections' precision (as llama.cpp's files) or bf16")
     ap.add_argument("--ppl-tokens", type=int, default=25600, help="wikitext-2 test tokens for perplexity (0: skip)")
     ap.add_argument("--prompt", default=PROMPT)
     ap.add_argument("--workdir", type=Path, default=None, help="where the GGUFs are written (default: spon's cache, peer/)")
@@ -557,6 +560,7 @@ def main(argv=None) -> int:
             ap.error(f"{source_gguf} not found: run `spon models --fetch {args.model}` first")
     result = {"source": source, "threads": args.threads, "new_tokens": args.new_tokens, "reps": args.reps,
               "precisions": args.precisions, "sparsities": args.sparsities, "int4_group": args.int4_group,
+              "head": args.head,
               "cpu": cpu_info(), "torch": torch.__version__, "time": time.strftime("%Y-%m-%dT%H:%M:%S"),
               "loadavg_start": loadavg(), "command": "benchmarks/peer_decode.py " + " ".join(sys.argv[1:] if argv is None else argv)}
     variants, models, levels, ids, meta = build_variants(args, base, tok, source_gguf, args.workdir)

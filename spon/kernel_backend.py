@@ -170,7 +170,7 @@ class KernelHead:
     lookup reads a strided column, a prefill's F.linear a transposed view). Prefill, GPUs and
     anything the op does not take run F.linear as before."""
 
-    def __init__(self, model, head: nn.Linear):
+    def __init__(self, model, head: nn.Linear, weights: str = "float", int4_group: int = 64):
         embed = model.get_input_embeddings()
         tied = embed is not None and embed.weight is head.weight
         self.weight_t = _frozen(head.weight.detach().t().contiguous())
@@ -181,11 +181,32 @@ class KernelHead:
             embed.weight = weight
         self.head, self.embed = head, (embed if tied else None)
         self.vocab = [self.weight_t.shape[1]]
+        # weights="int8" / "int4": the head's logits come from a quantized copy of Wᵀ, at decode
+        # and prefill alike (as llama.cpp's Q8_0 / Q4_0 files quantize the output matrix); the float
+        # Wᵀ stays for a tied embedding's lookups. int4 needs the vocabulary a multiple of 32 and the
+        # width of int4_group: a head that is not keeps its float weights (`self.weights` says which).
+        hidden, vocab = self.weight_t.shape
+        if weights == "int4" and (vocab % 32 or hidden % int4_group):
+            weights = "float"
+        self.weights, self.qweight_t, self.scales = weights, self.weight_t, None
+        if weights != "float":
+            from spon.kernels.reference import quantize_weight_int4, quantize_weight_int8
+
+            self.qweight_t, self.scales = map(_frozen, quantize_weight_int8(weight) if weights == "int8"
+                                              else quantize_weight_int4(weight, int4_group))
         head.forward = self.forward  # an instance attribute: the module, its name and state_dict stay
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = _native_decode(x, self.weight_t.dtype, self.weight_t, self.bias_f32, [float("-inf")], self.vocab, None)
-        return nn.functional.linear(x, self.head.weight, self.head.bias) if y is None else y
+        every = float("-inf")  # keep every input: a dense GEMV
+        y = _native_decode(x, self.weight_t.dtype, self.qweight_t, self.bias_f32, [every], self.vocab, self.scales)
+        if y is not None:
+            return y
+        if self.weights == "float":
+            return nn.functional.linear(x, self.head.weight, self.head.bias)
+        from spon.kernels import sparse_linear_int4, sparse_linear_int8
+
+        f = sparse_linear_int8 if self.weights == "int8" else sparse_linear_int4
+        return f(x, self.qweight_t, self.scales, self.head.bias, every)
 
     def remove(self) -> None:
         """Plain contiguous weights again (tied ones still one Parameter), F.linear's forward."""
@@ -329,16 +350,19 @@ def _version(t: torch.Tensor | None) -> tuple[int, int] | None:
     return None if t is None else (id(t), t._version)
 
 
-def use_kernels(model, enabled: bool = True, weights: str = "float", int4_group: int = 64) -> None:
+def use_kernels(model, enabled: bool = True, weights: str = "float", int4_group: int = 64,
+                head_weights: str = "float") -> None:
     """Route sparse (teal / fused spon) inference through spon.kernels, q/k/v and gate/up fused;
     one copy of the weights. Same numbers as the torch path within fp32 rounding (masks can flip
     where |x| is within rounding of tau); training and calibration always use torch.
     `enabled=False` restores plain contiguous weights. `weights="int8"` (per output channel) or
     `"int4"` (group-wise, `int4_group` inputs per scale; every projection's width a multiple of 32)
     makes the kernels read a quantized copy of each group's Wᵀ (the sparse modes then compute with
-    the quantized weights, at decode and prefill alike; the dense mode keeps the float ones)."""
-    if weights not in ("float", "int8", "int4"):
-        raise ValueError(f"weights={weights!r}: choose float, int8 or int4")
+    the quantized weights, at decode and prefill alike; the dense mode keeps the float ones).
+    `head_weights` does the same for a CPU model's dense LM head (KernelHead)."""
+    for name, value in (("weights", weights), ("head_weights", head_weights)):
+        if value not in ("float", "int8", "int4"):
+            raise ValueError(f"{name}={value!r}: choose float, int8 or int4")
     mods = sparse_linears(model)
     for m in mods:
         if m.kernel is not None:
@@ -350,7 +374,7 @@ def use_kernels(model, enabled: bool = True, weights: str = "float", int4_group:
     if not enabled:
         return
     if isinstance(head, nn.Linear) and head.weight.device.type == "cpu" and mods:
-        head.kernel_head = KernelHead(model, head)
+        head.kernel_head = KernelHead(model, head, head_weights, int4_group)
     layers: dict[str, dict[str, SparseLinear]] = {}
     for m in mods:
         layer, _ = m.name.rsplit(".", 1)
@@ -375,8 +399,9 @@ def describe(model) -> str:
     device = first.weight_t.device
     fused = sum(len(g.members) > 1 for g in groups.values())
     what = f"{len(groups)} kernel groups ({fused} fused q/k/v or gate/up), {first.weights} weights"
-    if getattr(_output_head(model), "kernel_head", None) is not None and device.type == "cpu":
-        what += ", dense LM head on the native op"
+    kernel_head = getattr(_output_head(model), "kernel_head", None)
+    if kernel_head is not None and device.type == "cpu":
+        what += ", dense LM head on the native op" + ("" if kernel_head.weights == "float" else f" ({kernel_head.weights})")
     if device.type == "cuda":
         from spon.kernels.triton_sparse_gemv import HAS_TRITON
 

@@ -87,6 +87,39 @@ def test_the_lm_head_decodes_on_the_native_op_one_tied_copy_restored(stories_pat
 
 
 @torch.no_grad()
+@pytest.mark.parametrize("head_weights", ["int8", "int4"])
+def test_a_quantized_lm_head_computes_with_its_quantized_weights_at_decode_and_prefill(stories_path, head_weights):
+    import spon.kernel_backend as kb
+    from spon.kernels.reference import dequantize_weight_int4_t, dequantize_weight_t
+
+    model, _, _ = sparse_stories(stories_path)
+    head, embed = model.get_output_embeddings(), model.get_input_embeddings()
+    w0 = head.weight.detach().clone()
+    use_kernels(model, head_weights=head_weights)
+    kh = head.kernel_head
+    assert kh.weights == head_weights and f"dense LM head on the native op ({head_weights})" in kb.describe(model)
+    wq = (dequantize_weight_t if head_weights == "int8" else dequantize_weight_int4_t)(kh.qweight_t, kh.scales)
+    step = (w0.abs().amax(1) / (127 if head_weights == "int8" else 7)).max()
+    assert 0 < (wq.t() - w0).abs().max() <= step  # really quantized, within a step
+    g = torch.Generator().manual_seed(0)
+    for rows in (1, 12):  # a decode row (the native op) and a prefill (the reference) alike
+        x = torch.randn(1, rows, head.in_features, generator=g)
+        torch.testing.assert_close(head(x), x @ wq, rtol=1e-4, atol=1e-4)
+    ids = torch.tensor([[1, 45, 97, 300]])
+    assert torch.equal(embed(ids)[0], w0[ids[0]])  # the tied embedding still reads the float weights
+    use_kernels(model, False)
+    assert head.kernel_head is None and torch.equal(head.weight, w0)
+
+
+def test_an_int4_head_the_groups_do_not_divide_stays_float_and_bad_names_are_refused(stories_path):
+    model, _, _ = sparse_stories(stories_path)
+    use_kernels(model, head_weights="int4", int4_group=48, weights="float")  # width 64: no group of 48 divides it
+    assert model.get_output_embeddings().kernel_head.weights == "float"
+    with pytest.raises(ValueError, match="head_weights='int2'"):
+        use_kernels(model, head_weights="int2")
+
+
+@torch.no_grad()
 @pytest.mark.parametrize("mode", ["teal", "spon"])
 def test_each_kernel_module_equals_the_torch_path_on_its_input(stories_path, mode):
     model, tok, blocks = sparse_stories(stories_path)
