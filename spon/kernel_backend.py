@@ -42,6 +42,15 @@ def _frozen(t: torch.Tensor) -> nn.Parameter:
     return nn.Parameter(t, requires_grad=False)
 
 
+def _quantized(weight: torch.Tensor, weights: str, int4_group: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(Wᵀ quantized, its scales) of an [out, in] weight, as frozen Parameters: int8 per output
+    column, or int4 per group of `int4_group` inputs and column."""
+    from spon.kernels.reference import quantize_weight_int4, quantize_weight_int8
+
+    q = quantize_weight_int8(weight) if weights == "int8" else quantize_weight_int4(weight, int4_group)
+    return tuple(map(_frozen, q))
+
+
 class KernelGroup:
     """Projections sharing one input, behind one concatenated Wᵀ [in, sum(out)]."""
 
@@ -65,11 +74,7 @@ class KernelGroup:
         self.weights = weights
         self.qweight_t, self.scales = self.weight_t, None
         if weights != "float":
-            from spon.kernels.reference import quantize_weight_int4, quantize_weight_int8
-
-            w = self.weight_t.t()  # [out, in]
-            self.qweight_t, self.scales = map(_frozen, quantize_weight_int8(w) if weights == "int8"
-                                              else quantize_weight_int4(w, int4_group))
+            self.qweight_t, self.scales = _quantized(self.weight_t.t(), weights, int4_group)
         self._input: torch.Tensor | None = None
         self._input_version = 0
         self._outputs: list[torch.Tensor | None] = []
@@ -190,10 +195,7 @@ class KernelHead:
             weights = "float"
         self.weights, self.qweight_t, self.scales = weights, self.weight_t, None
         if weights != "float":
-            from spon.kernels.reference import quantize_weight_int4, quantize_weight_int8
-
-            self.qweight_t, self.scales = map(_frozen, quantize_weight_int8(weight) if weights == "int8"
-                                              else quantize_weight_int4(weight, int4_group))
+            self.qweight_t, self.scales = _quantized(weight, weights, int4_group)
         head.forward = self.forward  # an instance attribute: the module, its name and state_dict stay
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
