@@ -78,15 +78,20 @@ inline vfloat vload(const int8_t* p) {
 inline vfloat vset1(float v) { return _mm512_set1_ps(v); }
 inline vfloat vfma(vfloat a, vfloat b, vfloat c) { return _mm512_fmadd_ps(a, b, c); }
 inline vfloat vsub(vfloat a, vfloat b) { return _mm512_sub_ps(a, b); }
+inline vfloat vmul(vfloat a, vfloat b) { return _mm512_mul_ps(a, b); }
 inline void vstore(float* p, vfloat v) { _mm512_storeu_ps(p, v); }
 // int4 block of 32 columns = 16 bytes: byte i holds column i (low nibble) and i + 16 (high).
-// Vector h (0 or 1) of the block: columns 16h .. 16h + 15, as unsigned nibbles 0..15.
-// The nibble picks its value from a 16-float table (vpermps reads the low 4 bits of each index):
-// one instruction instead of mask + convert; the values are those of the convert, bit for bit.
+// Vector h (0 or 1) of the block: columns 16h .. 16h + 15, the nibble u read as the float
+// 1 + u/16 (exact): shifted into the top four mantissa bits of 1.0f and merged with its exponent
+// by one ternary-logic op. No shuffle but the byte widening, one per 32 columns (a table lookup,
+// vpermps, cost a second shuffle per 16 columns, and the shuffle port bound the loop). The
+// group's epilogue turns sum(v * (1 + u/16)) back into sum(v * (u - 8)): see kQ4Base.
+constexpr float kQ4Base = 1.0f, kQ4Step = 1.0f / 16;
 inline vfloat vload_q4(const uint8_t* blk, int h) {
-  const __m512 table = _mm512_setr_ps(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
   const __m512i b = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(blk)));
-  return _mm512_permutexvar_ps(h ? _mm512_srli_epi32(b, 4) : b, table);
+  const __m512i s = h ? _mm512_slli_epi32(b, 15) : _mm512_slli_epi32(b, 19);  // the nibble at bits 19..22
+  // (s & 0x00780000) | 0x3F800000: truth table of (A & B) | C is 0xEA
+  return _mm512_castsi512_ps(_mm512_ternarylogic_epi32(s, _mm512_set1_epi32(0x00780000), _mm512_set1_epi32(0x3F800000), 0xEA));
 }
 #elif defined(__AVX2__) && defined(__F16C__) && defined(__FMA__)
 #define SPON_SIMD 1
@@ -104,8 +109,10 @@ inline vfloat vload(const int8_t* p) {
 inline vfloat vset1(float v) { return _mm256_set1_ps(v); }
 inline vfloat vfma(vfloat a, vfloat b, vfloat c) { return _mm256_fmadd_ps(a, b, c); }
 inline vfloat vsub(vfloat a, vfloat b) { return _mm256_sub_ps(a, b); }
+inline vfloat vmul(vfloat a, vfloat b) { return _mm256_mul_ps(a, b); }
 inline void vstore(float* p, vfloat v) { _mm256_storeu_ps(p, v); }
-// int4, 8 lanes: vector h (0..3) of a 32-column block = columns 8h .. 8h + 7.
+// int4, 8 lanes: vector h (0..3) of a 32-column block = columns 8h .. 8h + 7, the nibble as its value.
+constexpr float kQ4Base = 0.0f, kQ4Step = 1.0f;
 inline vfloat vload_q4(const uint8_t* blk, int h) {
   const __m256i b = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(blk + 8 * (h & 1))));
   const __m256i q = (h >> 1) ? _mm256_srli_epi32(b, 4) : _mm256_and_si256(b, _mm256_set1_epi32(15));
@@ -113,6 +120,7 @@ inline vfloat vload_q4(const uint8_t* blk, int h) {
 }
 #else
 constexpr int64_t kVec = 1;  // no SIMD path: the scalar loops below do everything
+constexpr float kQ4Base = 0.0f, kQ4Step = 1.0f;  // nibble(): the nibble as its value
 #endif
 
 // For each batch row m < MB:
@@ -216,8 +224,9 @@ void accumulate_rows(float* __restrict acc, int64_t acc_ld, const W* __restrict 
 // int4 weights: Wt packed as [K, N/2] bytes, 32 columns per 16-byte block (byte i of a block:
 // column i in the low nibble, column i + 16 in the high one), unsigned nibbles u = q + 8.
 // One group of input rows (they share one scale per column), col0 and n multiples of 32:
-//     acc[m][0:n] += scale[0:n] * (sum_r val[r][m] * u[idx[r], col0 : col0+n] - off[m])
-// with off[m] = 8 * sum_r val[r][m].  The same walk as accumulate_rows, kRows rows a pass; the first
+//     acc[m][0:n] += scale[0:n] / kQ4Step * (sum_r val[r][m] * e[idx[r], col0 : col0+n] - off[m])
+// with e = kQ4Base + kQ4Step * u the value vload_q4 reads for the nibble u and
+// off[m] = (kQ4Base + 8 * kQ4Step) * sum_r val[r][m], so that the bracket is kQ4Step * sum val * (u - 8).  The same walk as accumulate_rows, kRows rows a pass; the first
 // pass starts its sums at zero and the last one applies the scales to them in registers, so a
 // group of at most kRows kept rows never writes its sums out (`part`, [MB][n], holds them between
 // passes of a larger group).  idx[nnz .. avail - 1] are the rows that come next (the next groups):
@@ -260,7 +269,8 @@ void accumulate_group_q4(float* __restrict acc, int64_t acc_ld, const uint8_t* _
           const int64_t j = 32 * b + u * kVec;
           if (last) {
             float* a = acc + m * acc_ld + j;
-            vstore(a, vfma(vload(scale + j), vsub(t[m][u], vset1(off[m])), vload(a)));
+            const vfloat sc = kQ4Step == 1.0f ? vload(scale + j) : vmul(vload(scale + j), vset1(1.0f / kQ4Step));
+            vstore(a, vfma(sc, vsub(t[m][u], vset1(off[m])), vload(a)));
           } else {
             vstore(part + m * n + j, t[m][u]);
           }
@@ -516,7 +526,8 @@ struct Quant {
 };
 
 // int4: the kept rows of one segment by group of `group` inputs (one scale per column each), and the
-// offset 8 * sum(val) of the unsigned nibbles: worked out once per call, for every chunk or block.
+// offset (kQ4Base + 8 * kQ4Step) * sum(val) of the unsigned nibbles: worked out once per call, for every
+// chunk or block.
 template <int MB>
 struct GroupQ4 {
   int64_t r0, r1, grp;  // kept rows r0 .. r1 - 1 of the segment, all of group grp
@@ -533,7 +544,7 @@ std::vector<GroupQ4<MB>> groups_q4(const Survivors& sv, int64_t group) {
     for (int m = 0; m < MB; ++m) {
       float sumv = 0.0f;
       for (int64_t i = gr.r0; i < gr.r1; ++i) sumv += sv.val[i * MB + m];
-      gr.off[m] = 8.0f * sumv;
+      gr.off[m] = (kQ4Base + 8.0f * kQ4Step) * sumv;
     }
     out.push_back(gr);
     r = gr.r1;
