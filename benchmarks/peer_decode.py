@@ -40,8 +40,9 @@ wikitext-2 test split (blocks of 512, no overlap); llama.cpp's is not measured (
 hold the same weights as spon dense).
 
 ggml's worker threads spin while they wait, so llama.cpp's figures collapse on a busy machine; the
-load average is recorded at the start and end of each round (`loadavg` in the JSON) — rerun on an
-idle machine for figures to quote.
+load average is recorded at the start and end of each round, and the share of CPU time the
+hypervisor gave to other guests during it (`loadavg` in the JSON, `steal`) — rerun on an idle
+machine for figures to quote.
 """
 
 from __future__ import annotations
@@ -72,6 +73,21 @@ SHAPES = {  # Llama-3.2-1B, with SmolLM2's 49,152-token vocabulary (its tokenize
 
 def loadavg() -> list[float]:
     return [round(v, 2) for v in os.getloadavg()]
+
+
+def cpu_ticks() -> list[int]:
+    """The machine's CPU time by kind (/proc/stat: user nice system idle iowait irq softirq steal ...);
+    [] where there is none."""
+    try:
+        return [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    except (OSError, ValueError):
+        return []
+
+
+def stolen(before: list[int], after: list[int]) -> float | None:
+    """The share of CPU time a hypervisor gave to other guests between two cpu_ticks()."""
+    d = [b - a for a, b in zip(before, after)]
+    return round(d[7] / sum(d), 3) if len(d) > 7 and sum(d) > 0 else None
 
 
 def cpu_info() -> dict:
@@ -575,13 +591,14 @@ def main(argv=None) -> int:
     end_to_end: dict[str, list[float]] = {k: [] for k, v in variants.items() if v[0] != "llama.cpp"}
     result["loadavg"] = []
     for r in range(args.reps):
-        start = loadavg()
+        start, ticks = loadavg(), cpu_ticks()
         for name, (side, _, _, run) in variants.items():
             times[name].append(run())
             if side != "llama.cpp":
                 end_to_end[name].append(LAST_END_TO_END[0])
-        result["loadavg"].append({"round": r, "start": start, "end": loadavg()})
-        print(f"round {r + 1}/{args.reps}: load {start} -> {loadavg()}", flush=True)
+        steal = stolen(ticks, cpu_ticks())
+        result["loadavg"].append({"round": r, "start": start, "end": loadavg(), "steal": steal})
+        print(f"round {r + 1}/{args.reps}: load {start} -> {loadavg()}, CPU time stolen {steal}", flush=True)
     result["tok_s_all"] = times
     result["tok_s"] = {k: statistics.median(v) for k, v in times.items()}
     result["tok_s_end_to_end"] = {k: statistics.median(v) for k, v in end_to_end.items()}
