@@ -110,7 +110,7 @@ def main(argv=None) -> int:
     args.out.write_text(json.dumps(out, indent=1))
     print(text)
     print(f"CPU {first['cpu']['model']} ({', '.join(first['cpu']['flags'])}), {args.threads} threads; "
-          f"spon: compiled kernels path; median of {first["reps"]} interleaved rounds a run")
+          f"spon: compiled kernels path; median of {first['reps']} interleaved rounds a run")
     print(f"wrote {args.out}")
     return 0
 
