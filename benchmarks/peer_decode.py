@@ -90,6 +90,17 @@ def stolen(before: list[int], after: list[int]) -> float | None:
     return round(d[7] / sum(d), 3) if len(d) > 7 and sum(d) > 0 else None
 
 
+def git_commit() -> str | None:
+    """The checkout's commit (`-dirty` when the tree has changes), None outside a git checkout."""
+    import subprocess
+
+    try:
+        done = subprocess.run(["git", "describe", "--always", "--dirty"], cwd=ROOT, capture_output=True, text=True)
+    except OSError:
+        return None
+    return done.stdout.strip() or None
+
+
 def cpu_info() -> dict:
     model, flags = platform.processor(), []
     try:
@@ -578,6 +589,7 @@ def main(argv=None) -> int:
               "precisions": args.precisions, "sparsities": args.sparsities, "int4_group": args.int4_group,
               "head": args.head,
               "cpu": cpu_info(), "torch": torch.__version__, "time": time.strftime("%Y-%m-%dT%H:%M:%S"),
+              "commit": git_commit(),
               "loadavg_start": loadavg(), "command": "benchmarks/peer_decode.py " + " ".join(sys.argv[1:] if argv is None else argv)}
     variants, models, levels, ids, meta = build_variants(args, base, tok, source_gguf, args.workdir)
     result.update(meta)

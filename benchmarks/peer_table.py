@@ -49,7 +49,7 @@ def runs(args) -> list[tuple[str, list[str]]]:
 def table(results: dict[str, dict], sparsities: list[float]) -> str:
     """One markdown table: per model and precision, llama.cpp dense and spon's compiled kernels path
     at 0 % and each level (tokens/s, the ratio over llama.cpp, perplexity where measured)."""
-    head = "| model | precision | llama.cpp dense | spon @0 % | " + " | ".join(f"spon @{s:.0%}" for s in sparsities) + " |"
+    head = "| model | precision | llama.cpp dense | spon @0% | " + " | ".join(f"spon @{s:.0%}" for s in sparsities) + " |"
     rows = [head, "|---|---|---|---|" + "---|" * len(sparsities)]
     for name, r in results.items():
         model = "SmolLM2-135M" if name.startswith("smollm2") else "Llama-3.2-1B shape"
@@ -91,7 +91,10 @@ def main(argv=None) -> int:
         if not args.from_runs:
             t0 = time.perf_counter()
             print(f"== {name}: benchmarks/peer_decode.py {' '.join(run_args)}", flush=True)
-            done = subprocess.run([sys.executable, str(ROOT / "benchmarks/peer_decode.py"), *run_args, "--out", str(path)])
+            # from the repository root, the JSON's path relative to it where it lies inside: each run
+            # records its command line, which then names no machine's directories
+            out = path.resolve().relative_to(ROOT) if path.resolve().is_relative_to(ROOT) else path.resolve()
+            done = subprocess.run([sys.executable, "benchmarks/peer_decode.py", *run_args, "--out", str(out)], cwd=ROOT)
             if done.returncode != 0:
                 print(f"peer_table: the {name} run failed (exit {done.returncode}); the runs before it are in {args.runs}",
                       file=sys.stderr)
@@ -102,9 +105,8 @@ def main(argv=None) -> int:
         results[name] = json.loads(path.read_text())
     text = table(results, sparsities)
     first = next(iter(results.values()))
-    rev = subprocess.run(["git", "describe", "--always", "--dirty"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
-    out = {"started": started, "commit": rev or None, "cpu": first["cpu"], "torch": first["torch"], "xllamacpp": first.get("xllamacpp"),
-           "threads": args.threads, "sparsities": sparsities, "runs": results, "table": text,
+    out = {"started": first["time"] if args.from_runs else started, "commits": {k: r.get("commit") for k, r in results.items()},
+           "cpu": first["cpu"], "torch": first["torch"], "xllamacpp": first.get("xllamacpp"), "threads": args.threads, "sparsities": sparsities, "runs": results, "table": text,
            "command": "benchmarks/peer_table.py " + " ".join(sys.argv[1:] if argv is None else argv)}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(out, indent=1))
