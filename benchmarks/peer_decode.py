@@ -631,13 +631,23 @@ def main(argv=None) -> int:
     result["ppl_tokens"] = 0 if stream is None else int(stream.numel())
     result["loadavg_end"] = loadavg()
     result["table"] = table(result)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=1))
-    print(result["table"])
-    print(f"CPU {result['cpu']['model']} ({', '.join(result['cpu']['flags'])}), {args.threads} threads, "
-          f"{args.new_tokens} new tokens, median of {args.reps}; load {result['loadavg_start']} -> {result['loadavg_end']}")
-    print(f"wrote {args.out}")
+    write_report(args.out, result, result["table"],
+                 f"{cpu_text(result['cpu'])}, {args.threads} threads, {args.new_tokens} new tokens, median of "
+                 f"{args.reps}; load {result['loadavg_start']} -> {result['loadavg_end']}")
     return 0
+
+
+def cpu_text(cpu: dict) -> str:
+    return f"CPU {cpu['model']} ({', '.join(cpu['flags'])})"
+
+
+def write_report(path: Path, result: dict, *lines: str) -> None:
+    """The JSON at `path`, then `lines` (the table, the conditions) and where the JSON went."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(result, indent=1))
+    for line in lines:
+        print(line)
+    print(f"wrote {path}")
 
 
 if __name__ == "__main__":

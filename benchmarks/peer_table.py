@@ -29,6 +29,8 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "benchmarks"))
+from peer_decode import cpu_text, write_report  # noqa: E402  (the runs' own report format)
 PRECISIONS = ("fp32", "bf16", "q8", "q4")
 LABEL = {"fp32": "fp32", "bf16": "bf16", "q8": "8-bit (Q8_0 / int8)", "q4": "4-bit (Q4_0 / int4, groups of 32)"}
 
@@ -105,15 +107,12 @@ def main(argv=None) -> int:
         results[name] = json.loads(path.read_text())
     text = table(results, sparsities)
     first = next(iter(results.values()))
-    out = {"started": first["time"] if args.from_runs else started, "commits": {k: r.get("commit") for k, r in results.items()},
-           "cpu": first["cpu"], "torch": first["torch"], "xllamacpp": first.get("xllamacpp"), "threads": args.threads, "sparsities": sparsities, "runs": results, "table": text,
-           "command": "benchmarks/peer_table.py " + " ".join(sys.argv[1:] if argv is None else argv)}
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(out, indent=1))
-    print(text)
-    print(f"CPU {first['cpu']['model']} ({', '.join(first['cpu']['flags'])}), {args.threads} threads; "
-          f"spon: compiled kernels path; median of {first['reps']} interleaved rounds a run")
-    print(f"wrote {args.out}")
+    out = {"started": first["time"] if args.from_runs else started,
+           "commits": {k: r.get("commit") for k, r in results.items()}, "cpu": first["cpu"], "torch": first["torch"],
+           "xllamacpp": first.get("xllamacpp"), "threads": args.threads, "sparsities": sparsities, "runs": results,
+           "table": text, "command": "benchmarks/peer_table.py " + " ".join(sys.argv[1:] if argv is None else argv)}
+    write_report(args.out, out, text, f"{cpu_text(first['cpu'])}, {args.threads} threads; spon: compiled kernels path; "
+                 f"median of {first['reps']} interleaved rounds a run")
     return 0
 
 
