@@ -84,8 +84,8 @@ inline void vstore(float* p, vfloat v) { _mm512_storeu_ps(p, v); }
 // Vector h (0 or 1) of the block: columns 16h .. 16h + 15, the nibble u read as the float
 // 1 + u/16 (exact): shifted into the top four mantissa bits of 1.0f and merged with its exponent
 // by one ternary-logic op. No shuffle but the byte widening, one per 32 columns (a table lookup,
-// vpermps, cost a second shuffle per 16 columns, and the shuffle port bound the loop). The
-// group's epilogue turns sum(v * (1 + u/16)) back into sum(v * (u - 8)): see kQ4Base.
+// vpermps, cost a second shuffle per 16 columns; the two measured side by side: kernels/README.md).
+// The group's epilogue turns sum(v * (1 + u/16)) back into sum(v * (u - 8)): see kQ4Base.
 constexpr float kQ4Base = 1.0f, kQ4Step = 1.0f / 16;
 inline vfloat vload_q4(const uint8_t* blk, int h) {
   const __m512i b = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(blk)));
@@ -226,7 +226,8 @@ void accumulate_rows(float* __restrict acc, int64_t acc_ld, const W* __restrict 
 // One group of input rows (they share one scale per column), col0 and n multiples of 32:
 //     acc[m][0:n] += scale[0:n] / kQ4Step * (sum_r val[r][m] * e[idx[r], col0 : col0+n] - off[m])
 // with e = kQ4Base + kQ4Step * u the value vload_q4 reads for the nibble u and
-// off[m] = (kQ4Base + 8 * kQ4Step) * sum_r val[r][m], so that the bracket is kQ4Step * sum val * (u - 8).  The same walk as accumulate_rows, kRows rows a pass; the first
+// off[m] = (kQ4Base + 8 * kQ4Step) * sum_r val[r][m], so that the bracket is
+// kQ4Step * sum_r val[r][m] * (u - 8).  The same walk as accumulate_rows, kRows rows a pass; the first
 // pass starts its sums at zero and the last one applies the scales to them in registers, so a
 // group of at most kRows kept rows never writes its sums out (`part`, [MB][n], holds them between
 // passes of a larger group).  idx[nnz .. avail - 1] are the rows that come next (the next groups):
