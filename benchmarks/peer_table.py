@@ -1,6 +1,6 @@
 """Issue #26's table in one command: both models, every precision, llama.cpp beside spon.
 
-    .venv/bin/python benchmarks/peer_table.py                    # ~55 min on the 2-core EPYC; JSON + table
+    .venv/bin/python benchmarks/peer_table.py                    # 34 min on the 2-core EPYC; JSON + table
     .venv/bin/python benchmarks/peer_table.py --from-runs        # the table again from the runs' JSONs
 
 Each run is `benchmarks/peer_decode.py` in a process of its own, one after another, so that no run
@@ -12,8 +12,8 @@ together, and a process that held them would time its own allocator, not the mod
   Llama-3.2-1B shape one run per precision (random weights: no perplexity); fp32 at the sparse level
                      only (its compiled copy at 0 % does not fit beside the others)
 
-Every run: --threads, --new-tokens, the compiled kernels path (`spon.compile_decode`, the path
-`spon generate` takes by default) at 0 % and at each --sparsities level, the eager kernels path
+Every run: --threads, --new-tokens, the compiled kernels path (`spon.compile_decode`; `spon generate
+--compile`) at 0 % and at each --sparsities level, the eager kernels path
 beside it, llama.cpp's dense GGUF at the same precision. Each run's own JSON (every round, the
 load, the CPU and its flags) goes under --runs; the combined table and the ratios go to --out.
 Timings move with the machine (on the 2-core EPYC a compiled step drifts by up to 25 % within
@@ -83,7 +83,10 @@ def main(argv=None) -> int:
     ap.add_argument("--out", type=Path, default=ROOT / "benchmarks/results/peer_table.json")
     ap.add_argument("--from-runs", action="store_true", help="no timing: the table from the JSONs already under --runs")
     args = ap.parse_args(argv)
-    sparsities = [float(s) for s in args.sparsities.split(",") if s.strip()]
+    try:
+        sparsities = [float(s) for s in args.sparsities.split(",") if s.strip()]
+    except ValueError:
+        ap.error(f"--sparsities {args.sparsities!r}: a comma list of numbers, e.g. 0.4,0.5,0.6")
     if not sparsities or any(not 0 < s < 1 for s in sparsities):
         ap.error("--sparsities: levels between 0 and 1 (0 is always run)")
     args.runs.mkdir(parents=True, exist_ok=True)
@@ -95,8 +98,8 @@ def main(argv=None) -> int:
             print(f"== {name}: benchmarks/peer_decode.py {' '.join(run_args)}", flush=True)
             # from the repository root, the JSON's path relative to it where it lies inside: each run
             # records its command line, which then names no machine's directories
-            out = path.resolve().relative_to(ROOT) if path.resolve().is_relative_to(ROOT) else path.resolve()
-            done = subprocess.run([sys.executable, "benchmarks/peer_decode.py", *run_args, "--out", str(out)], cwd=ROOT)
+            where = path.resolve().relative_to(ROOT) if path.resolve().is_relative_to(ROOT) else path.resolve()
+            done = subprocess.run([sys.executable, "benchmarks/peer_decode.py", *run_args, "--out", str(where)], cwd=ROOT)
             if done.returncode != 0:
                 print(f"peer_table: the {name} run failed (exit {done.returncode}); the runs before it are in {args.runs}",
                       file=sys.stderr)
